@@ -1,0 +1,44 @@
+"""Work counts: what a workload declares it does, so a fit can separate the cost terms and the
+simulated meter can price them. Integers only (bytes, FLOPs, elements)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class WorkCounts:
+    """Exact counts of one kernel call.
+
+    ``working_set_bytes`` is the footprint the call touches; it decides whether the traffic is
+    cache-resident or goes to DRAM/HBM (the simulated meter compares it with its cache size).
+    """
+
+    elements: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    flops: int = 0
+    working_set_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"WorkCounts.{f.name} must be an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"WorkCounts.{f.name} must be >= 0, got {value}")
+
+    def scaled(self, calls: int) -> "WorkCounts":
+        """Counts of ``calls`` repetitions (the working set does not grow with repetitions)."""
+        if calls < 0:
+            raise ValueError(f"calls must be >= 0, got {calls}")
+        return WorkCounts(
+            elements=self.elements * calls,
+            bytes_read=self.bytes_read * calls,
+            bytes_written=self.bytes_written * calls,
+            flops=self.flops * calls,
+            working_set_bytes=self.working_set_bytes,
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -1,0 +1,138 @@
+"""Meters: NVML, RAPL (powercap), external power-meter adapters, and a simulator.
+
+``open_meter("rapl")``, ``open_meter("nvml:index=0")``, ``open_meter("sim:preset=h100,seed=1")``,
+``open_meter("auto")``. ``probe_all()`` tells, for every backend, whether it is usable here and why
+not. Backend modules are imported lazily, so a missing vendor library only affects its backend.
+
+Every backend module provides ``open_from_spec(spec) -> Meter`` and ``probe(spec) -> Probe``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from energyprof.errors import MeterSpecError, MeterUnavailable
+from energyprof.meters.base import (
+    CounterMeter,
+    Measurement,
+    Meter,
+    MeterInfo,
+    Window,
+    WrapTracker,
+    synchronize,
+)
+from energyprof.meters.spec import MeterSpec, format_spec, parse_spec
+
+__all__ = [
+    "BACKENDS",
+    "AUTO_ORDER",
+    "CounterMeter",
+    "Measurement",
+    "Meter",
+    "MeterInfo",
+    "MeterSpec",
+    "Probe",
+    "Window",
+    "WrapTracker",
+    "format_spec",
+    "open_meter",
+    "parse_spec",
+    "probe_all",
+    "probe_backend",
+    "synchronize",
+]
+
+# backend name -> module that implements it
+BACKENDS: dict[str, str] = {
+    "nvml": "energyprof.meters.nvml",
+    "rapl": "energyprof.meters.rapl",
+    "pyrapl": "energyprof.meters.pyrapl_backend",
+    "sim": "energyprof.meters.sim",
+    "ina219": "energyprof.meters.ina2xx",
+    "ina226": "energyprof.meters.ina2xx",
+    "ina260": "energyprof.meters.ina2xx",
+    "ina228": "energyprof.meters.ina2xx",
+    "um24c": "energyprof.meters.umxx",
+    "um25c": "energyprof.meters.umxx",
+    "um34c": "energyprof.meters.umxx",
+    "stream": "energyprof.meters.stream",
+}
+
+# real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)
+AUTO_ORDER: tuple[str, ...] = ("nvml", "rapl")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a backend is usable here, and why not."""
+
+    backend: str
+    available: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "available": self.available,
+            "reason": self.reason,
+            "details": dict(self.details),
+        }
+
+
+def _module(backend: str):
+    if backend not in BACKENDS:
+        known = ", ".join(sorted(BACKENDS) + ["auto"])
+        raise MeterSpecError(f"unknown meter backend {backend!r}; known backends: {known}")
+    try:
+        return importlib.import_module(BACKENDS[backend])
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("energyprof"):
+            raise MeterUnavailable(
+                f"backend {backend!r} is not part of this energyprof build ({exc.name} missing)"
+            ) from exc
+        raise
+
+
+def probe_backend(spec: str | MeterSpec) -> Probe:
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    try:
+        mod = _module(s.backend)
+    except MeterUnavailable as exc:
+        return Probe(s.backend, False, str(exc))
+    try:
+        return mod.probe(s)
+    except MeterSpecError:
+        raise
+    except Exception as exc:  # a probe must never crash `detect`
+        return Probe(s.backend, False, f"probe failed: {type(exc).__name__}: {exc}")
+
+
+def probe_all() -> list[Probe]:
+    """Probe every backend with default parameters (each one exactly once)."""
+    return [probe_backend(parse_spec(name)) for name in BACKENDS]
+
+
+def open_meter(spec: str | MeterSpec, **kwargs: Any) -> Meter:
+    """Open a meter from a spec string. ``auto`` opens the best real meter available, or raises
+    :class:`MeterUnavailable` with every backend's reason."""
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.backend == "auto":
+        if s.params:
+            raise MeterSpecError(f"meter spec {s.text!r}: 'auto' takes no parameters")
+        reasons = []
+        for name in AUTO_ORDER:
+            probe = probe_backend(parse_spec(name))
+            if probe.available:
+                return open_meter(name, **kwargs)
+            reasons.append(f"{name}: {probe.reason}")
+        raise MeterUnavailable(
+            "no real energy meter is available here: " + "; ".join(reasons)
+            + ". Use an external meter (e.g. 'ina219:bus=1', 'um25c:port=/dev/rfcomm0', "
+            "'stream:tcp=HOST:PORT') or the simulator ('sim', labelled simulated)."
+        )
+    mod = _module(s.backend)
+    meter = mod.open_from_spec(s, **kwargs)
+    return meter
