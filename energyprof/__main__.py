@@ -1,0 +1,5 @@
+import sys
+
+from energyprof.cli import main
+
+sys.exit(main())

@@ -1,0 +1,178 @@
+"""The ``energyprof`` command line. One parser, one function per subcommand; everything heavy
+(meters, torch, calibrate, cwmp) is imported inside the handler that needs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Any, Sequence
+
+from energyprof import __version__
+
+EXIT_METER = 2  # a meter that cannot start or failed
+EXIT_NOT_FOUND = 127  # the measured command does not exist (as a shell says)
+
+
+def _fail(message: str, code: int = EXIT_METER) -> int:
+    print(f"energyprof: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------- detect
+def cmd_detect(args: argparse.Namespace) -> int:
+    from energyprof.meters import probe_all
+
+    probes = probe_all()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in probes], indent=2))
+        return 0
+    width = max(len(p.backend) for p in probes)
+    for p in probes:
+        mark = "yes" if p.available else "no "
+        print(f"{p.backend:<{width}}  {mark}  {p.reason}")
+    usable = [p.backend for p in probes if p.available and p.backend != "sim"]
+    print()
+    if usable:
+        print(f"real meters available: {', '.join(usable)} ('--meter auto' picks {usable[0]})")
+    else:
+        print("no real meter is available here; 'sim' gives simulated numbers (labelled simulated)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- measure
+def cmd_measure(args: argparse.Namespace) -> int:
+    from energyprof.errors import EnergyprofError
+    from energyprof.meters import open_meter
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        return _fail("no command to measure; usage: energyprof measure --meter SPEC -- COMMAND [ARGS...]")
+    try:
+        meter = open_meter(args.meter)
+    except EnergyprofError as exc:
+        return _fail(f"cannot start meter {args.meter!r}: {exc}")
+    try:
+        with meter:
+            meter.begin("command")
+            try:
+                proc = subprocess.Popen(command)
+            except FileNotFoundError:
+                meter.discard("command")
+                return _fail(f"command not found: {command[0]}", EXIT_NOT_FOUND)
+            except PermissionError:
+                meter.discard("command")
+                return _fail(f"command is not executable: {command[0]}", 126)
+            try:
+                returncode = proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()
+                returncode = proc.wait()
+            measurement = meter.end("command")
+    except EnergyprofError as exc:
+        return _fail(f"measurement failed: {exc}")
+    result: dict[str, Any] = measurement.to_dict()
+    result["command"] = command
+    result["returncode"] = returncode
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_perf_stat(result, sys.stderr if args.stderr else sys.stdout)
+    return returncode  # like perf stat: the measured command's status
+
+
+def _print_perf_stat(r: dict[str, Any], out) -> None:
+    meter = r["meter"]
+    label = " -- SIMULATED, not a physical measurement" if r["simulated"] else ""
+    print(f"\n Energy stats for '{shlex.join(r['command'])}' "
+          f"(meter: {meter['backend']}, scope: {meter['scope']}){label}:\n", file=out)
+    for name, joules in sorted(r["domains"].items()):
+        print(f"{joules:>16.3f} J  {name}", file=out)
+    print(f"{r['energy_j']:>16.3f} J  total", file=out)
+    print(f"{r['duration_s']:>16.3f} s  elapsed", file=out)
+    if r["duration_s"] > 0:
+        print(f"{r['energy_j'] / r['duration_s']:>16.3f} W  average", file=out)
+    period = meter.get("update_period_s")
+    if period and r["duration_s"] < 10 * period:
+        print(f"\n meter updates every {meter['update_period_s'] * 1e3:.3g} ms; a command much shorter than "
+              "that is not resolved (use 'energyprof bench-kernel' for short kernels)", file=out)
+    if r["returncode"]:
+        print(f"\n command exited with status {r['returncode']}", file=out)
+    print(file=out)
+
+
+# ---------------------------------------------------------------------------- profiles
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from calibrate.profile import ProfileError, available_profiles, load_profile
+
+    if args.name is None:
+        for name, path in sorted(available_profiles().items()):
+            print(f"{name:<24} {path}")
+        return 0
+    try:
+        profile = load_profile(args.name)
+    except ProfileError as exc:
+        return _fail(str(exc), 1)
+    if args.json:
+        print(profile.model_dump_json(indent=2))
+    else:
+        print(profile.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="energyprof",
+        description="Measure joules on real hardware, calibrate per-layer update costs, prune with CWMP.",
+    )
+    parser.add_argument("--version", action="version", version=f"energyprof {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    sub.required = True
+
+    p = sub.add_parser("detect", help="probe every meter backend and say why each is (un)available")
+    p.add_argument("--json", action="store_true", help="print a JSON list of probes")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser(
+        "measure",
+        help="run a command and report its energy, like perf stat",
+        description="Run COMMAND and report the energy the meter saw while it ran; exits with the "
+        "command's status (also in the JSON as returncode). A meter that cannot start exits 2 with "
+        "a one-line reason. Example: energyprof measure --meter rapl -- python train.py",
+    )
+    p.add_argument("--meter", default="auto", help="meter spec BACKEND[:key=value,...] (default: auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--stderr", action="store_true", help="print the human-readable report on stderr")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("profiles", help="list the device profiles found, or show one")
+    p.add_argument("name", nargs="?", help="profile name or YAML path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profiles)
+
+    # further subcommands register here (each imports its modules lazily in its handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # e.g. `energyprof detect | head`: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
