@@ -1,0 +1,1 @@
+"""Shipped device profiles (YAML). Installed as the package data energyprof._profiles."""
