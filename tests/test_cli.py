@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from energyprof.cli import main
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "energyprof", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_detect_explains_every_backend(capsys):
+    assert main(["detect", "--json"]) == 0
+    probes = json.loads(capsys.readouterr().out)
+    by_name = {p["backend"]: p for p in probes}
+    assert by_name["sim"]["available"] is True
+    for p in probes:
+        assert p["reason"]
+
+
+def test_detect_human_output_runs_as_a_module():
+    r = run_cli("detect")
+    assert r.returncode == 0
+    assert "sim" in r.stdout and "nvml" in r.stdout and "rapl" in r.stdout
+
+
+def test_measure_json_contract_and_returncode_passthrough():
+    r = run_cli("measure", "--meter", "sim:preset=rpi4,noise_w=0", "--json", "--", sys.executable, "-c",
+                "import time, sys; time.sleep(0.4); sys.exit(3)")
+    assert r.returncode == 3, r.stderr
+    out = json.loads(r.stdout)
+    assert out["returncode"] == 3
+    assert out["meter"]["backend"] == "sim" and out["meter"]["simulated"] is True
+    assert isinstance(out["energy_j"], float) and out["duration_s"] >= 0.4
+    assert out["energy_j"] == pytest.approx(2.7 * out["duration_s"], rel=0.1)
+    assert set(out["domains"]) == {"board"}
+
+
+def test_measure_human_output_says_simulated(capsys):
+    assert main(["measure", "--meter", "sim", "--", "true"]) == 0
+    assert "SIMULATED" in capsys.readouterr().out
+
+
+def test_meter_that_cannot_start_gives_one_line_and_nonzero_exit():
+    r = run_cli("measure", "--meter", "sim:preset=nope", "--json", "--", "true")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot start meter" in lines[0] and "nope" in lines[0]
+
+
+def test_missing_command():
+    r = run_cli("measure", "--meter", "sim", "--", "no-such-command-xyz")
+    assert r.returncode == 127 and "command not found" in r.stderr
+    r = run_cli("measure", "--meter", "sim")
+    assert r.returncode == 2 and "no command" in r.stderr
+
+
+def test_profiles_list_and_show(capsys):
+    assert main(["profiles"]) == 0
+    assert "sim-h100" in capsys.readouterr().out
+    assert main(["profiles", "sim-h100"]) == 0
+    assert "SIMULATED" in capsys.readouterr().out
+    assert main(["profiles", "no-such-profile"]) == 1
