@@ -79,6 +79,15 @@ def cmd_measure(args: argparse.Namespace) -> int:
     result: dict[str, Any] = measurement.to_dict()
     result["command"] = command
     result["returncode"] = returncode
+    if measurement.energy_j == 0.0:
+        period = measurement.meter.update_period_s
+        result["warning"] = (
+            "the meter's counter did not move during this window"
+            + (f" ({measurement.seconds:.3g} s against an update period of {period:.3g} s)" if period else "")
+            + ": the energy is below what this meter resolves, not zero; measure a longer run "
+            "or use 'energyprof bench-kernel', which repeats a kernel until the meter sees it"
+        )
+        print(f"energyprof: warning: {result['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

@@ -66,3 +66,12 @@ def test_profiles_list_and_show(capsys):
     assert main(["profiles", "sim-h100"]) == 0
     assert "SIMULATED" in capsys.readouterr().out
     assert main(["profiles", "no-such-profile"]) == 1
+
+
+def test_window_shorter_than_the_update_period_warns_instead_of_claiming_zero():
+    # a 1 s update period, and a command far shorter: the counter cannot move
+    r = run_cli("measure", "--meter", "sim:update_period_s=1,averaging_window_s=1", "--json", "--", "true")
+    out = json.loads(r.stdout)
+    assert out["energy_j"] == 0.0
+    assert "did not move" in out["warning"] and "not zero" in out["warning"]
+    assert "warning" in r.stderr
