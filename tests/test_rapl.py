@@ -1,0 +1,264 @@
+"""RAPL backend against a powercap tree under a temporary folder whose counters advance and wrap
+while the test runs (tests/fakes_powercap.py). Everything above the files is the shipped code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from energyprof.errors import (
+    MeterFailure,
+    MeterPermissionError,
+    MeterSpecError,
+    MeterUnavailable,
+    NoEnergyObserved,
+)
+from energyprof.meters import open_meter, probe_backend
+from energyprof.meters import rapl
+from energyprof.meters.rapl import discover_zones, total_domains
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakes_powercap import FakePowercap, FakeZone, laptop_zones, server_zones, wrap_range_uj  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * abs(b)
+
+
+# ------------------------------------------------------------------------------ discovery
+def test_discovery_counts_each_zone_once_and_names_subzones(tmp_path):
+    tree = FakePowercap(tmp_path, server_zones())  # flat links + nested folders + subsystem loops
+    zones = discover_zones(str(tree.root))
+    assert [z.zone_id for z in zones] == [
+        "intel-rapl:0", "intel-rapl:0:0", "intel-rapl:0:1", "intel-rapl:1", "intel-rapl:1:0", "intel-rapl:1:1",
+    ]
+    assert [z.domain for z in zones] == ["package-0", "core-0", "dram-0", "package-1", "core-1", "dram-1"]
+    assert len({z.path for z in zones}) == 6
+    assert zones[1].parent == "intel-rapl:0" and zones[0].parent is None
+    assert zones[2].max_energy_range_uj == 262_143_328_850
+    # packages and dram, never core (inside the package)
+    assert total_domains(zones) == ["package-0", "dram-0", "package-1", "dram-1"]
+
+
+def test_discovery_from_nested_layout_only(tmp_path):
+    tree = FakePowercap(tmp_path, laptop_zones())
+    for entry in tree.root.iterdir():  # drop the flat links, keep only the control-type folder
+        if entry.name != "intel-rapl":
+            entry.unlink()
+    zones = discover_zones(str(tree.root))
+    assert [z.domain for z in zones] == ["package-0", "core", "uncore", "psys"]
+
+
+def test_total_rules_core_psys():
+    def z(zid, name):
+        parent = zid.rsplit(":", 1)[0] if zid.count(":") > 1 else None
+        return rapl.RaplZone(zid, name, name, "/x/" + zid, 1000, parent)
+
+    pkg, core, unc, psys = z("intel-rapl:0", "package-0"), z("intel-rapl:0:0", "core"), z("intel-rapl:0:1", "uncore"), z("intel-rapl:1", "psys")
+    assert total_domains([pkg, core, unc, psys]) == ["package-0"]  # psys only without a package
+    assert total_domains([psys, core]) == ["psys"]  # psys covers the platform
+    assert total_domains([core, unc]) == ["core", "uncore"]  # their package is not selected
+    assert total_domains([pkg, core]) == ["package-0"]
+
+
+def test_missing_root_and_empty_root_say_why(tmp_path):
+    with pytest.raises(MeterUnavailable, match="does not exist"):
+        open_meter(f"rapl:root={tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "intel-rapl-mmio:0").mkdir()
+    with pytest.raises(MeterUnavailable, match=r"has none.*intel-rapl-mmio:0.*(VM|container)"):
+        open_meter(f"rapl:root={tmp_path / 'empty'}")
+
+
+@pytest.mark.skipif(
+    os.path.isdir("/sys/class/powercap") and any(n.startswith("intel-rapl:") for n in os.listdir("/sys/class/powercap")),
+    reason="this machine has RAPL zones",
+)
+def test_probe_on_this_machine_explains_absence():
+    p = probe_backend("rapl")
+    assert not p.available
+    assert "/sys/class/powercap" in p.reason and "intel-rapl zones" in p.reason
+    assert "VM" in p.reason and "modprobe intel_rapl_msr" in p.reason
+
+
+# ------------------------------------------------------------------------------ spec
+def test_spec_domains_and_unknown_keys(tmp_path):
+    with FakePowercap(tmp_path, server_zones()) as tree:
+        with open_meter(f"rapl:root={tree.root},domains=package-0+dram-0") as m:
+            assert m.info.domains == ("package-0", "dram-0")
+            assert m.info.scope == "package+dram"
+        with pytest.raises(MeterSpecError, match=r"'dram'.*available: package-0, core-0, dram-0"):
+            open_meter(f"rapl:root={tree.root},domains=package-0+dram")
+        with pytest.raises(MeterSpecError, match="unknown key"):
+            open_meter(f"rapl:root={tree.root},domain=package-0")
+        with pytest.raises(MeterSpecError, match="max_power"):
+            open_meter(f"rapl:root={tree.root},max_power=0")
+
+
+def test_poll_interval_follows_wrap_range(tmp_path):
+    rng = wrap_range_uj(20.0, 2.5)  # 50 J
+    with FakePowercap(tmp_path, [FakeZone("intel-rapl:0", "package-0", 20.0, rng)]) as tree:
+        with open_meter(f"rapl:root={tree.root}") as m:
+            assert m.poll_s == pytest.approx(50.0 / 1000.0 / 4)  # range / generous max power / 4
+        with open_meter(f"rapl:root={tree.root},max_power=100") as m:
+            assert m.poll_s == pytest.approx(50.0 / 100.0 / 4)
+    with FakePowercap(tmp_path / "big", server_zones()) as tree:
+        with open_meter(f"rapl:root={tree.root}") as m:
+            assert m.poll_s == rapl.MAX_POLL_S  # 262 kJ ranges: poll once a second anyway
+
+
+# ------------------------------------------------------------------------------ energy
+def test_server_totals_and_domains(tmp_path):
+    with FakePowercap(tmp_path, server_zones()) as tree:
+        with open_meter(f"rapl:root={tree.root}") as m:
+            m.begin("w")
+            time.sleep(0.5)
+            r = m.end("w")
+    dur = r.seconds
+    expected = {"package-0": 100, "core-0": 60, "dram-0": 10, "package-1": 80, "core-1": 50, "dram-1": 8}
+    for d, watts in expected.items():
+        assert _close(r.domains[d], watts * dur, 0.03), (d, r.domains[d], watts * dur)
+    assert _close(r.energy_j, (100 + 10 + 80 + 8) * dur, 0.03)
+    assert r.meter.backend == "rapl" and not r.simulated
+
+
+def test_long_window_with_several_wraps(tmp_path):
+    # 20 W, wraps every 0.3 s, quantised to the usual 15.3 uJ unit: a 1.5 s window sees >= 4 wraps
+    rng = wrap_range_uj(20.0, 0.3)
+    zones = [FakeZone("intel-rapl:0", "package-0", 20.0, rng, start_uj=rng * 0.95),
+             FakeZone("intel-rapl:0:0", "dram", 5.0, rng)]
+    with FakePowercap(tmp_path, zones, energy_unit_uj=15.3) as tree:
+        with open_meter(f"rapl:root={tree.root}") as m:
+            truth0 = tree.energy_j("intel-rapl:0")
+            m.begin("long")
+            time.sleep(1.5)
+            r = m.end("long")
+            truth1 = tree.energy_j("intel-rapl:0")
+    assert r.details["wraps"]["package-0"] >= 4
+    assert _close(r.domains["package-0"], 20.0 * r.seconds, 0.02)
+    assert r.domains["package-0"] <= truth1 - truth0 + 0.05  # never more than the tree produced
+    assert _close(r.energy_j, 25.0 * r.seconds, 0.02)
+
+
+def test_overlapping_windows(tmp_path):
+    with FakePowercap(tmp_path, laptop_zones(20.0, 0.4)) as tree:
+        with open_meter(f"rapl:root={tree.root}") as m:
+            m.begin("outer")
+            time.sleep(0.3)
+            with m.window("inner") as w:
+                time.sleep(0.4)
+            time.sleep(0.3)
+            outer = m.end("outer")
+    inner = w.measurement
+    assert _close(inner.energy_j, 20.0 * inner.seconds, 0.05)
+    assert _close(outer.energy_j, 20.0 * outer.seconds, 0.03)
+    assert outer.energy_j > inner.energy_j * 2
+
+
+# ------------------------------------------------------------------------------ failures
+def test_counter_that_does_not_move_is_not_zero_joules(tmp_path):
+    tree = FakePowercap(tmp_path, laptop_zones())  # never started: counters frozen
+    with open_meter(f"rapl:root={tree.root}") as m:
+        m.begin("w")
+        time.sleep(0.05)
+        with pytest.raises(NoEnergyObserved, match="no RAPL counter moved"):
+            m.end("w")
+
+
+def test_counter_disappearing_is_a_failure(tmp_path):
+    with FakePowercap(tmp_path, laptop_zones()) as tree:
+        with open_meter(f"rapl:root={tree.root}") as m:
+            m.begin("w")
+            time.sleep(0.05)
+            tree.remove_counter("intel-rapl:0")
+            with pytest.raises(MeterFailure, match="stopped answering"):
+                m.end("w")
+
+
+def _world_readable_tree(zones):
+    base = tempfile.mkdtemp(prefix="energyprof-rapl-")
+    os.chmod(base, 0o755)
+    return base, FakePowercap(base, zones)
+
+
+def test_permission_error_says_how_to_fix(tmp_path):
+    base, tree = _world_readable_tree(laptop_zones())
+    try:
+        paths = tree.make_root_only(0o400 if os.geteuid() == 0 else 0o000)
+        spec = f"rapl:root={tree.root}"
+        if os.geteuid() == 0:  # root reads anything: look at the files as an ordinary user
+            os.seteuid(65534)
+        try:
+            with pytest.raises(MeterPermissionError) as err:
+                open_meter(spec)
+            probe = probe_backend(spec)
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+    finally:
+        shutil.rmtree(base)
+    msg = str(err.value)
+    assert "CVE-2020-8694" in msg and "sudo" in msg
+    assert f"sudo chmod a+r {' '.join(str(p.resolve()) for p in paths)}" in msg  # the exact files
+    assert 'SUBSYSTEM=="powercap"' in msg and "udevadm trigger" in msg
+    assert "\n" not in msg
+    assert not probe.available and "chmod a+r" in probe.reason
+
+
+def test_suspended_reader_voids_the_window_instead_of_missing_wraps(tmp_path):
+    """SIGSTOP the measuring process for longer than several wrap periods: the CLI must fail
+    with a reason rather than report a number that lost whole wraps."""
+    rng = wrap_range_uj(20.0, 0.25)
+    started = tmp_path / "started"
+    with FakePowercap(tmp_path / "tree", [FakeZone("intel-rapl:0", "package-0", 20.0, rng)]) as tree:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "energyprof", "measure", "--meter", f"rapl:root={tree.root}", "--json",
+             "--", "sh", "-c", f"touch {started}; sleep 2.5"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(1.2)  # ~5 wraps happen while the reader cannot look
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, (out, err)
+    assert "starved" in err and "void" in err
+    assert out.strip() == ""
+
+
+@pytest.mark.slow
+def test_cli_measure_sleep_6_on_20w_tree_wrapping_every_2_5s(tmp_path):
+    """Done-when: `energyprof measure --meter rapl:root=DIR -- sleep 6` on a tree whose package
+    rises at 20 W and wraps every 2.5 s reports 120 J within 3 %."""
+    with FakePowercap(tmp_path, laptop_zones(package_w=20.0, wrap_every_s=2.5)) as tree:
+        run = subprocess.run(
+            [sys.executable, "-m", "energyprof", "measure", "--meter", f"rapl:root={tree.root}", "--json",
+             "--", "sleep", "6"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+    assert run.returncode == 0, run.stderr
+    r = json.loads(run.stdout)
+    assert r["returncode"] == 0
+    assert r["meter"]["backend"] == "rapl" and r["meter"]["simulated"] is False
+    assert abs(r["energy_j"] - 120.0) <= 0.03 * 120.0, r
+    assert _close(r["energy_j"], 20.0 * r["duration_s"], 0.01), r  # tighter: vs the window's own length
+    assert r["details"]["wraps"]["package-0"] >= 2
+    # core (12 W) and psys (30 W) were measured but are not added to the total
+    assert _close(r["domains"]["core"], 12.0 * r["duration_s"], 0.02)
+    assert _close(r["domains"]["psys"], 30.0 * r["duration_s"], 0.02)
+    assert r["energy_j"] == r["domains"]["package-0"]
