@@ -1,0 +1,541 @@
+"""Post-backprop update workloads: real torch kernels that declare exactly what they do.
+
+A federated client, after backpropagation, turns gradients into an update, keeps some entries and
+sends them. The kernels here reproduce those steps on any torch device (``cpu``, ``cuda:N``):
+
+memory-write updates (the cost of keeping entries)
+    ``scatter``  write k kept entries at scattered positions of a tensor of n elements
+    ``runs``     write k kept entries as contiguous runs of ``run_length`` elements
+    ``pack``     pack k entries into a send buffer: values, and positions as int32
+    ``residual`` dense error-feedback residual update: accumulate the update, clear the k sent entries
+compute updates (adjustable arithmetic intensity)
+    ``sgd``, ``momentum``, ``adam`` (Adam-like), and ``fma``: ``fmas`` fused multiply-adds per
+    element, as a (n / fmas, fmas) x (fmas, fmas) product (energy-roofline style intensity sweep)
+layer replay
+    :class:`LayerReplay` runs one memory-write kernel per parameter tensor of a ``torch.nn.Module``
+    with the positions kept by a given mask.
+
+Every workload follows the same life cycle: construct (parameters only), ``setup(device)``
+(allocates random operands: power depends on data, so never zeros) and then each call runs one
+kernel. ``counts_`` is the exact :class:`~energyprof.counts.WorkCounts` of one call, in the logical
+model used throughout energyprof: every operand element an op reads counts once in ``bytes_read``,
+every element it writes once in ``bytes_written`` (an in-place op reads and writes its target), a
+fused multiply-add is two FLOPs, and ``working_set_bytes`` is the size of all operands.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import fields
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from energyprof.counts import WorkCounts
+
+__all__ = [
+    "DTYPES",
+    "SIZES",
+    "DENSITIES",
+    "WORKLOADS",
+    "Workload",
+    "Scatter",
+    "Runs",
+    "Pack",
+    "Residual",
+    "Sgd",
+    "Momentum",
+    "Adam",
+    "Fma",
+    "LayerReplay",
+    "SimKernel",
+    "make_workload",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+# Element counts from cache-resident to DRAM/HBM-sized: 16 KiB .. 1 GiB of float32.
+SIZES: tuple[int, ...] = tuple(4**p for p in range(6, 15))
+# Fractions of entries kept, 0.1 % .. 100 %.
+DENSITIES: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+_INDEX = torch.int64  # positions as torch's indexing ops take them
+_SEND_INDEX = torch.int32  # positions as they travel in a send buffer
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"workloads update floating-point tensors, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _nbytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class Workload(ABC):
+    """One kernel on one device, with the exact counts of one call.
+
+    ``reports_work`` is False for real kernels: whoever times them (the measurement protocol)
+    reports their counts to the meter. A stand-in that reports its own work sets it True, so that
+    its work is never reported twice.
+    """
+
+    name: ClassVar[str]
+    reports_work: ClassVar[bool] = False
+
+    device_: torch.device
+    counts_: WorkCounts
+    tensors_: dict[str, torch.Tensor]
+
+    @abstractmethod
+    def setup(self, device: str | torch.device = "cpu") -> "Workload":
+        """Allocate random operands on ``device``; sets ``device_``, ``tensors_``, ``counts_``."""
+
+    @abstractmethod
+    def __call__(self) -> None:
+        """Run one kernel (asynchronously on accelerators; the caller synchronises)."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly parameters of this workload (for tables and reports)."""
+        return {"workload": self.name}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "workload")
+        return f"{type(self).__name__}({params})"
+
+
+class TensorWorkload(Workload):
+    """A kernel over a flat tensor of ``size`` elements of ``dtype``, with random operands."""
+
+    sparse: ClassVar[bool] = False  # True: takes a density (or explicit positions)
+
+    def __init__(self, size: int, dtype: str | torch.dtype = "float32", seed: int = 0) -> None:
+        if int(size) < 1:
+            raise ValueError(f"size must be >= 1 element, got {size}")
+        self.size = int(size)
+        self.dtype = dtype
+        self.seed = int(seed)
+
+    def setup(self, device: str | torch.device = "cpu") -> "TensorWorkload":
+        self.device_ = torch.device(device)
+        self.dtype_ = _dtype(self.dtype)
+        self._gen = torch.Generator(device=self.device_).manual_seed(self.seed)
+        self.tensors_ = self._allocate()
+        c = self._counts(_nbytes(self.dtype_))
+        ws = sum(t.numel() * t.element_size() for t in self.tensors_.values())
+        self.counts_ = WorkCounts(
+            elements=c["elements"], bytes_read=c["bytes_read"], bytes_written=c["bytes_written"],
+            flops=c.get("flops", 0), working_set_bytes=ws,
+        )
+        del self._gen
+        return self
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self._gen, device=self.device_, dtype=self.dtype_)
+
+    @abstractmethod
+    def _allocate(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def _counts(self, s: int) -> dict[str, int]:
+        """elements, bytes_read, bytes_written, flops of one call; ``s`` is the element size."""
+
+    def describe(self) -> dict[str, Any]:
+        dtype = self.dtype_ if hasattr(self, "dtype_") else _dtype(self.dtype)
+        d = {"workload": self.name, "size": self.size, "dtype": str(dtype).removeprefix("torch.")}
+        if hasattr(self, "device_"):
+            d["device"] = str(self.device_)
+        return d
+
+
+# ---------------------------------------------------------------------------- memory-write updates
+class _Kept(TensorWorkload):
+    """A kernel over k kept positions of n: drawn at random from ``density`` (at least one), or
+    given as ``positions`` (flat, e.g. from a mask; sorted and unique)."""
+
+    sparse = True
+
+    def __init__(
+        self,
+        size: int,
+        density: float = 0.01,
+        dtype: str | torch.dtype = "float32",
+        seed: int = 0,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(size, dtype, seed)
+        if not 0 < float(density) <= 1:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        self.density = float(density)
+        self.positions = positions
+
+    def _kept_count(self, n: int) -> int:
+        return max(1, round(self.density * n))
+
+    def _positions(self) -> torch.Tensor:
+        if self.positions is not None:
+            p = self.positions.to(device=self.device_, dtype=_INDEX).flatten()
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= self.size):
+                raise ValueError(f"positions must lie in [0, {self.size})")
+            if p.numel() > 1 and not bool((p[1:] > p[:-1]).all()):
+                raise ValueError("positions must be sorted and unique (as mask.flatten().nonzero() gives)")
+            return p
+        k = self._kept_count(self.size)
+        perm = torch.randperm(self.size, generator=self._gen, device=self.device_)
+        return perm[:k].sort().values
+
+    def _kept(self) -> int:
+        return self.tensors_["positions"].numel()
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        if hasattr(self, "tensors_"):
+            d["kept"] = self._kept()
+        if self.positions is None:
+            d["density"] = self.density
+        return d
+
+
+class Scatter(_Kept):
+    """``target[positions] = values``: k scattered writes into n elements."""
+
+    name = "scatter"
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        positions = self._positions()
+        return {"target": self._randn(self.size), "positions": positions, "values": self._randn(positions.numel())}
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        t["target"].index_put_((t["positions"],), t["values"])
+
+    def _counts(self, s: int) -> dict[str, int]:
+        k = self.tensors_["positions"].numel()
+        return {"elements": k, "bytes_read": k * (s + 8), "bytes_written": k * s}
+
+
+class Runs(_Kept):
+    """Write k kept entries as contiguous runs of ``run_length`` elements (block sparsity).
+    ``size`` is rounded down to a multiple of ``run_length``; k is a whole number of runs."""
+
+    name = "runs"
+
+    def __init__(
+        self,
+        size: int,
+        density: float = 0.01,
+        dtype: str | torch.dtype = "float32",
+        seed: int = 0,
+        run_length: int = 32,
+    ) -> None:
+        if not 1 <= int(run_length) <= int(size):
+            raise ValueError(f"run_length must be in [1, size], got {run_length} for size {size}")
+        super().__init__(size - size % int(run_length), density, dtype, seed)
+        self.run_length = int(run_length)
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        r = self.run_length
+        n_runs = self.size // r
+        runs = max(1, round(self.density * n_runs))
+        starts = torch.randperm(n_runs, generator=self._gen, device=self.device_)[:runs].sort().values
+        return {"target": self._randn(self.size), "runs": starts, "values": self._randn(runs, r)}
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        t["target"].view(-1, self.run_length).index_put_((t["runs"],), t["values"])
+
+    def _kept(self) -> int:
+        return self.tensors_["runs"].numel() * self.run_length
+
+    def _counts(self, s: int) -> dict[str, int]:
+        runs, k = self.tensors_["runs"].numel(), self._kept()
+        return {"elements": k, "bytes_read": k * s + runs * 8, "bytes_written": k * s}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "run_length": self.run_length}
+
+
+class Pack(_Kept):
+    """Gather k kept values of an update into a send buffer, and their positions as int32."""
+
+    name = "pack"
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        if self.size > torch.iinfo(_SEND_INDEX).max:
+            raise ValueError(f"pack sends int32 positions; size {self.size} is too large")
+        positions = self._positions()
+        k = positions.numel()
+        return {
+            "update": self._randn(self.size),
+            "positions": positions,
+            "send_values": torch.empty(k, dtype=self.dtype_, device=self.device_),
+            "send_positions": torch.empty(k, dtype=_SEND_INDEX, device=self.device_),
+        }
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        torch.index_select(t["update"], 0, t["positions"], out=t["send_values"])
+        t["send_positions"].copy_(t["positions"])
+
+    def _counts(self, s: int) -> dict[str, int]:
+        k = self.tensors_["positions"].numel()
+        # index_select reads k positions and k values; the copy reads k int64, writes k int32
+        return {"elements": k, "bytes_read": k * (8 + s + 8), "bytes_written": k * (s + 4)}
+
+
+class Residual(_Kept):
+    """Error feedback: ``residual += update`` over all n entries, then the k sent entries are
+    cleared (``residual[positions] = 0``)."""
+
+    name = "residual"
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        return {"residual": self._randn(self.size), "update": self._randn(self.size), "positions": self._positions()}
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        t["residual"].add_(t["update"])
+        t["residual"].index_fill_(0, t["positions"], 0)
+
+    def _counts(self, s: int) -> dict[str, int]:
+        n, k = self.size, self.tensors_["positions"].numel()
+        return {"elements": n, "bytes_read": 2 * n * s + k * 8, "bytes_written": (n + k) * s, "flops": n}
+
+
+# ---------------------------------------------------------------------------- compute updates
+class Sgd(TensorWorkload):
+    """``param -= lr * grad`` (one FMA per element)."""
+
+    name = "sgd"
+
+    def __init__(self, size: int, dtype: str | torch.dtype = "float32", seed: int = 0, lr: float = 0.01) -> None:
+        super().__init__(size, dtype, seed)
+        self.lr = float(lr)
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        return {"param": self._randn(self.size), "grad": self._randn(self.size)}
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        t["param"].add_(t["grad"], alpha=-self.lr)
+
+    def _counts(self, s: int) -> dict[str, int]:
+        n = self.size
+        return {"elements": n, "bytes_read": 2 * n * s, "bytes_written": n * s, "flops": 2 * n}
+
+
+class Momentum(TensorWorkload):
+    """SGD with momentum, as torch.optim.SGD does it: ``buf = mu * buf + grad``, ``param -= lr * buf``."""
+
+    name = "momentum"
+
+    def __init__(
+        self, size: int, dtype: str | torch.dtype = "float32", seed: int = 0, lr: float = 0.01, momentum: float = 0.9
+    ) -> None:
+        super().__init__(size, dtype, seed)
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        return {"param": self._randn(self.size), "grad": self._randn(self.size), "buf": self._randn(self.size)}
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        t["buf"].mul_(self.momentum).add_(t["grad"])
+        t["param"].add_(t["buf"], alpha=-self.lr)
+
+    def _counts(self, s: int) -> dict[str, int]:
+        n = self.size
+        # mul_: r1 w1 f1; add_: r2 w1 f1; param.add_(alpha): r2 w1 f2
+        return {"elements": n, "bytes_read": 5 * n * s, "bytes_written": 3 * n * s, "flops": 4 * n}
+
+
+class Adam(TensorWorkload):
+    """An Adam-like step (bias correction folded into the step size), one eager op at a time:
+    ``m.lerp_(g, 1-b1)``; ``v.mul_(b2).addcmul_(g, g, 1-b2)``; ``d = sqrt(v) + eps``;
+    ``param.addcdiv_(m, d, -step)``."""
+
+    name = "adam"
+
+    def __init__(
+        self,
+        size: int,
+        dtype: str | torch.dtype = "float32",
+        seed: int = 0,
+        lr: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(size, dtype, seed)
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        n = self.size
+        return {
+            "param": self._randn(n),
+            "grad": self._randn(n),
+            "exp_avg": self._randn(n),
+            "exp_avg_sq": self._randn(n).abs_(),  # a second moment is >= 0
+            "denom": torch.empty(n, dtype=self.dtype_, device=self.device_),
+        }
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        b1, b2 = self.betas
+        t["exp_avg"].lerp_(t["grad"], 1 - b1)
+        t["exp_avg_sq"].mul_(b2).addcmul_(t["grad"], t["grad"], value=1 - b2)
+        torch.sqrt(t["exp_avg_sq"], out=t["denom"])
+        t["denom"].add_(self.eps)
+        t["param"].addcdiv_(t["exp_avg"], t["denom"], value=-self.lr)
+
+    def _counts(self, s: int) -> dict[str, int]:
+        n = self.size
+        # lerp_ r2 w1 f3; mul_ r1 w1 f1; addcmul_ r2 w1 f3; sqrt r1 w1 f1; add_ r1 w1 f1; addcdiv_ r3 w1 f3
+        return {"elements": n, "bytes_read": 10 * n * s, "bytes_written": 6 * n * s, "flops": 12 * n}
+
+
+class Fma(TensorWorkload):
+    """``fmas`` fused multiply-adds per element: ``y = x @ W`` with x of shape (n / fmas, fmas) and
+    W of shape (fmas, fmas). Raising ``fmas`` raises FLOPs per byte, as in energy-roofline
+    microbenchmarks. ``size`` is rounded down to a multiple of ``fmas``."""
+
+    name = "fma"
+
+    def __init__(self, size: int, dtype: str | torch.dtype = "float32", seed: int = 0, fmas: int = 16) -> None:
+        if not 1 <= int(fmas) <= int(size):
+            raise ValueError(f"fmas must be in [1, size], got {fmas} for size {size}")
+        super().__init__(size - size % int(fmas), dtype, seed)
+        self.fmas = int(fmas)
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        rows, f = self.size // self.fmas, self.fmas
+        return {
+            "x": self._randn(rows, f),
+            "w": self._randn(f, f) / math.sqrt(f),
+            "y": torch.empty(rows, f, dtype=self.dtype_, device=self.device_),
+        }
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        torch.matmul(t["x"], t["w"], out=t["y"])
+
+    def _counts(self, s: int) -> dict[str, int]:
+        n, f = self.size, self.fmas
+        return {"elements": n, "bytes_read": (n + f * f) * s, "bytes_written": n * s, "flops": 2 * n * f}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "fmas": self.fmas}
+
+
+WORKLOADS: dict[str, type[TensorWorkload]] = {
+    cls.name: cls for cls in (Scatter, Runs, Pack, Residual, Sgd, Momentum, Adam, Fma)
+}
+
+
+def make_workload(
+    name: str,
+    size: int = 2**20,
+    density: float | None = None,
+    dtype: str | torch.dtype = "float32",
+    seed: int = 0,
+    **params: Any,
+) -> TensorWorkload:
+    """Build a registered workload by name (not yet set up). ``density`` only for sparse ones."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; workloads: {', '.join(WORKLOADS)}")
+    cls = WORKLOADS[name]
+    if density is not None:
+        if not cls.sparse:
+            raise ValueError(f"workload {name!r} updates every element; it takes no density")
+        params["density"] = density
+    return cls(size, dtype=dtype, seed=seed, **params)
+
+
+# ---------------------------------------------------------------------------- layer replay
+_REPLAY_KERNELS: dict[str, type[_Kept]] = {cls.name: cls for cls in (Scatter, Pack, Residual)}
+
+
+class LayerReplay(Workload):
+    """Replay the sparse update of a ``torch.nn.Module``: for each parameter named in ``masks``
+    (boolean, same shape), a ``kernel`` workload ("scatter", "pack" or "residual") over that
+    tensor's size and dtype and the positions the mask keeps. ``layers_`` holds one set-up
+    workload per parameter, to be measured one by one; calling the replay runs them all."""
+
+    name = "replay"
+
+    def __init__(self, module: torch.nn.Module, masks: Mapping[str, torch.Tensor], kernel: str = "scatter", seed: int = 0) -> None:
+        if kernel not in _REPLAY_KERNELS:
+            raise ValueError(f"unknown replay kernel {kernel!r}; choose one of {', '.join(_REPLAY_KERNELS)}")
+        self.module = module
+        self.masks = masks
+        self.kernel = kernel
+        self.seed = int(seed)
+
+    def setup(self, device: str | torch.device = "cpu") -> "LayerReplay":
+        params = dict(self.module.named_parameters())
+        unknown = sorted(set(self.masks) - set(params))
+        if unknown:
+            raise KeyError(f"masks name no parameter of the module: {', '.join(unknown)}")
+        self.device_ = torch.device(device)
+        self.layers_: dict[str, _Kept] = {}
+        for i, (name, p) in enumerate(params.items()):
+            if name not in self.masks:
+                continue
+            mask = self.masks[name]
+            if tuple(mask.shape) != tuple(p.shape) or mask.dtype != torch.bool:
+                raise ValueError(f"mask for {name} must be a bool tensor of shape {tuple(p.shape)}")
+            positions = mask.flatten().nonzero().squeeze(1)
+            w = _REPLAY_KERNELS[self.kernel](p.numel(), dtype=p.dtype, seed=self.seed + i, positions=positions)
+            self.layers_[name] = w.setup(self.device_)
+        layers = list(self.layers_.values())
+        self.tensors_ = {f"{n}.{k}": t for n, w in self.layers_.items() for k, t in w.tensors_.items()}
+        self.counts_ = WorkCounts(**{f.name: sum(getattr(w.counts_, f.name) for w in layers) for f in fields(WorkCounts)})
+        return self
+
+    def __call__(self) -> None:
+        for w in self.layers_.values():
+            w()
+
+    def describe(self) -> dict[str, Any]:
+        return {"workload": self.name, "kernel": self.kernel, "layers": len(self.masks)}
+
+
+# ---------------------------------------------------------------------------- simulator stand-in
+class SimKernel(Workload):
+    """A stand-in kernel for the simulated meter: each call advances the meter's clock by
+    ``duration_s`` and reports ``counts`` itself (``meter.run_kernel``), so ``reports_work`` is
+    True and the protocol does not report it again. No tensors; for protocol tests and benchmarks."""
+
+    name = "sim-kernel"
+    reports_work = True
+
+    def __init__(self, meter: Any, counts: WorkCounts, duration_s: float) -> None:
+        if duration_s <= 0:
+            raise ValueError(f"duration_s must be > 0, got {duration_s}")
+        self.meter = meter
+        self.counts = counts
+        self.duration_s = float(duration_s)
+
+    def setup(self, device: str | torch.device = "cpu") -> "SimKernel":
+        self.device_ = torch.device(device)
+        self.tensors_ = {}
+        self.counts_ = self.counts
+        return self
+
+    def __call__(self) -> None:
+        self.meter.run_kernel(self.counts, self.duration_s)
+
+    def describe(self) -> dict[str, Any]:
+        return {"workload": self.name, "duration_s": self.duration_s, **self.counts.to_dict()}
