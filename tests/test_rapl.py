@@ -262,3 +262,15 @@ def test_cli_measure_sleep_6_on_20w_tree_wrapping_every_2_5s(tmp_path):
     assert _close(r["domains"]["core"], 12.0 * r["duration_s"], 0.02)
     assert _close(r["domains"]["psys"], 30.0 * r["duration_s"], 0.02)
     assert r["energy_j"] == r["domains"]["package-0"]
+
+
+# ------------------------------------------------------------------------------ pyrapl (optional extra)
+def test_pyrapl_absent_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyRAPL", None)  # import pyRAPL -> ImportError, as when not installed
+    p = probe_backend("pyrapl")
+    assert not p.available
+    assert "pip install 'energyprof[pyrapl]'" in p.reason and "stray top-level 'tests' package" in p.reason
+    with pytest.raises(MeterUnavailable, match=r"energyprof\[pyrapl\]"):
+        open_meter("pyrapl")
+    with pytest.raises(MeterSpecError, match="sockets"):
+        open_meter("pyrapl:sockets=a")
