@@ -78,6 +78,13 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {dev} is not available here (torch.cuda.is_available() is False)")
+    return dev
+
+
 def _nbytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -127,7 +134,7 @@ class TensorWorkload(Workload):
         self.seed = int(seed)
 
     def setup(self, device: str | torch.device = "cpu") -> "TensorWorkload":
-        self.device_ = torch.device(device)
+        self.device_ = _device(device)
         self.dtype_ = _dtype(self.dtype)
         self._gen = torch.Generator(device=self.device_).manual_seed(self.seed)
         self.tensors_ = self._allocate()
@@ -488,7 +495,7 @@ class LayerReplay(Workload):
         unknown = sorted(set(self.masks) - set(params))
         if unknown:
             raise KeyError(f"masks name no parameter of the module: {', '.join(unknown)}")
-        self.device_ = torch.device(device)
+        self.device_ = _device(device)
         self.layers_: dict[str, _Kept] = {}
         for i, (name, p) in enumerate(params.items()):
             if name not in self.masks:
