@@ -134,6 +134,32 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- bench-kernel
+def cmd_bench_kernel(args: argparse.Namespace) -> int:
+    from energyprof.errors import EnergyprofError
+    from energyprof.meters import open_meter
+    from energyprof.protocol import MeasurementProtocol
+    from energyprof.workloads import make_workload
+
+    try:
+        workload = make_workload(args.workload, size=args.size, density=args.density, dtype=args.dtype)
+        workload.setup(args.device)
+    except (ValueError, RuntimeError) as exc:
+        return _fail(f"cannot set up workload {args.workload!r}: {exc}", 1)
+    try:
+        meter = open_meter(args.meter)
+    except EnergyprofError as exc:
+        return _fail(f"cannot start meter {args.meter!r}: {exc}")
+    protocol = MeasurementProtocol(min_window_s=args.min_window_s, trials=args.trials)
+    try:
+        with meter:
+            result = protocol.measure(workload, meter)
+    except EnergyprofError as exc:
+        return _fail(f"measurement failed: {exc}")
+    print(json.dumps(result.to_dict()) if args.json else result.summary())
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -165,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="profile name or YAML path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser(
+        "bench-kernel",
+        help="measure one post-backprop update kernel's joules per call with the measurement protocol",
+        description="Run an update workload under the measurement protocol (idle baseline, warm-up, long "
+        "windows, phase-shifted trials) and print joules per call above idle with a 95 %% interval. "
+        "Workloads: scatter, runs, pack, residual (take --density), sgd, momentum, adam, fma. Example: "
+        "energyprof bench-kernel --meter nvml --workload scatter --size 16777216 --density 0.01 --device cuda:0",
+    )
+    p.add_argument("--meter", default="auto", help="meter spec BACKEND[:key=value,...] (default: auto)")
+    p.add_argument("--workload", required=True, help="workload name (see above)")
+    p.add_argument("--size", type=int, default=2**20, help="elements of the updated tensor (default: 2^20)")
+    p.add_argument("--density", type=float, help="fraction of entries kept, 0.001..1 (sparse workloads)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda:N (default: cpu)")
+    p.add_argument("--min-window-s", type=float, default=1.0, help="shortest measurement window (default: 1)")
+    p.add_argument("--trials", type=int, default=4, help="kernel windows, >= 2 (default: 4)")
+    p.add_argument("--json", action="store_true", help="print one JSON object, every window included")
+    p.set_defaults(func=cmd_bench_kernel)
 
     # further subcommands register here (each imports its modules lazily in its handler)
     return parser
