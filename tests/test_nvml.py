@@ -278,6 +278,7 @@ def test_cuda_visible_devices_maps_ordinals_to_nvml_indices(monkeypatch):
     fake = FakeNvml([h100(0), h100(1), h100(2)])
     with NvmlMeter(nvml=fake, environ={"CUDA_VISIBLE_DEVICES": "2,0"}, period="table") as m:
         assert [(g.domain, g.nvml_index) for g in m.gpus] == [("gpu0", 2), ("gpu1", 0)]
+        assert m.info.details["cuda_visible_devices"] == "2,0"
     with NvmlMeter(indices=[1], nvml=fake, environ={"CUDA_VISIBLE_DEVICES": "2,0"}, period="table") as m:
         assert [(g.domain, g.nvml_index) for g in m.gpus] == [("gpu1", 0)]
     uuid2 = fake.gpus[2].uuid

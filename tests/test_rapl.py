@@ -119,17 +119,41 @@ def test_poll_interval_follows_wrap_range(tmp_path):
 
 
 # ------------------------------------------------------------------------------ energy
+class Truth:
+    """The tree's own (unwrapped) energy read just before and just after a window edge: whatever
+    the writer thread's timing, a correct reader's result lies between these bounds."""
+
+    def __init__(self, tree: FakePowercap) -> None:
+        self.tree = tree
+        self.edges: list[tuple[dict[str, float], dict[str, float]]] = []
+
+    def edge(self, action):
+        before = {z: self.tree.energy_j(z) for z in self.tree.zones}
+        out = action()
+        after = {z: self.tree.energy_j(z) for z in self.tree.zones}
+        self.edges.append((before, after))
+        return out
+
+    def check(self, measured_j: float, zone_ids, eps: float = 1e-4) -> None:
+        (b0, b1), (e0, e1) = self.edges[-2], self.edges[-1]
+        lo = sum(e0[z] - b1[z] for z in zone_ids) - eps
+        hi = sum(e1[z] - b0[z] for z in zone_ids) + eps
+        assert lo <= measured_j <= hi, (zone_ids, lo, measured_j, hi)
+
+
 def test_server_totals_and_domains(tmp_path):
-    with FakePowercap(tmp_path, server_zones()) as tree:
+    truth = Truth(FakePowercap(tmp_path, server_zones()))
+    with truth.tree as tree:
         with open_meter(f"rapl:root={tree.root}") as m:
-            m.begin("w")
+            truth.edge(lambda: m.begin("w"))
             time.sleep(0.5)
-            r = m.end("w")
-    dur = r.seconds
-    expected = {"package-0": 100, "core-0": 60, "dram-0": 10, "package-1": 80, "core-1": 50, "dram-1": 8}
-    for d, watts in expected.items():
-        assert _close(r.domains[d], watts * dur, 0.03), (d, r.domains[d], watts * dur)
-    assert _close(r.energy_j, (100 + 10 + 80 + 8) * dur, 0.03)
+            r = truth.edge(lambda: m.end("w"))
+    ids = {"package-0": "intel-rapl:0", "core-0": "intel-rapl:0:0", "dram-0": "intel-rapl:0:1",
+           "package-1": "intel-rapl:1", "core-1": "intel-rapl:1:0", "dram-1": "intel-rapl:1:1"}
+    for d, zid in ids.items():
+        truth.check(r.domains[d], [zid])
+        assert _close(r.domains[d], tree.zones[zid].power_w * r.seconds, 0.1)
+    truth.check(r.energy_j, ["intel-rapl:0", "intel-rapl:0:1", "intel-rapl:1", "intel-rapl:1:1"])
     assert r.meter.backend == "rapl" and not r.simulated
 
 
@@ -138,31 +162,32 @@ def test_long_window_with_several_wraps(tmp_path):
     rng = wrap_range_uj(20.0, 0.3)
     zones = [FakeZone("intel-rapl:0", "package-0", 20.0, rng, start_uj=rng * 0.95),
              FakeZone("intel-rapl:0:0", "dram", 5.0, rng)]
-    with FakePowercap(tmp_path, zones, energy_unit_uj=15.3) as tree:
+    truth = Truth(FakePowercap(tmp_path, zones, energy_unit_uj=15.3))
+    with truth.tree as tree:
         with open_meter(f"rapl:root={tree.root}") as m:
-            truth0 = tree.energy_j("intel-rapl:0")
-            m.begin("long")
+            truth.edge(lambda: m.begin("long"))
             time.sleep(1.5)
-            r = m.end("long")
-            truth1 = tree.energy_j("intel-rapl:0")
+            r = truth.edge(lambda: m.end("long"))
     assert r.details["wraps"]["package-0"] >= 4
-    assert _close(r.domains["package-0"], 20.0 * r.seconds, 0.02)
-    assert r.domains["package-0"] <= truth1 - truth0 + 0.05  # never more than the tree produced
-    assert _close(r.energy_j, 25.0 * r.seconds, 0.02)
+    truth.check(r.domains["package-0"], ["intel-rapl:0"])
+    truth.check(r.energy_j, ["intel-rapl:0", "intel-rapl:0:0"])  # dram counts, it is not in the package
+    assert _close(r.domains["package-0"], 20.0 * r.seconds, 0.1)
 
 
 def test_overlapping_windows(tmp_path):
-    with FakePowercap(tmp_path, laptop_zones(20.0, 0.4)) as tree:
+    truth = Truth(FakePowercap(tmp_path, laptop_zones(20.0, 0.4)))
+    with truth.tree as tree:
         with open_meter(f"rapl:root={tree.root}") as m:
-            m.begin("outer")
+            truth.edge(lambda: m.begin("outer"))
             time.sleep(0.3)
-            with m.window("inner") as w:
-                time.sleep(0.4)
+            truth.edge(lambda: m.begin("inner"))
+            time.sleep(0.4)
+            inner = truth.edge(lambda: m.end("inner"))
+            truth.check(inner.energy_j, ["intel-rapl:0"])
             time.sleep(0.3)
-            outer = m.end("outer")
-    inner = w.measurement
-    assert _close(inner.energy_j, 20.0 * inner.seconds, 0.05)
-    assert _close(outer.energy_j, 20.0 * outer.seconds, 0.03)
+            outer = truth.edge(lambda: m.end("outer"))
+    truth.edges = [truth.edges[0], truth.edges[-1]]
+    truth.check(outer.energy_j, ["intel-rapl:0"])
     assert outer.energy_j > inner.energy_j * 2
 
 
@@ -256,7 +281,7 @@ def test_cli_measure_sleep_6_on_20w_tree_wrapping_every_2_5s(tmp_path):
     assert r["returncode"] == 0
     assert r["meter"]["backend"] == "rapl" and r["meter"]["simulated"] is False
     assert abs(r["energy_j"] - 120.0) <= 0.03 * 120.0, r
-    assert _close(r["energy_j"], 20.0 * r["duration_s"], 0.01), r  # tighter: vs the window's own length
+    assert _close(r["energy_j"], 20.0 * r["duration_s"], 0.02), r  # vs the window's own length
     assert r["details"]["wraps"]["package-0"] >= 2
     # core (12 W) and psys (30 W) were measured but are not added to the total
     assert _close(r["domains"]["core"], 12.0 * r["duration_s"], 0.02)

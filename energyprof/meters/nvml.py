@@ -436,6 +436,7 @@ class NvmlMeter(CounterMeter):
         super().__init__(sync_device=sync_device)
         if mode not in ("auto", "counter", "sampled"):
             raise MeterSpecError(f"nvml: mode={mode!r}; use auto, counter or sampled")
+        self._env = os.environ if environ is None else environ
         self._nv = nvml if nvml is not None else _pynvml()
         nv = self._nv
         _call(nv.nvmlInit, doing="initialising NVML")
@@ -596,7 +597,7 @@ class NvmlMeter(CounterMeter):
             averaging_window_s=min(windows) if all(w is not None for w in windows) else None,
             details={
                 "driver_version": self.driver_version,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "cuda_visible_devices": self._env.get("CUDA_VISIBLE_DEVICES"),
                 "gpus": [g.to_dict() for g in self.gpus],
                 "sample_interval_s": self.sample_interval_s,
                 "averaging_window_source": TIMING_SOURCE,
