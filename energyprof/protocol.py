@@ -251,9 +251,10 @@ class _Session:
 
     # ------------------------------------------------------------------ the protocol
     def _warm_up(self) -> float:
-        """Run the kernel for ``warmup_s`` in doubling batches; return seconds per call."""
+        """Run the kernel for ``warmup_s`` in doubling batches; return seconds per call (the median
+        over the batches long enough to time, so that one hiccup does not decide it)."""
         target = min(0.01, self.period / 20) if self.period else 0.01
-        calls, start = 1, self.meter.clock()
+        calls, start, per_call = 1, self.meter.clock(), []
         while True:
             t0, t1 = self._batch(calls)
             if t1 - t0 <= 0 and calls >= 64:
@@ -262,10 +263,12 @@ class _Session:
                     "virtual-clock simulator ('clock=virtual') only sees stand-in kernels; measure real "
                     "kernels with a real clock (e.g. 'sim:preset=h100' or a physical meter)"
                 )
-            if t1 - t0 >= target and t1 - start >= self.p.warmup_s:
-                return (t1 - t0) / calls
             if t1 - t0 < target:
                 calls *= 2
+                continue
+            per_call.append((t1 - t0) / calls)
+            if t1 - start >= self.p.warmup_s:
+                return float(np.median(per_call))
 
     def run(self) -> ProtocolResult:
         p, meter = self.p, self.meter
