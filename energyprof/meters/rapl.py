@@ -299,7 +299,7 @@ class RaplMeter(CounterMeter):
 
         # first read: proves the counters are readable (root-only since Linux 5.10)
         try:
-            self._poll(opening=True)
+            self._poll()
         except PermissionError:
             raise MeterPermissionError(permission_fix([z.energy_path for z in zones])) from None
         except (OSError, ValueError) as exc:
@@ -321,7 +321,7 @@ class RaplMeter(CounterMeter):
         self._thread.start()
 
     # ------------------------------------------------------------------ reading
-    def _poll(self, opening: bool = False) -> dict[str, float]:
+    def _poll(self) -> dict[str, float]:
         """Read every zone once (under the lock, so reads and unwrapping stay in order)."""
         with self._lock:
             totals: dict[str, float] = {}
