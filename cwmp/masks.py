@@ -1,0 +1,485 @@
+"""Masks under an energy budget: CWMP (cost-weighted magnitude) and the Top-K baseline.
+
+The contract, which later checks rely on: score_i = |u_i|**power / c_i; order the entries by score,
+descending, ties by lower flat index; keep the longest prefix of that order whose total cost is
+<= the budget. Totals are kept in float64; a cost given as one number totals k entries as k * c.
+
+Why no sort: sorting N entries to keep a prefix costs N log N, several times ``torch.topk``. The
+prefix is decided by one score value (where the budget runs out), so this module finds that value
+by weighted selection with sampled pivots (Floyd and Rivest's idea, with costs as weights):
+
+1. a uniform sample of the scores estimates where the budget runs out; two sample values a few
+   standard deviations either side bracket that point;
+2. one streaming pass over the update, in chunks that stay in cache (no full-size score tensor is
+   made), writes the mask of scores above the bracket, totals the cost above and inside it, and
+   gathers the few entries inside it;
+3. those entries are resolved the same way, and sorted exactly once they are few.
+
+A bracket that misses (rare: an unlucky sample) narrows the interval and costs one more pass; the
+answer is exact either way. Ties at the boundary are resolved by flat index, as the contract says.
+The same code runs on CPU and CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from cwmp.errors import MaskInputError
+
+__all__ = ["cwmp_mask", "cwmp_scores", "magnitude_budget_mask", "topk_mask"]
+
+Costs = Union[Tensor, float, int]
+
+_EXACT_MAX = 1 << 12  # pools this small are sorted outright
+_SAMPLE_MIN, _SAMPLE_MAX = 1 << 10, 1 << 16
+_SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the boundary's sample rank
+_CHUNK_CPU, _CHUNK_CUDA = 1 << 20, 1 << 26  # CPU: 4 MB of float32 stays in cache; CUDA: few launches
+_SEED = 20240917  # the sample decides only the speed, never the mask; fixed for repeatable timings
+
+
+# ----------------------------------------------------------------------------------- public API
+def cwmp_mask(update: Tensor, costs: Costs, budget_j: float, power: float = 1.0, *, fill: bool = False) -> Tensor:
+    """Keep the entries of largest ``|update|**power / costs`` until ``budget_j`` joules are spent.
+
+    ``costs`` are joules per kept entry: a number (one cost for the whole tensor, the usual case
+    for a layer) or a tensor broadcastable to ``update``. ``power=1`` is the paper's rule;
+    ``power=2`` is the exact greedy rule for the squared-error projection. With ``fill=True`` the
+    budget left after the prefix is spent on later entries that still fit, in score order.
+    Returns a bool tensor of ``update``'s shape.
+    """
+    return _budget_mask(update, costs, budget_j, power, rank_by_cost=True, fill=fill)
+
+
+def magnitude_budget_mask(update: Tensor, costs: Costs, budget_j: float, *, fill: bool = False) -> Tensor:
+    """Top-K's order (largest ``|update|`` first, ties by lower index) under a budget in joules:
+    the longest magnitude-ordered prefix whose cost is <= ``budget_j``. This is the cost-blind
+    baseline spending the same energy as CWMP."""
+    return _budget_mask(update, costs, budget_j, 1.0, rank_by_cost=False, fill=fill)
+
+
+def topk_mask(update: Tensor, k: int) -> Tensor:
+    """The ``k`` entries of largest magnitude, ties by lower flat index (``torch.topk`` alone does
+    not promise which of several equal values it returns)."""
+    _check_update(update)
+    n = update.numel()
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise MaskInputError(f"k must be an int in [0, {n}] (the update's numel), got {k!r}")
+    magnitude = update.detach().reshape(-1).abs()
+    mask = torch.zeros(n, dtype=torch.bool, device=update.device)
+    if k > 0:
+        kth = torch.topk(magnitude, k, sorted=False).values.min()
+        torch.gt(magnitude, kth, out=mask)
+        ties = torch.nonzero(magnitude == kth).squeeze(1)
+        mask[ties[: k - int(torch.count_nonzero(mask))]] = True
+    return mask.view(update.shape)
+
+
+def cwmp_scores(update: Tensor, costs: Costs, power: float = 1.0) -> Tensor:
+    """The scores of the contract, ``|update|**power / costs``, in float32 or wider, exactly as the
+    masks compute them chunk by chunk (for analysis and tests)."""
+    flat, cost = _validated(update, costs, 0.0, power)
+    return _UpdatePool(flat, cost, power, rank_by_cost=True).all_scores().view(update.shape)
+
+
+# ------------------------------------------------------------------------------------- checks
+def _check_update(update: Tensor) -> float:
+    """Reject what cannot give a correct mask; return max |update| (0 for an empty update)."""
+    if not isinstance(update, Tensor):
+        raise MaskInputError(f"update must be a torch.Tensor, got {type(update).__name__}")
+    if not update.is_floating_point():
+        raise MaskInputError(f"update must be a floating-point tensor, got dtype {update.dtype}")
+    if not update.numel():
+        return 0.0
+    low, high = (float(v) for v in torch.aminmax(update.detach()))  # NaN makes both NaN
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = torch.nonzero(~torch.isfinite(update.detach().reshape(-1))).squeeze(1)
+        raise MaskInputError(
+            f"update has {bad.numel()} NaN or infinite entries (first at flat index {int(bad[0])}); "
+            "a mask of such an update would be meaningless: fix the training step or clip the update"
+        )
+    return max(-low, high)
+
+
+def _validated(update: Tensor, costs: Costs, budget_j: float, power: float) -> tuple[Tensor, "_CostModel"]:
+    max_magnitude = _check_update(update)
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not (0 < power < math.inf):
+        raise MaskInputError(f"power must be a finite number > 0 (1: magnitude / cost, 2: squared), got {power!r}")
+    if isinstance(budget_j, bool) or not isinstance(budget_j, (int, float)) or math.isnan(budget_j) or budget_j < 0:
+        raise MaskInputError(f"budget_j must be a number of joules >= 0, got {budget_j!r}")
+    score_dtype = torch.promote_types(update.dtype, torch.float32)
+    cost = _CostModel.of(costs, update.shape, update.device, score_dtype)
+    top = max_magnitude**power / cost.min_joules
+    if top > torch.finfo(score_dtype).max:
+        raise MaskInputError(
+            f"scores overflow {score_dtype}: max |update|**{power} / min cost = {top:.3g}; "
+            "express the costs in larger units (they only need to be proportional) or use float64 updates"
+        )
+    return update.detach().reshape(-1), cost
+
+
+# ---------------------------------------------------------------------------------- cost model
+class _CostModel:
+    """Joules per entry, and how totals of them are formed.
+
+    ``amount`` is what a set of entries costs in the model's own accounting unit: a count for one
+    shared cost (so that k entries cost exactly k * c, as the contract says), joules for per-entry
+    costs. Keeping the unit lets totals be compared with the budget without subtracting floats.
+    """
+
+    min_joules: float
+
+    @staticmethod
+    def of(costs: Costs, shape: torch.Size, device: torch.device, score_dtype: torch.dtype) -> "_CostModel":
+        if isinstance(costs, bool) or not isinstance(costs, (Tensor, int, float)):
+            raise MaskInputError(f"costs must be a number or a tensor of joules per entry, got {type(costs).__name__}")
+        if isinstance(costs, Tensor):
+            if costs.is_complex() or costs.dtype == torch.bool:
+                raise MaskInputError(f"costs must be real numbers of joules, got dtype {costs.dtype}")
+            try:
+                broadcast = torch.broadcast_shapes(costs.shape, shape)
+            except RuntimeError:
+                broadcast = None
+            if broadcast != shape:
+                raise MaskInputError(
+                    f"costs of shape {tuple(costs.shape)} do not broadcast to the update's shape {tuple(shape)}; "
+                    "give one cost per layer (a number) or a tensor broadcastable to the update"
+                )
+            if costs.numel() != 1:
+                low, high = torch.aminmax(costs.detach())
+                _check_cost(float(low), float(high))
+                per_entry = costs.detach().to(device).expand(shape).reshape(-1)
+                return _EntryCosts(per_entry, float(low), score_dtype)
+            costs = costs.item()
+        _check_cost(float(costs), float(costs))
+        return _UniformCost(float(costs))
+
+
+def _check_cost(low: float, high: float) -> None:
+    if not (low > 0 and high < math.inf):  # NaN fails both comparisons
+        raise MaskInputError(
+            f"costs must be finite and > 0 joules per entry, got values in [{low}, {high}]; "
+            "a free entry has no place in an energy budget: give it a small positive cost"
+        )
+
+
+class _UniformCost(_CostModel):
+    def __init__(self, joules: float) -> None:
+        self.joules = self.min_joules = joules
+
+    def divisor(self, start: int, stop: int) -> float:
+        return self.joules
+
+    def amount(self, mask: Tensor, count: Tensor, start: int, stop: int) -> Tensor:
+        return count
+
+    def to_joules(self, amount: float) -> float:
+        return amount * self.joules
+
+    def cumulative_joules(self, base: float, order: Tensor) -> Tensor:
+        counts = torch.arange(1, order.numel() + 1, device=order.device, dtype=torch.float64)
+        return (counts + base) * self.joules
+
+    def amount_of_all(self, n: int) -> int:
+        """The amount of all ``n`` entries this model prices."""
+        return n
+
+    def gather(self, index: Tensor) -> "_UniformCost":
+        return self
+
+    def joules_at(self, index: Tensor) -> Tensor:
+        return torch.full(index.shape, self.joules, dtype=torch.float64, device=index.device)
+
+
+class _EntryCosts(_CostModel):
+    def __init__(self, joules: Tensor, min_joules: float, score_dtype: torch.dtype) -> None:
+        self.joules, self.min_joules, self.score_dtype = joules, min_joules, score_dtype
+
+    def divisor(self, start: int, stop: int) -> Tensor:
+        return self.joules[start:stop].to(self.score_dtype)
+
+    def amount(self, mask: Tensor, count: Tensor, start: int, stop: int) -> Tensor:
+        return self.joules[start:stop][mask].sum(dtype=torch.float64)
+
+    def to_joules(self, amount: float) -> float:
+        return amount
+
+    def cumulative_joules(self, base: float, order: Tensor) -> Tensor:
+        return self.joules[order].double().cumsum(0) + base
+
+    def amount_of_all(self, n: int) -> float:
+        return float(self.joules.sum(dtype=torch.float64))
+
+    def gather(self, index: Tensor) -> "_EntryCosts":
+        return _EntryCosts(self.joules[index], self.min_joules, self.score_dtype)
+
+    def joules_at(self, index: Tensor) -> Tensor:
+        return self.joules[index].double()
+
+
+def _score(magnitudes: Tensor, divisor: float | Tensor | None, power: float, out: Tensor | None = None) -> Tensor:
+    """|u|**power / divisor in the score dtype; the one place a score is computed."""
+    dtype = torch.promote_types(magnitudes.dtype, torch.float32)
+    if out is None:
+        s = magnitudes.abs().to(dtype)
+    elif out.dtype == magnitudes.dtype:
+        s = torch.abs(magnitudes, out=out)
+    else:
+        s = out.copy_(magnitudes).abs_()
+    if power == 2:
+        s.mul_(s)
+    elif power != 1:
+        s.pow_(power)
+    if divisor is not None:
+        s.div_(divisor)
+    return s
+
+
+# --------------------------------------------------------------------------------------- pools
+class _Pool(ABC):
+    """Entries a mask is chosen from: the whole update (scores computed chunk by chunk) or a set
+    gathered by an earlier pass (scores stored). ``n`` entries, pool-local indices."""
+
+    n: int
+    cost: _CostModel
+    device: torch.device
+    score_dtype: torch.dtype
+
+    @abstractmethod
+    def scores(self, start: int, stop: int, out: Tensor | None) -> Tensor:
+        """Scores of entries [start, stop), computed into ``out`` when the pool computes them."""
+
+    @abstractmethod
+    def all_scores(self) -> Tensor:
+        """All scores, as the passes see them."""
+
+    @abstractmethod
+    def sample_scores(self, index: Tensor) -> Tensor:
+        """Scores at sampled positions, for pivots only: ``pow`` may round the last bit differently
+        outside the chunked pass, so a pivot may miss every entry's score by one ulp."""
+
+
+class _UpdatePool(_Pool):
+    def __init__(self, flat: Tensor, cost: _CostModel, power: float, rank_by_cost: bool) -> None:
+        self.flat, self.cost, self.power, self.rank_by_cost = flat, cost, power, rank_by_cost
+        self.n, self.device = flat.numel(), flat.device
+        self.score_dtype = torch.promote_types(flat.dtype, torch.float32)
+
+    def scores(self, start: int, stop: int, out: Tensor | None) -> Tensor:
+        divisor = self.cost.divisor(start, stop) if self.rank_by_cost else None
+        return _score(self.flat[start:stop], divisor, self.power, out)
+
+    def all_scores(self) -> Tensor:
+        """The scores exactly as the passes compute them (same chunks, so ``pow`` rounds alike)."""
+        out = torch.empty(self.n, dtype=self.score_dtype, device=self.device)
+        for start, stop in _chunks(self.n, self.device):
+            self.scores(start, stop, out[start:stop])
+        return out
+
+    def sample_scores(self, index: Tensor) -> Tensor:
+        divisor = self.cost.gather(index).divisor(0, index.numel()) if self.rank_by_cost else None
+        return _score(self.flat[index], divisor, self.power)
+
+
+class _GatheredPool(_Pool):
+    def __init__(self, index: Tensor, stored: Tensor, cost: _CostModel) -> None:
+        self.index, self.stored, self.cost = index, stored, cost
+        self.n, self.device, self.score_dtype = stored.numel(), stored.device, stored.dtype
+
+    def scores(self, start: int, stop: int, out: Tensor | None) -> Tensor:
+        return self.stored[start:stop]
+
+    def all_scores(self) -> Tensor:
+        return self.stored
+
+    def sample_scores(self, index: Tensor) -> Tensor:
+        return self.stored[index]
+
+
+# ----------------------------------------------------------------------------------- selection
+@dataclass
+class _Split:
+    """One pass with pivots lo <= hi: the mask of scores > hi, what the entries with score > hi
+    and with score >= lo cost in total, and the gathered entries with lo <= score <= hi."""
+
+    above: Tensor
+    n_above: int
+    above_amount: float
+    n_upto: int
+    upto_amount: float
+    between: _GatheredPool
+
+
+def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
+    chunk = _CHUNK_CUDA if device.type == "cuda" else _CHUNK_CPU
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def _split(pool: _Pool, lo: float, hi: float) -> _Split:
+    chunks = _chunks(pool.n, pool.device)
+    width = chunks[0][1]
+    above = torch.empty(pool.n, dtype=torch.bool, device=pool.device)
+    upto = torch.empty(width, dtype=torch.bool, device=pool.device)
+    buffer = torch.empty(width, dtype=pool.score_dtype, device=pool.device) if isinstance(pool, _UpdatePool) else None
+    counts: list[Tensor] = []
+    amounts: list[Tensor] = []
+    index_parts: list[Tensor] = []
+    score_parts: list[Tensor] = []
+    for start, stop in chunks:
+        s = pool.scores(start, stop, None if buffer is None else buffer[: stop - start])
+        a = torch.gt(s, hi, out=above[start:stop])
+        b = torch.ge(s, lo, out=upto[: stop - start])
+        b ^= a  # lo <= s <= hi
+        counts.append(torch.count_nonzero(a))
+        amounts.append(pool.cost.amount(a, counts[-1], start, stop))
+        local = torch.nonzero(b).squeeze(1)
+        index_parts.append(local + start)
+        score_parts.append(s[local])
+    index = torch.cat(index_parts)
+    between = _GatheredPool(index, torch.cat(score_parts), pool.cost.gather(index))
+    n_above = int(torch.stack(counts).sum())
+    above_amount = _exact_amount(pool.cost, float(torch.stack(amounts).double().sum()))
+    upto_amount = above_amount + between.cost.amount_of_all(index.numel())
+    return _Split(above, n_above, above_amount, n_above + index.numel(), upto_amount, between)
+
+
+def _exact_amount(cost: _CostModel, amount: float) -> float:
+    return int(amount) if isinstance(cost, _UniformCost) else amount
+
+
+class _Sample:
+    """A uniform sample of a pool's scores and costs, sorted by score, descending. Restricted to a
+    score interval it is a uniform sample of the pool's entries in that interval."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self.size = min(pool.n, max(_SAMPLE_MIN, min(_SAMPLE_MAX, int(4 * math.sqrt(pool.n)))))
+        generator = torch.Generator(device=pool.device).manual_seed(_SEED)
+        index = torch.randint(pool.n, (self.size,), generator=generator, device=pool.device)
+        scores, order = torch.sort(pool.sample_scores(index), descending=True)
+        self.scores = scores.double()
+        self.cumulative = pool.cost.joules_at(index[order]).cumsum(0)
+        self.scale = pool.n / self.size
+
+    def pivots(self, lo: float, hi: float, above_joules: float, budget_j: float, narrow: bool) -> tuple[float, float]:
+        """Pivots lo <= p_lo <= p_hi <= hi that bracket where the budget runs out, estimated from
+        the sample points in [lo, hi]; ``narrow`` asks for a single pivot (a tie-breaking step)."""
+        descending = self.scores
+        first = int(torch.searchsorted(-descending, torch.tensor([-hi], dtype=torch.float64, device=descending.device)))
+        end = int(torch.searchsorted(-descending, torch.tensor([-lo], dtype=torch.float64, device=descending.device), right=True))
+        if first >= end:
+            return lo, hi
+        before = self.cumulative[first - 1] if first else 0.0
+        estimate = above_joules + self.scale * (self.cumulative[first:end] - before)
+        fits = int(torch.searchsorted(estimate, torch.tensor([budget_j], dtype=torch.float64, device=descending.device), right=True))
+        window = descending[first:end].tolist()
+        if narrow:
+            pivot = window[min(fits, len(window) - 1)]
+            return pivot, pivot
+        rank = first + fits
+        margin = math.ceil(_SIGMAS * math.sqrt(rank * max(0.0, 1 - rank / self.size))) + 1
+        p_hi = window[fits - 1 - margin] if fits - 1 - margin >= 0 else hi
+        p_lo = window[fits + margin] if fits + margin < len(window) else lo
+        return p_lo, p_hi
+
+
+def _select(pool: _Pool, budget_j: float, base: float, narrow: bool = False, tied: bool = False) -> Tensor:
+    """Pool-local mask of the longest score-ordered prefix with cost(base) + cost(prefix) <= budget.
+
+    ``base`` is the amount already spent above this pool. ``tied`` says all scores are equal (the
+    order is the index order); ``narrow`` says the last split did not shrink the pool.
+    """
+    cost = pool.cost
+    if tied or pool.n <= _EXACT_MAX:
+        return _exact_prefix(pool, budget_j, base, tied)
+    sample = _Sample(pool)
+    lo, hi = -math.inf, math.inf  # scores of the entries still undecided; above hi: kept
+    n_kept, kept_amount, n_open = 0, 0, pool.n
+    stalled = False
+    while True:
+        if stalled:
+            p_lo, p_hi = lo, hi
+        else:
+            p_lo, p_hi = sample.pivots(lo, hi, cost.to_joules(base + kept_amount), budget_j, narrow)
+        split = _split(pool, p_lo, p_hi)
+        if cost.to_joules(base + split.above_amount) > budget_j:  # the boundary lies above p_hi
+            lo = _next_float(p_hi, up=True, dtype=pool.score_dtype)
+            n_left = split.n_above - n_kept
+        elif cost.to_joules(base + split.upto_amount) <= budget_j:  # everything >= p_lo fits
+            if split.n_upto == pool.n:
+                return torch.ones(pool.n, dtype=torch.bool, device=pool.device)
+            hi = _next_float(p_lo, up=False, dtype=pool.score_dtype)
+            n_left = n_open - (split.n_upto - n_kept)
+            n_kept, kept_amount = split.n_upto, split.upto_amount
+        else:  # the boundary lies in [p_lo, p_hi]: resolve the gathered entries
+            between = split.between
+            inner = _select(between, budget_j, base + split.above_amount,
+                            narrow=between.n == pool.n, tied=p_lo == p_hi)
+            mask = split.above
+            mask[between.index[inner]] = True
+            return mask
+        stalled = n_left == n_open  # possible only when pow() rounds differently in the sample
+        n_open = n_left
+
+
+def _exact_prefix(pool: _Pool, budget_j: float, base: float, tied: bool) -> Tensor:
+    scores = pool.all_scores()
+    if tied:
+        order = torch.arange(pool.n, device=pool.device)
+    else:
+        order = torch.sort(scores, descending=True, stable=True).indices
+    totals = pool.cost.cumulative_joules(base, order)
+    keep = int(torch.searchsorted(totals, torch.tensor([budget_j], dtype=torch.float64, device=totals.device), right=True))
+    mask = torch.zeros(pool.n, dtype=torch.bool, device=pool.device)
+    mask[order[:keep]] = True
+    return mask
+
+
+def _next_float(value: float, up: bool, dtype: torch.dtype) -> float:
+    v = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(v, torch.tensor(math.inf if up else -math.inf, dtype=dtype)))
+
+
+def _budget_mask(update: Tensor, costs: Costs, budget_j: float, power: float, rank_by_cost: bool, fill: bool) -> Tensor:
+    flat, cost = _validated(update, costs, budget_j, power)
+    budget_j = float(budget_j)
+    pool = _UpdatePool(flat, cost, power, rank_by_cost)
+    if pool.n == 0:
+        return torch.zeros(update.shape, dtype=torch.bool, device=update.device)
+    mask = _select(pool, budget_j, 0)
+    if fill:
+        _fill(pool, mask, budget_j)
+    return mask.view(update.shape)
+
+
+def _fill(pool: _UpdatePool, mask: Tensor, budget_j: float) -> None:
+    """Greedy continuation: walk the rest in score order, keeping each entry that still fits.
+
+    Done as repeated prefixes: entries that cost more than what is left can never fit again, so
+    drop them, keep the longest prefix of the others that fits, drop the entry that stopped it
+    (the best of the rest), and repeat with what is left. With one shared cost nothing is left
+    to fill, and no score is computed."""
+    cost = pool.cost
+    spent = _exact_amount(cost, float(cost.amount(mask, torch.count_nonzero(mask), 0, pool.n)))
+    rest = torch.nonzero(~mask).squeeze(1)
+    scores = None
+    while True:
+        left_j = budget_j - cost.to_joules(spent)
+        rest = rest[cost.joules_at(rest) <= left_j * (1 + 1e-12)]  # the slack only saves a pass
+        if not rest.numel():
+            return
+        if scores is None:
+            scores = pool.all_scores()
+        candidates = _GatheredPool(rest, scores[rest], cost.gather(rest))
+        inner = _select(candidates, budget_j, spent)
+        spent = spent + _exact_amount(cost, float(candidates.cost.amount(inner, torch.count_nonzero(inner), 0, rest.numel())))
+        mask[rest[inner]] = True
+        outside = torch.nonzero(~inner).squeeze(1)
+        if outside.numel():
+            stopper = outside[torch.argmax(candidates.stored[outside])]  # first maximum: lowest index
+            outside = outside[outside != stopper]
+        rest = rest[outside]
