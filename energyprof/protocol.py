@@ -311,7 +311,7 @@ class _Session:
         t["total_joules_per_call"] = (t.energy_j / t.calls).where(t.role == "kernel")
         t["joules_per_call"] = ((t.energy_j - idle_w * t.seconds) / t.calls).where(t.role == "kernel")
         per_trial = t.joules_per_call[t.role == "kernel"]
-        seconds_per_call = float(kern.seconds.sum() / kern.calls.sum())
+        seconds_per_call = float((kern.seconds / kern.calls).mean())  # so total = above idle + idle share
         var_trials = float(per_trial.var(ddof=1)) / len(kern)
         var_idle = (se_idle_w * seconds_per_call) ** 2
         se = math.sqrt(var_trials + var_idle)

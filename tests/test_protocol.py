@@ -54,6 +54,8 @@ def test_total_joules_per_call_adds_the_idle_share_of_the_call():
     assert result.total_joules_per_call == pytest.approx(truth, rel=0.005)
     assert result.seconds_per_call == pytest.approx(0.010)
     assert result.idle_power_w == pytest.approx(meter.preset.static_power_w, rel=0.01)
+    assert result.total_joules_per_call == pytest.approx(
+        result.joules_per_call + result.idle_power_w * result.seconds_per_call, rel=1e-12)
 
 
 def test_confidence_interval_covers_the_truth_most_of_the_time():
