@@ -35,7 +35,6 @@ from energyprof.errors import (
     MeterPermissionError,
     MeterSpecError,
     MeterUnavailable,
-    NoEnergyObserved,
 )
 from energyprof.meters.base import CounterMeter, MeterInfo
 from energyprof.meters.spec import MeterSpec
@@ -559,20 +558,15 @@ class NvmlMeter(CounterMeter):
     def _energy_between(self, start: dict[str, Any], end: dict[str, Any]) -> dict[str, float]:
         if self._sampler_error is not None:
             raise self._sampler_error
-        domains = {d: end["energy"][d] - start["energy"][d] for d in end["energy"]}
-        if domains and all(v == 0 for v in domains.values()):
-            seconds = end["t"] - start["t"]
-            period = self._info.update_period_s
-            per = f"{period * 1e3:.3g} ms" if period else "an unknown period"
-            raise NoEnergyObserved(
-                f"no GPU energy was observed in this {seconds * 1e3:.3g} ms window ({', '.join(domains)}); "
-                f"NVML updates every {per}, so the window is too short to see anything: repeat the work "
-                "until the window lasts many update periods (energyprof's measurement protocol does this)"
-            )
-        return domains
+        # 0 J (window inside one sensor update) is reported as read, with details.counter_moved
+        # false; the measurement protocol raises NoEnergyObserved for such measurement windows.
+        return {d: end["energy"][d] - start["energy"][d] for d in end["energy"]}
 
     def _window_details(self, start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
-        details: dict[str, Any] = {"modes": {g.domain: g.mode for g in self.gpus}}
+        details: dict[str, Any] = {
+            "counter_moved": any(end["energy"][d] != start["energy"][d] for d in end["energy"]),
+            "modes": {g.domain: g.mode for g in self.gpus},
+        }
         if self._integrators:
             with self._lock:
                 max_gap = max(i.max_gap_s for i in self._integrators.values())

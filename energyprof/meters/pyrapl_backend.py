@@ -22,7 +22,6 @@ from energyprof.errors import (
     MeterPermissionError,
     MeterSpecError,
     MeterUnavailable,
-    NoEnergyObserved,
 )
 from energyprof.meters.base import CounterMeter, MeterInfo
 from energyprof.meters.spec import MeterSpec
@@ -125,15 +124,6 @@ class PyRaplMeter(CounterMeter):
             self._last[i] = raw[i]
             out[self._name(i)] = (raw[i] - self._origin[i]) * 1e-6
         return out
-
-    def _energy_between(self, start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
-        domains = super()._energy_between(start, end)
-        if domains and all(v == 0 for v in domains.values()):
-            raise NoEnergyObserved(
-                "no RAPL counter moved in this window (pyRAPL); it is shorter than RAPL's ~1 ms update "
-                "or the counters are frozen"
-            )
-        return domains
 
     @property
     def info(self) -> MeterInfo:

@@ -38,7 +38,6 @@ from energyprof.errors import (
     MeterPermissionError,
     MeterSpecError,
     MeterUnavailable,
-    NoEnergyObserved,
 )
 from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
 from energyprof.meters.spec import MeterSpec
@@ -400,16 +399,10 @@ class RaplMeter(CounterMeter):
                 "may have wrapped more than once unseen, so the window is void (was the process "
                 "suspended or the machine overloaded?)"
             )
-        domains = {k: end["totals"][k] - start["totals"][k] for k in end["totals"]}
-        if domains and all(v == 0 for v in domains.values()):
-            seconds = end["t"] - start["t"]
-            raise NoEnergyObserved(
-                f"no RAPL counter moved in this {seconds * 1e3:.3g} ms window "
-                f"({', '.join(domains)}); RAPL updates about every {NOMINAL_UPDATE_PERIOD_S * 1e3:g} ms, "
-                "so either the window is too short (repeat the work until it lasts much longer) or "
-                "the counters are frozen (some VMs expose dummy zones)"
-            )
-        return domains
+        # A window in which no counter moved reads 0 J with details.counter_moved false; the
+        # measurement protocol turns such windows into NoEnergyObserved (and uses short ones to
+        # find counter edges), so the meter itself reports what the counters say.
+        return {k: end["totals"][k] - start["totals"][k] for k in end["totals"]}
 
     def _total(self, domains: Mapping[str, float]) -> float:
         return float(sum(domains[d] for d in self._total_of if d in domains))
@@ -418,6 +411,7 @@ class RaplMeter(CounterMeter):
         with self._lock:
             max_gap = max((st.max_gap_s for st in self._states), default=0.0)
         return {
+            "counter_moved": any(end["totals"][k] != start["totals"][k] for k in end["totals"]),
             "wraps": {d: end["wraps"][d] - start["wraps"][d] for d in end["wraps"]},
             "polls": end["polls"] - start["polls"],
             "poll_interval_s": self.poll_s,
