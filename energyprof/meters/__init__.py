@@ -58,6 +58,7 @@ BACKENDS: dict[str, str] = {
     "um25c": "energyprof.meters.umxx",
     "um34c": "energyprof.meters.umxx",
     "stream": "energyprof.meters.stream",
+    "pmic": "energyprof.meters.pmic",
 }
 
 # real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)

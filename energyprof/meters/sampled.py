@@ -146,12 +146,14 @@ class SampledOptions:
     scope: str
 
     @classmethod
-    def from_spec(cls, spec: MeterSpec, default_rate_hz: float | None, default_startup_s: float = 10.0) -> "SampledOptions":
+    def from_spec(
+        cls, spec: MeterSpec, default_rate_hz: float | None, default_scope: str = "board"
+    ) -> "SampledOptions":
         opts = cls(
             rate_hz=spec.get_float("rate_hz", default_rate_hz),
             max_gap_s=spec.get_float("max_gap_s"),
-            startup_s=spec.get_float("startup_s", default_startup_s),
-            scope=spec.get_str("scope", "board"),
+            startup_s=spec.get_float("startup_s", 10.0),
+            scope=spec.get_str("scope", default_scope),
         )
         for key in ("rate_hz", "max_gap_s", "startup_s"):
             value = getattr(opts, key)
