@@ -4,6 +4,26 @@ feedback, per-layer cost maps from device profiles, and a pruner that switches m
 Pure torch; no dependency on Flower or on the meters.
 """
 
+from cwmp.costmap import CostMap, LayerPrice, named_tensors
+from cwmp.errors import CostMapError, FeedbackStateError, MaskInputError
+from cwmp.feedback import ErrorFeedback
 from cwmp.masks import cwmp_mask, cwmp_scores, magnitude_budget_mask, topk_mask
+from cwmp.pruner import METHODS, Budget, Pruner, PruneResult
 
-__all__ = ["cwmp_mask", "cwmp_scores", "magnitude_budget_mask", "topk_mask"]
+__all__ = [
+    "METHODS",
+    "Budget",
+    "CostMap",
+    "CostMapError",
+    "ErrorFeedback",
+    "FeedbackStateError",
+    "LayerPrice",
+    "MaskInputError",
+    "PruneResult",
+    "Pruner",
+    "cwmp_mask",
+    "cwmp_scores",
+    "magnitude_budget_mask",
+    "named_tensors",
+    "topk_mask",
+]

@@ -1,0 +1,122 @@
+"""Cost maps: joules per kept update entry for every named tensor of one model on one device.
+
+A device profile prices the layers it was calibrated on. A layer it lacks is an error by default,
+because a guessed cost silently changes which entries CWMP keeps; ``allow_predicted=True`` prices it
+from the profile's global coefficients instead, and the map records which costs were predicted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Union
+
+import torch
+from torch import Tensor
+
+from cwmp.errors import CostMapError
+
+if TYPE_CHECKING:  # calibrate is imported only for the type; any object with the API works
+    from calibrate.profile import DeviceProfile
+
+__all__ = ["CostMap", "LayerPrice", "NamedTensors", "named_tensors"]
+
+NamedTensors = Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]]]
+
+
+def named_tensors(tensors: NamedTensors) -> dict[str, Tensor]:
+    """A dict of name -> tensor from a dict or from ``model.named_parameters()``."""
+    named = dict(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    for name, tensor in named.items():
+        if not isinstance(tensor, Tensor):
+            raise CostMapError(f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+    return named
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The profile's spelling of a dtype: ``torch.float32`` -> ``float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class LayerPrice:
+    """What keeping one entry of one tensor costs, and where that number came from: the profile's
+    per-layer table ('measured' or 'predicted' there) or a prediction made here ('predicted')."""
+
+    joules_per_update: float
+    method: Literal["measured", "predicted"]
+
+
+class CostMap:
+    """Joules per kept update entry, per tensor name, with the provenance a report must carry."""
+
+    def __init__(self, prices: Mapping[str, LayerPrice], *, simulated: bool, profile: str = "", model: str = "") -> None:
+        for name, price in prices.items():
+            j = price.joules_per_update
+            if not (isinstance(j, (int, float)) and math.isfinite(j) and j > 0):
+                raise CostMapError(f"layer {name!r}: joules_per_update must be finite and > 0, got {j!r}")
+        self.prices = dict(prices)
+        self.simulated, self.profile, self.model = simulated, profile, model
+
+    @classmethod
+    def from_profile(
+        cls, profile: "DeviceProfile", model: str, tensors: NamedTensors, *, allow_predicted: bool = False
+    ) -> "CostMap":
+        """Price every tensor of ``tensors`` (a dict or ``model.named_parameters()``) for ``model``
+        from the profile's per-layer table; a table entry must have the tensor's shape and dtype."""
+        named = named_tensors(tensors)
+        table = profile.layer_costs(model) if model in profile.models or not allow_predicted else {}
+        prices: dict[str, LayerPrice] = {}
+        missing: list[str] = []
+        for name, tensor in named.items():
+            dtype = dtype_name(tensor.dtype)
+            layer = table.get(name)
+            if layer is None:
+                if allow_predicted:
+                    prices[name] = LayerPrice(profile.predict_joules_per_update(tensor.numel(), dtype), "predicted")
+                else:
+                    missing.append(name)
+                continue
+            if list(layer.shape) != list(tensor.shape) or layer.dtype != dtype:
+                raise CostMapError(
+                    f"profile {profile.name!r}, model {model!r}: layer {name!r} was priced as "
+                    f"{layer.dtype}{list(layer.shape)}, but the tensor is {dtype}{list(tensor.shape)}; "
+                    "calibrate this model as it is, or pass the tensors of the model the profile describes"
+                )
+            prices[name] = LayerPrice(layer.joules_per_update, layer.method)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CostMapError(
+                f"profile {profile.name!r} prices no layer {shown} of model {model!r} "
+                f"(it prices {len(table)} layers); calibrate them, or pass allow_predicted=True to price "
+                "them from the profile's global coefficients"
+            )
+        return cls(prices, simulated=profile.simulated, profile=profile.name, model=model)
+
+    # ------------------------------------------------------------------------------ lookups
+    def __getitem__(self, name: str) -> float:
+        try:
+            return self.prices[name].joules_per_update
+        except KeyError:
+            raise CostMapError(
+                f"the cost map ({self._source()}) has no layer {name!r}; it prices {len(self.prices)} layers"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.prices
+
+    @property
+    def predicted_layers(self) -> list[str]:
+        return [name for name, price in self.prices.items() if price.method == "predicted"]
+
+    def joules_by_layer(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
+        """Predicted joules of keeping the entries each mask keeps."""
+        return {name: int(torch.count_nonzero(mask)) * self[name] for name, mask in masks.items()}
+
+    def predicted_joules(self, masks: Mapping[str, Tensor]) -> float:
+        return math.fsum(self.joules_by_layer(masks).values())
+
+    def _source(self) -> str:
+        label = f"profile {self.profile!r}, model {self.model!r}" if self.profile else "given directly"
+        return label + (", SIMULATED" if self.simulated else "")

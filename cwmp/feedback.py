@@ -1,0 +1,85 @@
+"""Error feedback: the residual memory of one client (Stich, Cordonnier and Jaggi, "Sparsified SGD
+with Memory", NeurIPS 2018; Lin et al., "Deep Gradient Compression", ICLR 2018).
+
+What a mask drops is not lost: it is added to the client's next update, so small entries are sent
+once they have accumulated. Without it, a pruner that keeps 1 % of the entries converges slowly or
+not at all. The state is kept apart from the pruner (which is a function of tensors), one object
+per client, and is saved and restored beside the model's own state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from cwmp.costmap import NamedTensors, named_tensors
+from cwmp.errors import FeedbackStateError
+
+__all__ = ["ErrorFeedback"]
+
+
+class ErrorFeedback:
+    """Residuals per tensor name, in float32 or wider so that small entries can accumulate."""
+
+    def __init__(self) -> None:
+        self.residuals: dict[str, Tensor] = {}
+
+    def compensate(self, updates: NamedTensors) -> dict[str, Tensor]:
+        """The update plus what earlier masks dropped (the update itself where nothing was dropped)."""
+        corrected = {}
+        for name, update in named_tensors(updates).items():
+            update = update.detach().to(torch.promote_types(update.dtype, torch.float32))
+            residual = self.residuals.get(name)
+            if residual is None:
+                corrected[name] = update.clone()
+                continue
+            if residual.shape != update.shape:
+                raise FeedbackStateError(
+                    f"residual {name!r} has shape {tuple(residual.shape)} but the update has {tuple(update.shape)}; "
+                    "the feedback state belongs to another model: reset() it or load the matching state"
+                )
+            corrected[name] = update + residual.to(update.device)
+        return corrected
+
+    def remember(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Keep what the masks drop as the new residuals and return what they keep (what is sent)."""
+        if set(corrected) != set(masks):
+            raise FeedbackStateError(
+                f"masks cover {sorted(masks)} but the updates are {sorted(corrected)}; give one mask per update"
+            )
+        sent = {}
+        for name, update in corrected.items():
+            keep = masks[name]
+            sent[name] = torch.where(keep, update, torch.zeros((), dtype=update.dtype, device=update.device))
+            self.residuals[name] = torch.where(keep, torch.zeros((), dtype=update.dtype, device=update.device), update)
+        return sent
+
+    def reset(self) -> None:
+        self.residuals.clear()
+
+    # ------------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """Save this beside ``model.state_dict()`` in the client's checkpoint."""
+        return {"residuals": {name: r.detach().clone() for name, r in self.residuals.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]], like: NamedTensors | None = None) -> None:
+        """Restore saved residuals; with ``like`` (e.g. ``model.named_parameters()``) check that each
+        residual names a tensor of that shape, so a checkpoint of another model fails here."""
+        if set(state) != {"residuals"} or not isinstance(state["residuals"], Mapping):
+            raise FeedbackStateError(f"expected {{'residuals': {{name: tensor}}}}, got keys {sorted(state)}")
+        residuals = dict(state["residuals"])
+        if like is not None:
+            shapes = {name: tuple(t.shape) for name, t in named_tensors(like).items()}
+            wrong = [
+                f"{name} {tuple(r.shape)} vs {shapes.get(name, 'absent')}"
+                for name, r in residuals.items()
+                if shapes.get(name) != tuple(r.shape)
+            ]
+            if wrong:
+                raise FeedbackStateError(
+                    f"the saved residuals do not fit these tensors: {'; '.join(wrong)}; "
+                    "load the checkpoint of this model, or start with an empty ErrorFeedback()"
+                )
+        self.residuals = {name: r.detach().clone() for name, r in residuals.items()}
