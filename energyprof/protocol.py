@@ -46,7 +46,7 @@ from energyprof.meters.base import Meter, MeterInfo, synchronize
 __all__ = ["MeasurementProtocol", "ProtocolResult", "ProtocolError"]
 
 _WINDOW = "energyprof.protocol"
-_POLL = "energyprof.protocol.poll"
+_POLLS = ("energyprof.protocol.poll-a", "energyprof.protocol.poll-b")
 
 
 class ProtocolError(EnergyprofError):
@@ -93,7 +93,7 @@ class ProtocolResult:
         what = ", ".join(f"{k}={v}" for k, v in w.items() if k != "workload")
         pct = round(100 * self.confidence)
         return (
-            f"{w['workload']} ({what})\n"
+            f"{w['workload']}{f' ({what})' if what else ''}\n"
             f"  {self.joules_per_call:.6g} J per call above idle "
             f"({pct} % CI {self.ci_low_j:.6g} .. {self.ci_high_j:.6g} J)\n"
             f"  {self.total_joules_per_call:.6g} J per call including idle power, "
@@ -180,11 +180,16 @@ class _Session:
             self.meter.report_work(self.workload.counts_.scaled(calls), t0, t1)
         return t0, t1
 
+    def _start_polling(self) -> None:
+        self._poll = 0
+        self.meter.begin(_POLLS[0])
+
     def _moved(self) -> bool:
-        """Has the counter moved since the last poll?"""
-        moved = self.meter.end(_POLL).energy_j != 0
-        self.meter.begin(_POLL)
-        return moved
+        """Has the counter moved since the last poll? Two overlapping windows take turns: the next
+        one opens before the current one closes, so no movement can fall between two polls."""
+        current, self._poll = _POLLS[self._poll], 1 - self._poll
+        self.meter.begin(_POLLS[self._poll])
+        return self.meter.end(current).energy_j != 0
 
     def _aligned(self, window_s: float) -> bool:
         return bool(self.info.kind == "counter" and self.period and self.period / window_s > self.p.max_edge_error)
@@ -203,33 +208,35 @@ class _Session:
             while clock() - start < self.preroll_s:
                 step()
             if aligned:  # open the window right after the counter moves
-                meter.begin(_POLL)
+                self._start_polling()
                 waited = clock()
                 while True:
                     step()
+                    now = clock()  # before the poll: its reading is at least this recent
                     if self._moved():
                         break
-                    if clock() - waited > timeout:
-                        self._never_moved(role, clock() - waited)
+                    if now - waited > timeout:
+                        self._never_moved(role, now - waited)
             meter.begin(_WINDOW, sync=sync)
             t0 = last_edge = clock()
             calls = updates = 0
             while True:
                 calls += step()
-                long_enough = clock() - t0 >= window_s and calls >= min_calls
+                now = clock()
+                long_enough = now - t0 >= window_s and calls >= min_calls
                 if not aligned:
                     if long_enough:
                         break
                 elif self._moved():
-                    updates, last_edge = updates + 1, clock()
+                    updates, last_edge = updates + 1, clock()  # after the poll: no stall can hide in between
                     if long_enough:
                         break
-                elif clock() - last_edge > timeout:
-                    self._never_moved(role, clock() - last_edge)
+                elif now - last_edge > timeout:
+                    self._never_moved(role, now - last_edge)
             m = meter.end(_WINDOW, sync=sync)
         finally:
-            meter.discard(_WINDOW)
-            meter.discard(_POLL)
+            for name in (_WINDOW, *_POLLS):
+                meter.discard(name)
         if m.energy_j == 0:
             self._never_moved(role, m.seconds)
         self.rows.append({

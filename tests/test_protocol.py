@@ -1,13 +1,17 @@
 """The measurement protocol against the simulator's ground truth (virtual clock: fast, deterministic)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from energyprof.cli import main
 from energyprof.counts import WorkCounts
 from energyprof.errors import NoEnergyObserved
+from energyprof.meters.base import MeterInfo
+from energyprof.meters.sampled import PolledSource, SampledMeter, SampledOptions
 from energyprof.meters.sim import SimMeter
 from energyprof.protocol import MeasurementProtocol, ProtocolError
 from energyprof.workloads import SimKernel, make_workload
@@ -142,14 +146,49 @@ def test_stand_in_kernel_work_is_not_reported_twice():
     assert meter.reported_dynamic_j == pytest.approx(kernel.calls * meter.price(KERNEL), rel=1e-12)
 
 
-def test_real_kernel_work_is_reported_by_the_protocol_on_a_real_clock():
+@pytest.fixture
+def one_torch_thread():
+    # tiny CPU ops on a loaded machine stall for milliseconds when torch's threads wait for each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_real_kernel_work_is_reported_by_the_protocol_on_a_real_clock(one_torch_thread):
     # a torch kernel on the real clock: the protocol times its batches and reports their counts
-    meter = SimMeter("desktop-cpu", seed=2, static_power_w=0.5, noise_w=0.0)
+    meter = SimMeter("desktop-cpu", seed=2, static_power_w=0.05, noise_w=0.0)
     work = Counted(make_workload("sgd", size=2**16, seed=2).setup("cpu"))
     result = MeasurementProtocol(min_window_s=0.05, warmup_s=0.05, random_state=2).measure(work, meter)
     price = meter.price(work.counts_)
     assert meter.reported_dynamic_j == pytest.approx(work.calls * price, rel=1e-9)
     assert result.calls > 32 and result.joules_per_call == pytest.approx(price, rel=0.1)
+
+
+class Busy:
+    """A 2 ms call that a fake supply (the hardware boundary) sees as +3 W."""
+
+    name, reports_work, device_, counts_ = "busy", False, torch.device("cpu"), WorkCounts()
+    busy = False
+
+    def __call__(self):
+        Busy.busy = True
+        time.sleep(0.002)
+        Busy.busy = False
+
+    def describe(self):
+        return {"workload": self.name}
+
+
+def test_sampled_power_meter_gets_plain_windows_and_the_right_joules():
+    source = PolledSource("fake supply", lambda: 2.0 + 3.0 * Busy.busy, period_s=0.001, give_up_s=1.0)
+    info = MeterInfo(backend="fake", scope="board", kind="sampled", update_period_s=0.001, resolution_j=None,
+                     simulated=True, domains=("board",))
+    with SampledMeter(source, info, SampledOptions(rate_hz=1000, max_gap_s=None, startup_s=5, scope="board")) as m:
+        result = MeasurementProtocol(min_window_s=0.1, warmup_s=0.02, random_state=0).measure(Busy(), m)
+    assert not result.aligned and result.idle_power_w == pytest.approx(2.0, rel=1e-3)
+    # above idle: 3 W while busy, i.e. for (nearly) all of each call
+    assert result.joules_per_call == pytest.approx(3.0 * result.seconds_per_call, rel=0.1)
 
 
 def test_virtual_clock_cannot_time_a_real_kernel():
