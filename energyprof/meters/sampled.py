@@ -360,6 +360,7 @@ class SampledMeter(Meter):
             )
 
     def begin(self, name: str = "window", sync: Any = None) -> None:
+        self._check_open()
         with self._cond:
             self._check_alive(self.clock())
         super().begin(name, sync)
@@ -389,6 +390,8 @@ class SampledMeter(Meter):
                 )
             joules = self._log.energy_at(end.t) - self._log.energy_at(start.t)
             end.details = self._describe(start, end, times, intervals)
+        for text in end.details.get("warnings", ()):
+            warnings.warn(f"{self._base_info.backend} meter: {text}", RuntimeWarning, stacklevel=3)
         return {self._base_info.scope: joules}
 
     def _await_sample_after(self, t_end: float) -> None:
@@ -436,8 +439,6 @@ class SampledMeter(Meter):
             )
         if problems:
             details["warnings"] = problems
-            for text in problems:
-                warnings.warn(f"{self._base_info.backend} meter: {text}", RuntimeWarning, stacklevel=4)
         return details
 
     def _window_details(self, start: _Edge, end: _Edge) -> dict[str, Any]:
