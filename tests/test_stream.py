@@ -189,6 +189,24 @@ def test_garbage_lines_are_counted_and_skipped(serve):
     assert last_bad is not None and "(" in last_bad  # the offending text and why it was rejected
 
 
+def test_an_overlong_line_is_dropped_whole_even_when_it_arrives_in_pieces(serve):
+    overlong = b"x" * 5000 + b" " * 1000 + b"500.0\n"  # its tail alone would read as 500 W
+
+    def feed(send, stop):
+        send("2.0\n")
+        while not stop.wait(0.02):
+            send("2.0\n")
+            send(overlong[:5500])
+            time.sleep(0.01)
+            send(overlong[5500:])
+
+    port = serve(feed)
+    with open_meter(f"stream:tcp=127.0.0.1:{port}") as meter:
+        m, _, _ = window(meter, 0.3)
+    assert m.energy_j == pytest.approx(2.0 * m.seconds, rel=1e-3)
+    assert m.details["bad_lines"] >= 5
+
+
 def test_a_stream_that_disconnects_mid_window_fails_loudly(serve):
     port = serve(paced(lambda t: 5.0, until=0.3))
     with open_meter(f"stream:tcp=127.0.0.1:{port}") as meter:

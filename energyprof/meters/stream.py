@@ -264,16 +264,22 @@ class StreamSource(SampleSource):
 
     def samples(self) -> Iterator[tuple[float, float]]:
         pending = b""
+        overlong = False  # discarding an overlong line up to its newline
         try:
             while not self._stop.is_set():
                 chunk = self._transport.read()
                 if chunk is None:
                     continue
                 arrival = self._clock()
-                *lines, pending = (pending + chunk).split(b"\n")
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                if overlong and lines:
+                    lines.pop(0)  # the rest of the overlong line
+                    overlong = False
                 if len(pending) > MAX_LINE_BYTES:
-                    self._bad(pending[:80], "line longer than 4 KiB")
-                    pending = b""
+                    if not overlong:
+                        self._bad(pending, "line longer than 4 KiB")
+                    overlong, pending = True, b""
                 for raw in lines:
                     sample = self._parse(raw, arrival)
                     if sample is not None:
