@@ -160,6 +160,22 @@ def cmd_bench_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cwmp.demo import run
+    from energyprof.errors import EnergyprofError
+
+    try:
+        result = run(meter_spec=args.meter, device=args.device, keep_ratio=args.keep_ratio,
+                     min_window_s=args.min_window_s, trials=args.trials,
+                     say=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+    except EnergyprofError as exc:
+        return _fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -210,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=4, help="kernel windows, >= 2 (default: 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object, every window included")
     p.set_defaults(func=cmd_bench_kernel)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole chain: measure per-layer update costs, then prune with Top-K and CWMP at equal energy",
+        description="Opens the best real meter (the simulator, labelled SIMULATED, when there is none), measures "
+        "what one kept update entry costs in each layer of a small MLP with the measurement protocol, and prunes "
+        "one real backprop update with Top-K and with CWMP at the same predicted energy.",
+    )
+    p.add_argument("--meter", default=None, help="meter spec (default: auto, else the simulator)")
+    p.add_argument("--device", default="cpu", help="torch device for the model and the kernels (e.g. cuda:0)")
+    p.add_argument("--keep-ratio", type=float, default=0.1, help="Top-K keep ratio that sets the budget")
+    p.add_argument("--min-window-s", type=float, default=1.0, help="shortest measurement window (s)")
+    p.add_argument("--trials", type=int, default=4, help="kernel windows per layer")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress on stderr)")
+    p.set_defaults(func=cmd_demo)
 
     # further subcommands register here (each imports its modules lazily in its handler)
     return parser
