@@ -13,7 +13,8 @@ by weighted selection with sampled pivots (Floyd and Rivest's idea, with costs a
 2. one streaming pass over the update, in chunks that stay in cache (no full-size score tensor is
    made), writes the mask of scores above the bracket, totals the cost above and inside it, and
    gathers the few entries inside it;
-3. those entries are resolved the same way, and sorted exactly once they are few.
+3. those entries are resolved the same way; once they are few, all of them serve as the sample,
+   which makes the pivot exact (a sort of a few thousand scores, not of N).
 
 A bracket that misses (rare: an unlucky sample) narrows the interval and costs one more pass; the
 answer is exact either way. Ties at the boundary are resolved by flat index, as the contract says.
@@ -27,6 +28,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ __all__ = ["cwmp_mask", "cwmp_scores", "magnitude_budget_mask", "topk_mask"]
 
 Costs = Union[Tensor, float, int]
 
-_EXACT_MAX = 1 << 12  # pools this small are sorted outright
+_EXACT_MAX = 1 << 15  # pools this small are sorted whole instead of sampled
 _SAMPLE_MIN, _SAMPLE_MAX = 1 << 10, 1 << 16
 _SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the boundary's sample rank
 _CHUNK_CPU, _CHUNK_CUDA = 1 << 20, 1 << 26  # CPU: 4 MB of float32 stays in cache; CUDA: few launches
@@ -181,9 +183,15 @@ class _UniformCost(_CostModel):
     def to_joules(self, amount: float) -> float:
         return amount * self.joules
 
-    def cumulative_joules(self, base: float, order: Tensor) -> Tensor:
-        counts = torch.arange(1, order.numel() + 1, device=order.device, dtype=torch.float64)
-        return (counts + base) * self.joules
+    def affordable_prefix(self, base: int, n: int, budget_j: float) -> int:
+        """How many of the first n entries fit after ``base`` were spent: the largest j <= n with
+        (base + j) * c <= budget, found by arithmetic and corrected for rounding."""
+        j = min(n, max(0, math.floor(budget_j / self.joules) - base))
+        while j < n and (base + j + 1) * self.joules <= budget_j:
+            j += 1
+        while j > 0 and (base + j) * self.joules > budget_j:
+            j -= 1
+        return j
 
     def amount_of_all(self, n: int) -> int:
         """The amount of all ``n`` entries this model prices."""
@@ -209,8 +217,9 @@ class _EntryCosts(_CostModel):
     def to_joules(self, amount: float) -> float:
         return amount
 
-    def cumulative_joules(self, base: float, order: Tensor) -> Tensor:
-        return self.joules[order].double().cumsum(0) + base
+    def affordable_prefix(self, base: float, n: int, budget_j: float) -> int:
+        totals = self.joules[:n].double().cumsum(0) + base
+        return int(torch.searchsorted(totals, torch.tensor([budget_j], dtype=torch.float64, device=totals.device), right=True))
 
     def amount_of_all(self, n: int) -> float:
         return float(self.joules.sum(dtype=torch.float64))
@@ -354,36 +363,42 @@ def _exact_amount(cost: _CostModel, amount: float) -> float:
 
 class _Sample:
     """A uniform sample of a pool's scores and costs, sorted by score, descending. Restricted to a
-    score interval it is a uniform sample of the pool's entries in that interval."""
+    score interval it is a uniform sample of the pool's entries in that interval. A pool of at most
+    ``_EXACT_MAX`` entries is taken whole ("exhaustive"): its estimates are then exact."""
 
     def __init__(self, pool: _Pool) -> None:
-        self.size = min(pool.n, max(_SAMPLE_MIN, min(_SAMPLE_MAX, int(4 * math.sqrt(pool.n)))))
-        generator = torch.Generator(device=pool.device).manual_seed(_SEED)
-        index = torch.randint(pool.n, (self.size,), generator=generator, device=pool.device)
-        scores, order = torch.sort(pool.sample_scores(index), descending=True)
-        self.scores = scores.double()
+        self.exhaustive = pool.n <= _EXACT_MAX
+        if self.exhaustive:
+            self.size = pool.n
+            index = torch.arange(pool.n, device=pool.device)
+            scores = pool.all_scores()
+        else:
+            self.size = max(_SAMPLE_MIN, min(_SAMPLE_MAX, int(16 * math.sqrt(pool.n))))
+            generator = torch.Generator(device=pool.device).manual_seed(_SEED)
+            index = torch.randint(pool.n, (self.size,), generator=generator, device=pool.device)
+            scores = pool.sample_scores(index)
+        order = _descending_order(scores)
+        self.scores = scores[order].double()
         self.cumulative = pool.cost.joules_at(index[order]).cumsum(0)
         self.scale = pool.n / self.size
 
     def pivots(self, lo: float, hi: float, above_joules: float, budget_j: float, narrow: bool) -> tuple[float, float]:
         """Pivots lo <= p_lo <= p_hi <= hi that bracket where the budget runs out, estimated from
         the sample points in [lo, hi]; ``narrow`` asks for a single pivot (a tie-breaking step)."""
-        descending = self.scores
-        first = int(torch.searchsorted(-descending, torch.tensor([-hi], dtype=torch.float64, device=descending.device)))
-        end = int(torch.searchsorted(-descending, torch.tensor([-lo], dtype=torch.float64, device=descending.device), right=True))
+        scores = self.scores
+        first = int(torch.searchsorted(-scores, torch.tensor(-hi, dtype=torch.float64, device=scores.device)))
+        end = int(torch.searchsorted(-scores, torch.tensor(-lo, dtype=torch.float64, device=scores.device), side="right"))
         if first >= end:
             return lo, hi
         before = self.cumulative[first - 1] if first else 0.0
         estimate = above_joules + self.scale * (self.cumulative[first:end] - before)
-        fits = int(torch.searchsorted(estimate, torch.tensor([budget_j], dtype=torch.float64, device=descending.device), right=True))
-        window = descending[first:end].tolist()
-        if narrow:
-            pivot = window[min(fits, len(window) - 1)]
+        fits = first + int(torch.searchsorted(estimate, torch.tensor(budget_j, dtype=torch.float64, device=scores.device), side="right"))
+        if narrow or self.exhaustive:  # one pivot: the score of the first entry that does not fit
+            pivot = float(scores[min(fits, end - 1)])
             return pivot, pivot
-        rank = first + fits
-        margin = math.ceil(_SIGMAS * math.sqrt(rank * max(0.0, 1 - rank / self.size))) + 1
-        p_hi = window[fits - 1 - margin] if fits - 1 - margin >= 0 else hi
-        p_lo = window[fits + margin] if fits + margin < len(window) else lo
+        margin = math.ceil(_SIGMAS * math.sqrt(fits * max(0.0, 1 - fits / self.size))) + 1
+        p_hi = float(scores[fits - 1 - margin]) if fits - 1 - margin >= first else hi
+        p_lo = float(scores[fits + margin]) if fits + margin < end else lo
         return p_lo, p_hi
 
 
@@ -393,9 +408,9 @@ def _select(pool: _Pool, budget_j: float, base: float, narrow: bool = False, tie
     ``base`` is the amount already spent above this pool. ``tied`` says all scores are equal (the
     order is the index order); ``narrow`` says the last split did not shrink the pool.
     """
+    if tied:
+        return _index_order_prefix(pool, budget_j, base)
     cost = pool.cost
-    if tied or pool.n <= _EXACT_MAX:
-        return _exact_prefix(pool, budget_j, base, tied)
     sample = _Sample(pool)
     lo, hi = -math.inf, math.inf  # scores of the entries still undecided; above hi: kept
     n_kept, kept_amount, n_open = 0, 0, pool.n
@@ -426,17 +441,20 @@ def _select(pool: _Pool, budget_j: float, base: float, narrow: bool = False, tie
         n_open = n_left
 
 
-def _exact_prefix(pool: _Pool, budget_j: float, base: float, tied: bool) -> Tensor:
-    scores = pool.all_scores()
-    if tied:
-        order = torch.arange(pool.n, device=pool.device)
-    else:
-        order = torch.sort(scores, descending=True, stable=True).indices
-    totals = pool.cost.cumulative_joules(base, order)
-    keep = int(torch.searchsorted(totals, torch.tensor([budget_j], dtype=torch.float64, device=totals.device), right=True))
+def _index_order_prefix(pool: _Pool, budget_j: float, base: float) -> Tensor:
+    """Equal scores: the order is the index order, so no sort is needed."""
+    keep = pool.cost.affordable_prefix(base, pool.n, budget_j)
     mask = torch.zeros(pool.n, dtype=torch.bool, device=pool.device)
-    mask[order[:keep]] = True
+    mask[:keep] = True
     return mask
+
+
+def _descending_order(values: Tensor) -> Tensor:
+    """An order of ``values``, largest first, ties in any order (callers never depend on it). On the
+    CPU numpy's vectorised sort is used: it is many times faster there than torch.sort."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.argsort(-values.numpy()))
+    return torch.sort(values, descending=True).indices
 
 
 def _next_float(value: float, up: bool, dtype: torch.dtype) -> float:

@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
@@ -250,7 +250,7 @@ def test_topk_at_a_keep_ratio_on_a_large_update():
 def test_a_pivot_that_misses_by_one_ulp_still_gives_the_exact_mask():
     """pow() may round the last bit differently at sampled positions than in the chunked pass; the
     selection must then still end, and exactly. Emulated by nudging every sampled score up."""
-    update = torch.full((20_000,), 0.5)
+    update = torch.full((100_000,), 0.5)
     real = masks._UpdatePool.sample_scores
 
     def nudged(self, index):
@@ -259,9 +259,30 @@ def test_a_pivot_that_misses_by_one_ulp_still_gives_the_exact_mask():
 
     with mock.patch.object(masks._UpdatePool, "sample_scores", nudged):
         got = cwmp_mask(update, 1.0, 1234.5, power=1.5)
-    expected = torch.zeros(20_000, dtype=torch.bool)
+    expected = torch.zeros(100_000, dtype=torch.bool)
     expected[:1234] = True  # all tied: the lowest indices
     assert torch.equal(got, expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    c=st.floats(1e-12, 10, allow_subnormal=False),
+    k=st.integers(0, 10**9),
+    nudge=st.sampled_from([-1, 0, 1]),
+    base=st.integers(0, 10**6),
+)
+@example(c=0.3, k=7973049, nudge=0, base=0)  # the division rounds down below k
+@example(c=0.1, k=2311729, nudge=-1, base=0)  # the division rounds up to k
+def test_one_shared_cost_totals_k_entries_as_k_times_c(c, k, nudge, base):
+    """The count that fits is found by division, then corrected where the division rounds."""
+    budget = k * c
+    if nudge:
+        budget = math.nextafter(budget, math.inf if nudge > 0 else 0.0)
+    n = 10**10
+    j = masks._UniformCost(c).affordable_prefix(base, n, budget)
+    if j > 0:
+        assert (base + j) * c <= budget
+    assert (base + j + 1) * c > budget
 
 
 # ---------------------------------------------------------------------------------- dtypes, CUDA
@@ -316,6 +337,8 @@ GOOD = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
         (GOOD, torch.ones(3, 2), 1.0, 1.0, "do not broadcast"),
         (GOOD, torch.ones(2, 3, 1), 1.0, 1.0, "do not broadcast"),
         (GOOD, "1.0", 1.0, 1.0, "number or a tensor"),
+        (GOOD, torch.ones(3, dtype=torch.complex64), 1.0, 1.0, "real numbers"),
+        ([1.0, 2.0], 1.0, 1.0, 1.0, "must be a torch.Tensor"),
         (GOOD, 1.0, -0.1, 1.0, "budget_j"),
         (GOOD, 1.0, float("nan"), 1.0, "budget_j"),
         (GOOD, 1.0, 1.0, 0.0, "power"),
