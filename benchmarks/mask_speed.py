@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from cwmp import cwmp_mask, topk_mask  # noqa: E402
 
-JOULES_PER_UPDATE = 2.5e-9  # any positive cost gives the same mask; this one is H100-like
+JOULES_PER_UPDATE = 2.0**-29  # ~1.9e-9 J, H100-like; a power of two keeps |u| / c exact, so ties stay ties
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -203,6 +203,13 @@ class _UniformCost(_CostModel):
     def joules_at(self, index: Tensor) -> Tensor:
         return torch.full(index.shape, self.joules, dtype=torch.float64, device=index.device)
 
+    def sorted_sample(self, scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Sample scores, largest first, and the cumulative joules along them (no order needed:
+        every entry costs the same)."""
+        descending, _ = _sort_descending(scores, order=False)
+        counts = torch.arange(1, scores.numel() + 1, dtype=torch.float64, device=descending.device)
+        return descending, counts * self.joules
+
 
 class _EntryCosts(_CostModel):
     def __init__(self, joules: Tensor, min_joules: float, score_dtype: torch.dtype) -> None:
@@ -229,6 +236,10 @@ class _EntryCosts(_CostModel):
 
     def joules_at(self, index: Tensor) -> Tensor:
         return self.joules[index].double()
+
+    def sorted_sample(self, scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        descending, order = _sort_descending(scores, order=True)
+        return descending, self.joules_at(index[order]).cumsum(0)
 
 
 def _score(magnitudes: Tensor, divisor: float | Tensor | None, power: float, out: Tensor | None = None) -> Tensor:
@@ -341,12 +352,10 @@ def _split(pool: _Pool, lo: float, hi: float) -> _Split:
     score_parts: list[Tensor] = []
     for start, stop in chunks:
         s = pool.scores(start, stop, None if buffer is None else buffer[: stop - start])
-        a = torch.gt(s, hi, out=above[start:stop])
-        b = torch.ge(s, lo, out=upto[: stop - start])
-        b ^= a  # lo <= s <= hi
-        counts.append(torch.count_nonzero(a))
-        amounts.append(pool.cost.amount(a, counts[-1], start, stop))
-        local = torch.nonzero(b).squeeze(1)
+        a = above[start:stop]
+        count, local = _bracket(s, lo, hi, a, upto[: stop - start])
+        counts.append(count)
+        amounts.append(pool.cost.amount(a, count, start, stop))
         index_parts.append(local + start)
         score_parts.append(s[local])
     index = torch.cat(index_parts)
@@ -355,6 +364,22 @@ def _split(pool: _Pool, lo: float, hi: float) -> _Split:
     above_amount = _exact_amount(pool.cost, float(torch.stack(amounts).double().sum()))
     upto_amount = above_amount + between.cost.amount_of_all(index.numel())
     return _Split(above, n_above, above_amount, n_above + index.numel(), upto_amount, between)
+
+
+def _bracket(s: Tensor, lo: float, hi: float, above: Tensor, between: Tensor) -> tuple[Tensor, Tensor]:
+    """Write s > hi into ``above`` and lo <= s <= hi into ``between``; return the count above and
+    the indices between. On the CPU numpy's comparison and nonzero kernels do this about twice as
+    fast as torch's (they work on views of the same memory, no copy)."""
+    if s.device.type == "cpu":
+        s_, above_, between_ = s.numpy(), above.numpy(), between.numpy()
+        np.greater(s_, hi, out=above_)
+        np.greater_equal(s_, lo, out=between_)
+        between_ ^= above_
+        return torch.tensor(np.count_nonzero(above_)), torch.from_numpy(np.flatnonzero(between_))
+    torch.gt(s, hi, out=above)
+    torch.ge(s, lo, out=between)
+    between ^= above
+    return torch.count_nonzero(above), torch.nonzero(between).squeeze(1)
 
 
 def _exact_amount(cost: _CostModel, amount: float) -> float:
@@ -377,9 +402,7 @@ class _Sample:
             generator = torch.Generator(device=pool.device).manual_seed(_SEED)
             index = torch.randint(pool.n, (self.size,), generator=generator, device=pool.device)
             scores = pool.sample_scores(index)
-        order = _descending_order(scores)
-        self.scores = scores[order].double()
-        self.cumulative = pool.cost.joules_at(index[order]).cumsum(0)
+        self.scores, self.cumulative = pool.cost.sorted_sample(scores, index)
         self.scale = pool.n / self.size
 
     def pivots(self, lo: float, hi: float, above_joules: float, budget_j: float, narrow: bool) -> tuple[float, float]:
@@ -449,12 +472,19 @@ def _index_order_prefix(pool: _Pool, budget_j: float, base: float) -> Tensor:
     return mask
 
 
-def _descending_order(values: Tensor) -> Tensor:
-    """An order of ``values``, largest first, ties in any order (callers never depend on it). On the
-    CPU numpy's vectorised sort is used: it is many times faster there than torch.sort."""
-    if values.device.type == "cpu":
-        return torch.from_numpy(np.argsort(-values.numpy()))
-    return torch.sort(values, descending=True).indices
+def _sort_descending(values: Tensor, order: bool) -> tuple[Tensor, Tensor | None]:
+    """``values`` sorted, largest first, as float64, and (if asked) the order that sorts them; ties
+    in any order (callers never depend on it). On the CPU numpy's vectorised sort is used: it is
+    many times faster there than torch.sort."""
+    if values.device.type != "cpu":
+        result = torch.sort(values, descending=True)
+        return result.values.double(), result.indices if order else None
+    negated = -values.double().numpy()
+    if not order:
+        negated.sort()
+        return torch.from_numpy(-negated), None
+    permutation = np.argsort(negated)
+    return torch.from_numpy(-negated[permutation]), torch.from_numpy(permutation)
 
 
 def _next_float(value: float, up: bool, dtype: torch.dtype) -> float:
