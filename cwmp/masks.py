@@ -129,9 +129,10 @@ def _validated(update: Tensor, costs: Costs, budget_j: float, power: float) -> t
 class _CostModel:
     """Joules per entry, and how totals of them are formed.
 
-    ``amount`` is what a set of entries costs in the model's own accounting unit: a count for one
-    shared cost (so that k entries cost exactly k * c, as the contract says), joules for per-entry
-    costs. Keeping the unit lets totals be compared with the budget without subtracting floats.
+    An *amount* is what a set of entries costs in the model's own accounting unit: a count for one
+    shared cost (so that k entries cost exactly k * c, as the contract says), float64 joules for
+    per-entry costs. Totals are compared with the budget as ``to_joules(amount) <= budget``, never
+    by subtracting floats. Two kinds: ``_UniformCost`` and ``_EntryCosts``, with the same methods.
     """
 
     min_joules: float
@@ -197,11 +198,14 @@ class _UniformCost(_CostModel):
         """The amount of all ``n`` entries this model prices."""
         return n
 
+    def total(self, amounts: list[Tensor]) -> int:
+        return int(torch.stack(amounts).sum())
+
     def gather(self, index: Tensor) -> "_UniformCost":
         return self
 
-    def joules_at(self, index: Tensor) -> Tensor:
-        return torch.full(index.shape, self.joules, dtype=torch.float64, device=index.device)
+    def amounts_at(self, index: Tensor) -> Tensor:
+        return torch.ones(index.shape, dtype=torch.int64, device=index.device)
 
     def sorted_sample(self, scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """Sample scores, largest first, and the cumulative joules along them (no order needed:
@@ -231,15 +235,18 @@ class _EntryCosts(_CostModel):
     def amount_of_all(self, n: int) -> float:
         return float(self.joules.sum(dtype=torch.float64))
 
+    def total(self, amounts: list[Tensor]) -> float:
+        return float(torch.stack(amounts).sum())
+
     def gather(self, index: Tensor) -> "_EntryCosts":
         return _EntryCosts(self.joules[index], self.min_joules, self.score_dtype)
 
-    def joules_at(self, index: Tensor) -> Tensor:
+    def amounts_at(self, index: Tensor) -> Tensor:
         return self.joules[index].double()
 
     def sorted_sample(self, scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         descending, order = _sort_descending(scores, order=True)
-        return descending, self.joules_at(index[order]).cumsum(0)
+        return descending, self.amounts_at(index[order]).cumsum(0)
 
 
 def _score(magnitudes: Tensor, divisor: float | Tensor | None, power: float, out: Tensor | None = None) -> Tensor:
@@ -344,7 +351,7 @@ def _split(pool: _Pool, lo: float, hi: float) -> _Split:
     chunks = _chunks(pool.n, pool.device)
     width = chunks[0][1]
     above = torch.empty(pool.n, dtype=torch.bool, device=pool.device)
-    upto = torch.empty(width, dtype=torch.bool, device=pool.device)
+    between_buffer = torch.empty(width, dtype=torch.bool, device=pool.device)
     buffer = torch.empty(width, dtype=pool.score_dtype, device=pool.device) if isinstance(pool, _UpdatePool) else None
     counts: list[Tensor] = []
     amounts: list[Tensor] = []
@@ -353,7 +360,7 @@ def _split(pool: _Pool, lo: float, hi: float) -> _Split:
     for start, stop in chunks:
         s = pool.scores(start, stop, None if buffer is None else buffer[: stop - start])
         a = above[start:stop]
-        count, local = _bracket(s, lo, hi, a, upto[: stop - start])
+        count, local = _bracket(s, lo, hi, a, between_buffer[: stop - start])
         counts.append(count)
         amounts.append(pool.cost.amount(a, count, start, stop))
         index_parts.append(local + start)
@@ -361,7 +368,7 @@ def _split(pool: _Pool, lo: float, hi: float) -> _Split:
     index = torch.cat(index_parts)
     between = _GatheredPool(index, torch.cat(score_parts), pool.cost.gather(index))
     n_above = int(torch.stack(counts).sum())
-    above_amount = _exact_amount(pool.cost, float(torch.stack(amounts).double().sum()))
+    above_amount = pool.cost.total(amounts)
     upto_amount = above_amount + between.cost.amount_of_all(index.numel())
     return _Split(above, n_above, above_amount, n_above + index.numel(), upto_amount, between)
 
@@ -380,10 +387,6 @@ def _bracket(s: Tensor, lo: float, hi: float, above: Tensor, between: Tensor) ->
     torch.ge(s, lo, out=between)
     between ^= above
     return torch.count_nonzero(above), torch.nonzero(between).squeeze(1)
-
-
-def _exact_amount(cost: _CostModel, amount: float) -> float:
-    return int(amount) if isinstance(cost, _UniformCost) else amount
 
 
 class _Sample:
@@ -512,19 +515,18 @@ def _fill(pool: _UpdatePool, mask: Tensor, budget_j: float) -> None:
     (the best of the rest), and repeat with what is left. With one shared cost nothing is left
     to fill, and no score is computed."""
     cost = pool.cost
-    spent = _exact_amount(cost, float(cost.amount(mask, torch.count_nonzero(mask), 0, pool.n)))
+    spent = cost.total([cost.amount(mask, torch.count_nonzero(mask), 0, pool.n)])
     rest = torch.nonzero(~mask).squeeze(1)
     scores = None
     while True:
-        left_j = budget_j - cost.to_joules(spent)
-        rest = rest[cost.joules_at(rest) <= left_j * (1 + 1e-12)]  # the slack only saves a pass
+        rest = rest[cost.to_joules(spent + cost.amounts_at(rest)) <= budget_j]  # the rest can never fit
         if not rest.numel():
             return
         if scores is None:
             scores = pool.all_scores()
         candidates = _GatheredPool(rest, scores[rest], cost.gather(rest))
         inner = _select(candidates, budget_j, spent)
-        spent = spent + _exact_amount(cost, float(candidates.cost.amount(inner, torch.count_nonzero(inner), 0, rest.numel())))
+        spent = spent + cost.total([candidates.cost.amount(inner, torch.count_nonzero(inner), 0, rest.numel())])
         mask[rest[inner]] = True
         outside = torch.nonzero(~inner).squeeze(1)
         if outside.numel():
