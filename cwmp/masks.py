@@ -43,6 +43,7 @@ _SAMPLE_MIN, _SAMPLE_MAX = 1 << 10, 1 << 16
 _SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the boundary's sample rank
 _CHUNK_CPU, _CHUNK_CUDA = 1 << 20, 1 << 26  # CPU: 4 MB of float32 stays in cache; CUDA: few launches
 _SEED = 20240917  # the sample decides only the speed, never the mask; fixed for repeatable timings
+_NUMPY_ON_CPU = True  # CPU tensors: numpy kernels on views (faster there); False runs the torch ones
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -377,7 +378,7 @@ def _bracket(s: Tensor, lo: float, hi: float, above: Tensor, between: Tensor) ->
     """Write s > hi into ``above`` and lo <= s <= hi into ``between``; return the count above and
     the indices between. On the CPU numpy's comparison and nonzero kernels do this about twice as
     fast as torch's (they work on views of the same memory, no copy)."""
-    if s.device.type == "cpu":
+    if _NUMPY_ON_CPU and s.device.type == "cpu":
         s_, above_, between_ = s.numpy(), above.numpy(), between.numpy()
         np.greater(s_, hi, out=above_)
         np.greater_equal(s_, lo, out=between_)
@@ -479,7 +480,7 @@ def _sort_descending(values: Tensor, order: bool) -> tuple[Tensor, Tensor | None
     """``values`` sorted, largest first, as float64, and (if asked) the order that sorts them; ties
     in any order (callers never depend on it). On the CPU numpy's vectorised sort is used: it is
     many times faster there than torch.sort."""
-    if values.device.type != "cpu":
+    if not (_NUMPY_ON_CPU and values.device.type == "cpu"):
         result = torch.sort(values, descending=True)
         return result.values.double(), result.indices if order else None
     negated = -values.double().numpy()

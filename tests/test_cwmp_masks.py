@@ -21,16 +21,19 @@ from cwmp import cwmp_mask, cwmp_scores, magnitude_budget_mask, topk_mask
 from cwmp.errors import MaskInputError
 from energyprof.errors import EnergyprofError
 
-TUNINGS = ["shipped", "tiny"]
+TUNINGS = ["shipped", "tiny", "tiny_torch_kernels"]
 
 
 @contextlib.contextmanager
 def tuning(name: str):
-    """'tiny' makes the selection sample, chunk and recurse on tensors of a few dozen entries."""
-    if name == "shipped":
-        yield
-        return
-    with mock.patch.multiple(masks, _EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16):
+    """'tiny' makes the selection sample, chunk and recurse on tensors of a few dozen entries;
+    'tiny_torch_kernels' also runs the torch kernels that CUDA uses instead of numpy's."""
+    settings = {}
+    if name.startswith("tiny"):
+        settings.update(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16)
+    if name.endswith("torch_kernels"):
+        settings.update(_NUMPY_ON_CPU=False)
+    with mock.patch.multiple(masks, **settings) if settings else contextlib.nullcontext():
         yield
 
 
