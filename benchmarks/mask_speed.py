@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(args.seed)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, {device.type} ({where}), {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     print(f"{'entries':>11} {'keep':>5} {'torch.topk ms':>14} {'topk_mask ms':>13} {'cwmp_mask ms':>13} "

@@ -51,7 +51,9 @@ class LayerPrice:
 class CostMap:
     """Joules per kept update entry, per tensor name, with the provenance a report must carry."""
 
-    def __init__(self, prices: Mapping[str, LayerPrice], *, simulated: bool, profile: str = "", model: str = "") -> None:
+    def __init__(
+        self, prices: Mapping[str, LayerPrice], *, simulated: bool, profile: str = "", model: str = ""
+    ) -> None:
         for name, price in prices.items():
             j = price.joules_per_update
             if not (isinstance(j, (int, float)) and math.isfinite(j) and j > 0):

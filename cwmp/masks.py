@@ -141,7 +141,9 @@ class _CostModel:
     @staticmethod
     def of(costs: Costs, shape: torch.Size, device: torch.device, score_dtype: torch.dtype) -> "_CostModel":
         if isinstance(costs, bool) or not isinstance(costs, (Tensor, int, float)):
-            raise MaskInputError(f"costs must be a number or a tensor of joules per entry, got {type(costs).__name__}")
+            raise MaskInputError(
+                f"costs must be a number or a tensor of joules per entry, got {type(costs).__name__}"
+            )
         if isinstance(costs, Tensor):
             if costs.is_complex() or costs.dtype == torch.bool:
                 raise MaskInputError(f"costs must be real numbers of joules, got dtype {costs.dtype}")
@@ -230,8 +232,7 @@ class _EntryCosts(_CostModel):
         return amount
 
     def affordable_prefix(self, base: float, n: int, budget_j: float) -> int:
-        totals = self.joules[:n].double().cumsum(0) + base
-        return int(torch.searchsorted(totals, torch.tensor([budget_j], dtype=torch.float64, device=totals.device), right=True))
+        return _count_up_to(self.joules[:n].double().cumsum(0) + base, budget_j)
 
     def amount_of_all(self, n: int) -> float:
         return float(self.joules.sum(dtype=torch.float64))
@@ -413,13 +414,13 @@ class _Sample:
         """Pivots lo <= p_lo <= p_hi <= hi that bracket where the budget runs out, estimated from
         the sample points in [lo, hi]; ``narrow`` asks for a single pivot (a tie-breaking step)."""
         scores = self.scores
-        first = int(torch.searchsorted(-scores, torch.tensor(-hi, dtype=torch.float64, device=scores.device)))
-        end = int(torch.searchsorted(-scores, torch.tensor(-lo, dtype=torch.float64, device=scores.device), side="right"))
+        first = _count_up_to(-scores, -hi, inclusive=False)  # sample points above hi
+        end = _count_up_to(-scores, -lo)  # ... and at or above lo
         if first >= end:
             return lo, hi
         before = self.cumulative[first - 1] if first else 0.0
         estimate = above_joules + self.scale * (self.cumulative[first:end] - before)
-        fits = first + int(torch.searchsorted(estimate, torch.tensor(budget_j, dtype=torch.float64, device=scores.device), side="right"))
+        fits = first + _count_up_to(estimate, budget_j)
         if narrow or self.exhaustive:  # one pivot: the score of the first entry that does not fit
             pivot = float(scores[min(fits, end - 1)])
             return pivot, pivot
@@ -491,12 +492,20 @@ def _sort_descending(values: Tensor, order: bool) -> tuple[Tensor, Tensor | None
     return torch.from_numpy(-negated[permutation]), torch.from_numpy(permutation)
 
 
+def _count_up_to(ascending: Tensor, value: float, inclusive: bool = True) -> int:
+    """How many entries of an ascending tensor are <= value (< value when not ``inclusive``)."""
+    probe = torch.tensor(value, dtype=ascending.dtype, device=ascending.device)
+    return int(torch.searchsorted(ascending, probe, right=inclusive))
+
+
 def _next_float(value: float, up: bool, dtype: torch.dtype) -> float:
     v = torch.tensor(value, dtype=dtype)
     return float(torch.nextafter(v, torch.tensor(math.inf if up else -math.inf, dtype=dtype)))
 
 
-def _budget_mask(update: Tensor, costs: Costs, budget_j: float, power: float, rank_by_cost: bool, fill: bool) -> Tensor:
+def _budget_mask(
+    update: Tensor, costs: Costs, budget_j: float, power: float, rank_by_cost: bool, fill: bool
+) -> Tensor:
     flat, cost = _validated(update, costs, budget_j, power)
     budget_j = float(budget_j)
     pool = _UpdatePool(flat, cost, power, rank_by_cost)

@@ -45,7 +45,9 @@ class Budget:
 
     def __post_init__(self) -> None:
         if (self.joules is None) == (self.keep_ratio is None):
-            raise MaskInputError("a Budget is either Budget.of_joules(j) or Budget.topk_keep_ratio(r), not both or neither")
+            raise MaskInputError(
+                "a Budget is either Budget.of_joules(j) or Budget.topk_keep_ratio(r), not both or neither"
+            )
         if self.joules is not None and not (self.joules >= 0):
             raise MaskInputError(f"a budget in joules must be >= 0, got {self.joules!r}")
         if self.keep_ratio is not None and not (0 <= self.keep_ratio <= 1):
@@ -60,7 +62,9 @@ class Budget:
         return cls(keep_ratio=float(ratio))
 
     def __str__(self) -> str:
-        return f"{self.joules:.6g} J" if self.joules is not None else f"Top-K energy at keep ratio {self.keep_ratio:g}"
+        if self.joules is not None:
+            return f"{self.joules:.6g} J"
+        return f"Top-K energy at keep ratio {self.keep_ratio:g}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ class Pruner:
         if method not in METHODS:
             raise MaskInputError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(budget, Budget):
-            raise MaskInputError(f"budget must be a Budget (Budget.of_joules or Budget.topk_keep_ratio), got {budget!r}")
+            raise MaskInputError(
+                f"budget must be a Budget (Budget.of_joules or Budget.topk_keep_ratio), got {budget!r}"
+            )
         self.cost_map, self.budget, self.method, self.power, self.fill = cost_map, budget, method, power, fill
 
     def masks(self, updates: NamedTensors) -> PruneResult:
@@ -134,7 +140,9 @@ class Pruner:
             simulated=self.cost_map.simulated,
         )
 
-    def compress(self, updates: NamedTensors, feedback: ErrorFeedback | None = None) -> tuple[dict[str, Tensor], PruneResult]:
+    def compress(
+        self, updates: NamedTensors, feedback: ErrorFeedback | None = None
+    ) -> tuple[dict[str, Tensor], PruneResult]:
         """One client step: add the residuals, choose the masks, keep what they drop for next time.
         Returns the sparse updates to send (zeros where masked) and the result."""
         if feedback is None:
