@@ -9,7 +9,7 @@ neighbour slows all three alike. The goal: cwmp_mask at most 0.33x the torch.top
     python benchmarks/mask_speed.py --sizes 1e6 --repeats 21
     python benchmarks/mask_speed.py --device cuda
 
-The 100 M case needs about 2 GiB of memory.
+The 100 M case needs about 3 GiB of memory and runs in under two minutes on two cores.
 """
 
 from __future__ import annotations

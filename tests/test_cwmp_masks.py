@@ -6,7 +6,9 @@ brackets, several chunks, deep recursion) on small tensors."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -21,6 +23,7 @@ from cwmp import cwmp_mask, cwmp_scores, magnitude_budget_mask, topk_mask
 from cwmp.errors import MaskInputError
 from energyprof.errors import EnergyprofError
 
+ROOT = Path(__file__).resolve().parent.parent
 TUNINGS = ["shipped", "tiny", "tiny_torch_kernels"]
 
 
@@ -365,3 +368,12 @@ def test_empty_update_and_infinite_budget():
     assert cwmp_mask(torch.empty(0, 3), 1.0, 5.0).shape == (0, 3)
     assert cwmp_mask(GOOD, 1.0, math.inf).all()
     assert topk_mask(GOOD, 0).sum() == 0 and topk_mask(GOOD, 6).all()
+
+
+def test_the_speed_benchmark_runs_and_checks_its_masks(capsys):
+    spec = importlib.util.spec_from_file_location("mask_speed", ROOT / "benchmarks" / "mask_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--sizes", "20000", "--keep", "0.01", "0.5", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith("#")][1:]
+    assert len(rows) == 2 and all(row[-1] == "yes" for row in rows)
