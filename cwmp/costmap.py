@@ -68,7 +68,10 @@ class CostMap:
         """Price every tensor of ``tensors`` (a dict or ``model.named_parameters()``) for ``model``
         from the profile's per-layer table; a table entry must have the tensor's shape and dtype."""
         named = named_tensors(tensors)
-        table = profile.layer_costs(model) if model in profile.models or not allow_predicted else {}
+        if allow_predicted and model not in profile.models:
+            table = {}  # no table for this model: every layer is predicted
+        else:
+            table = profile.layer_costs(model)  # a ProfileError names the models it has
         prices: dict[str, LayerPrice] = {}
         missing: list[str] = []
         for name, tensor in named.items():

@@ -32,15 +32,15 @@ class ErrorFeedback:
         for name, update in named_tensors(updates).items():
             update = update.detach().to(torch.promote_types(update.dtype, torch.float32))
             residual = self.residuals.get(name)
-            if residual is None:
-                corrected[name] = update.clone()
-                continue
-            if residual.shape != update.shape:
-                raise FeedbackStateError(
-                    f"residual {name!r} has shape {tuple(residual.shape)} but the update has {tuple(update.shape)}; "
-                    "the feedback state belongs to another model: reset() it or load the matching state"
-                )
-            corrected[name] = update + residual.to(update.device)
+            if residual is not None:
+                if residual.shape != update.shape:
+                    raise FeedbackStateError(
+                        f"residual {name!r} has shape {tuple(residual.shape)} but the update has "
+                        f"{tuple(update.shape)}; the feedback state belongs to another model: reset() it "
+                        "or load the matching state"
+                    )
+                update = update + residual.to(update.device)
+            corrected[name] = update
         return corrected
 
     def remember(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -111,22 +111,23 @@ class Pruner:
         names = list(named)
         costs = [self.cost_map[name] for name in names]  # a missing layer fails here, by name
         flat = torch.cat([named[name].detach().reshape(-1) for name in names]) if names else torch.empty(0)
-        sizes = [named[name].numel() for name in names]
-        per_entry = torch.repeat_interleave(
-            torch.tensor(costs, dtype=torch.float64, device=flat.device),
-            torch.tensor(sizes, device=flat.device),
-        )
+        top = None
         if self.budget.keep_ratio is not None:
             top = topk_mask(flat, _k_of(self.budget.keep_ratio, flat.numel()))
             budget_j = self.cost_map.predicted_joules(_unflatten(top, named))
         else:
-            top, budget_j = None, self.budget.joules
-        if self.method == "cwmp":
-            mask = cwmp_mask(flat, per_entry, budget_j, self.power, fill=self.fill)
-        elif top is not None:
+            budget_j = self.budget.joules
+        if self.method == "topk" and top is not None:
             mask = top
         else:
-            mask = magnitude_budget_mask(flat, per_entry, budget_j, fill=self.fill)
+            per_entry = torch.repeat_interleave(
+                torch.tensor(costs, dtype=torch.float64, device=flat.device),
+                torch.tensor([named[name].numel() for name in names], device=flat.device),
+            )
+            if self.method == "cwmp":
+                mask = cwmp_mask(flat, per_entry, budget_j, self.power, fill=self.fill)
+            else:
+                mask = magnitude_budget_mask(flat, per_entry, budget_j, fill=self.fill)
         masks = _unflatten(mask, named)
         by_layer = self.cost_map.joules_by_layer(masks)
         return PruneResult(
