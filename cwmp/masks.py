@@ -14,7 +14,7 @@ by weighted selection with sampled pivots (Floyd and Rivest's idea, with costs a
    made), writes the mask of scores above the bracket, totals the cost above and inside it, and
    gathers the few entries inside it;
 3. those entries are resolved the same way; once they are few, all of them serve as the sample,
-   which makes the pivot exact (a sort of a few thousand scores, not of N).
+   which makes the pivot exact (a sort of at most 32 Ki scores, never of N).
 
 A bracket that misses (rare: an unlucky sample) narrows the interval and costs one more pass; the
 answer is exact either way. Ties at the boundary are resolved by flat index, as the contract says.
