@@ -7,16 +7,6 @@ from energyprof.meters.sim import PRESETS
 from energyprof.workloads import LayerReplay
 
 
-@pytest.fixture
-def one_torch_thread():
-    # the simulator runs on the real clock: a multi-threaded kernel that other processes stall
-    # (spinning thread pools) would make the calls per window, hence the noise, vary wildly
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_demo_recovers_the_simulated_per_entry_costs_and_labels_them():

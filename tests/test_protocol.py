@@ -146,15 +146,6 @@ def test_stand_in_kernel_work_is_not_reported_twice():
     assert meter.reported_dynamic_j == pytest.approx(kernel.calls * meter.price(KERNEL), rel=1e-12)
 
 
-@pytest.fixture
-def one_torch_thread():
-    # tiny CPU ops on a loaded machine stall for milliseconds when torch's threads wait for each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_real_kernel_work_is_reported_by_the_protocol_on_a_real_clock(one_torch_thread):
     # a torch kernel on the real clock: the protocol times its batches and reports their counts
     meter = SimMeter("desktop-cpu", seed=2, static_power_w=0.05, noise_w=0.0)
