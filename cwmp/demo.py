@@ -64,18 +64,20 @@ def _open(meter_spec: str | None, say: Callable[[str], None]):
         return open_meter("sim:preset=rpi4")
 
 
-def run(meter_spec: str | None = None, device: str = "cpu", keep_ratio: float = 0.1, density: float = 0.1,
+def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: float = 0.1, density: float = 0.1,
         min_window_s: float = 1.0, trials: int = 4, say: Callable[[str], None] = print) -> dict:
     """Run the demo; ``density`` is the share of each layer's entries scattered when its cost is
     measured, ``keep_ratio`` the Top-K keep ratio that sets both methods' energy budget."""
     from energyprof.protocol import MeasurementProtocol
     from energyprof.workloads import LayerReplay
 
-    dev = torch.device(device)
     with _open(meter_spec, say) as meter:
         info = meter.info
+        if device is None:  # run the kernels where the meter looks
+            device = "cuda:0" if info.backend == "nvml" and torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
         tag = "  [SIMULATED]" if info.simulated else ""
-        say(f"meter: {info.backend} ({info.scope}), update period {info.update_period_s} s{tag}")
+        say(f"meter: {info.backend} ({info.scope}), update period {info.update_period_s} s, kernels on {dev}{tag}")
         model = build_model().to(dev)
         update = one_update(model, dev)
         # each layer's own largest entries, at the measuring density

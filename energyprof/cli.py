@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one real backprop update with Top-K and with CWMP at the same predicted energy.",
     )
     p.add_argument("--meter", default=None, help="meter spec (default: auto, else the simulator)")
-    p.add_argument("--device", default="cpu", help="torch device for the model and the kernels (e.g. cuda:0)")
+    p.add_argument("--device", default=None,
+                   help="torch device for the model and the kernels (default: cuda:0 with an NVML meter, else cpu)")
     p.add_argument("--keep-ratio", type=float, default=0.1, help="Top-K keep ratio that sets the budget")
     p.add_argument("--min-window-s", type=float, default=1.0, help="shortest measurement window (s)")
     p.add_argument("--trials", type=int, default=4, help="kernel windows per layer")
