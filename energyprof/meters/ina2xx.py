@@ -442,7 +442,7 @@ def open_from_spec(spec: MeterSpec, smbus_factory: Callable[[int], Any] = _defau
                      resolution_j=None, **common)
     source = PolledSource(
         f"{chip.NAME} at {regs.where}", chip.read_watts, period_s,
-        give_up_s=options.max_gap_s or max(1.0, 5 * period_s), release=bus.close,
+        give_up_s=options.max_gap_for(period_s), release=bus.close,
     )
     return SampledMeter(source, info, options, resolution_w=chip.power_lsb_w, **kwargs)
 

@@ -90,7 +90,7 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SampledMeter:
         details={"rails": sorted(rails), "excludes": "PMIC conversion losses and loads fed from the 5 V input"},
     )
     source = PolledSource(
-        shlex.join(argv), reader.read_watts, period_s, give_up_s=options.max_gap_s or max(1.0, 5 * period_s)
+        shlex.join(argv), reader.read_watts, period_s, give_up_s=options.max_gap_for(period_s)
     )
     return SampledMeter(source, info, options, **kwargs)
 

@@ -167,6 +167,12 @@ class SampledOptions:
     def period_s(self) -> float | None:
         return 1.0 / self.rate_hz if self.rate_hz else None
 
+    def max_gap_for(self, period_s: float | None) -> float:
+        """The longest tolerated silence: ``max_gap_s`` when given, else max(1 s, 5 sample periods)."""
+        if self.max_gap_s is not None:
+            return self.max_gap_s
+        return max(1.0, 5 * period_s) if period_s else 1.0
+
 
 class _SampleLog:
     """Samples in time order with the running trapezoid integral (not thread-safe: the meter locks)."""
@@ -308,7 +314,7 @@ class SampledMeter(Meter):
         if self._options.max_gap_s is not None:
             return self._options.max_gap_s
         period = self._base_info.update_period_s or self._options.period_s or self._typical_interval()
-        return max(1.0, 5 * period) if period else 1.0
+        return self._options.max_gap_for(period)
 
     def _typical_interval(self) -> float | None:
         """Median interval of the recent samples (call with the lock held)."""

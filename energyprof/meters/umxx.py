@@ -161,7 +161,7 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SampledMeter:
     options = SampledOptions.from_spec(spec, default_rate_hz=DEFAULT_RATE_HZ)
     spec.check_unused()
     period_s = 1.0 / options.rate_hz
-    give_up_s = options.max_gap_s or max(1.0, 5 * period_s)
+    give_up_s = options.max_gap_for(period_s)
     port = _open_port(port_name, timeout_s=min(1.0, give_up_s / 2))
     link = UmLink(port, model)
     try:
