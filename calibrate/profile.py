@@ -33,6 +33,7 @@ __all__ = [
     "Coefficients",
     "LayerCost",
     "ModelCosts",
+    "Radio",
     "DeviceProfile",
     "UpdateEntryModel",
     "available_profiles",
@@ -117,11 +118,13 @@ class Coefficients(_Strict):
 
 
 class LayerCost(_Strict):
-    """Cost of keeping one update entry of one parameter tensor."""
+    """Cost of keeping k update entries of one parameter tensor in one step:
+    ``fixed_j`` (touching the layer at all) ``+ joules_per_update * k``."""
 
     name: str
     shape: list[int]
     dtype: str
+    fixed_j: float = Field(default=0.0, ge=0)
     joules_per_update: float = Field(gt=0)
     ci_low: float
     ci_high: float
@@ -174,6 +177,14 @@ class UpdateEntryModel(_Strict):
         return 2 * item + self.index_bytes, item, self.flops
 
 
+class Radio(_Strict):
+    """Transmission cost of the device's link: joules per byte sent, and where the figure comes from
+    (a datasheet or paper figure is labelled as such; it is not measured by energyprof)."""
+
+    joules_per_byte: float = Field(gt=0)
+    source: str = Field(min_length=1, description="where the figure comes from, e.g. 'datasheet: ...'")
+
+
 class DeviceProfile(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -182,6 +193,7 @@ class DeviceProfile(_Strict):
     coefficients: Coefficients
     entry_model: UpdateEntryModel = Field(default_factory=UpdateEntryModel)
     models: dict[str, ModelCosts] = Field(default_factory=dict)
+    radio: Radio | None = None
 
     @model_validator(mode="after")
     def _simulated_is_carried(self) -> "DeviceProfile":
