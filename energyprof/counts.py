@@ -11,7 +11,11 @@ class WorkCounts:
     """Exact counts of one kernel call.
 
     ``working_set_bytes`` is the footprint the call touches; it decides whether the traffic is
-    cache-resident or goes to DRAM/HBM (the simulated meter compares it with its cache size).
+    cache-resident or goes to DRAM/HBM (the cost model's memory-level split).
+    ``launches`` is the number of device kernels (torch ops) one call dispatches.
+    ``scattered_bytes_written`` is the part of ``bytes_written`` written at scattered positions, and
+    ``lines_written`` the number of distinct 64-byte lines those writes touch (summed over the ops
+    that scatter): hardware pays scattered writes in whole lines.
     """
 
     elements: int = 0
@@ -19,6 +23,9 @@ class WorkCounts:
     bytes_written: int = 0
     flops: int = 0
     working_set_bytes: int = 0
+    launches: int = 0
+    scattered_bytes_written: int = 0
+    lines_written: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -27,6 +34,8 @@ class WorkCounts:
                 raise TypeError(f"WorkCounts.{f.name} must be an int, got {value!r}")
             if value < 0:
                 raise ValueError(f"WorkCounts.{f.name} must be >= 0, got {value}")
+        if self.scattered_bytes_written > self.bytes_written:
+            raise ValueError("WorkCounts.scattered_bytes_written cannot exceed bytes_written")
 
     def scaled(self, calls: int) -> "WorkCounts":
         """Counts of ``calls`` repetitions (the working set does not grow with repetitions)."""
@@ -38,6 +47,9 @@ class WorkCounts:
             bytes_written=self.bytes_written * calls,
             flops=self.flops * calls,
             working_set_bytes=self.working_set_bytes,
+            launches=self.launches * calls,
+            scattered_bytes_written=self.scattered_bytes_written * calls,
+            lines_written=self.lines_written * calls,
         )
 
     def to_dict(self) -> dict[str, int]:

@@ -8,6 +8,8 @@ memory-write updates (the cost of keeping entries)
     ``runs``     write k kept entries as contiguous runs of ``run_length`` elements
     ``pack``     pack k entries into a send buffer: values, and positions as int32
     ``residual`` dense error-feedback residual update: accumulate the update, clear the k sent entries
+    ``update``   the whole masked update phase of one tensor (:class:`UpdatePhase`): what keeping
+                 k entries costs a client; the calibration and the validation measure it
 compute updates (adjustable arithmetic intensity)
     ``sgd``, ``momentum``, ``adam`` (Adam-like), and ``fma``: ``fmas`` fused multiply-adds per
     element, as a (n / fmas, fmas) x (fmas, fmas) product (energy-roofline style intensity sweep)
@@ -32,6 +34,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from energyprof.costmodel import lines_touched
 from energyprof.counts import WorkCounts
 
 __all__ = [
@@ -44,6 +47,8 @@ __all__ = [
     "Runs",
     "Pack",
     "Residual",
+    "UpdatePhase",
+    "itemsize_of",
     "Sgd",
     "Momentum",
     "Adam",
@@ -87,6 +92,15 @@ def _device(device: str | torch.device) -> torch.device:
 
 def _nbytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def itemsize_of(dtype: str | torch.dtype) -> int:
+    """Bytes per element of a floating-point dtype given by name (``float32``) or as a torch dtype."""
+    if isinstance(dtype, str) and dtype not in DTYPES and dtype == "float64":
+        return 8
+    if isinstance(dtype, torch.dtype) and dtype == torch.float64:
+        return 8
+    return _nbytes(_dtype(dtype))
 
 
 class Workload(ABC):
@@ -142,7 +156,8 @@ class TensorWorkload(Workload):
         ws = sum(t.numel() * t.element_size() for t in self.tensors_.values())
         self.counts_ = WorkCounts(
             elements=c["elements"], bytes_read=c["bytes_read"], bytes_written=c["bytes_written"],
-            flops=c.get("flops", 0), working_set_bytes=ws,
+            flops=c.get("flops", 0), working_set_bytes=ws, launches=c["launches"],
+            scattered_bytes_written=c.get("scattered_bytes_written", 0), lines_written=c.get("lines_written", 0),
         )
         del self._gen
         return self
@@ -155,7 +170,8 @@ class TensorWorkload(Workload):
 
     @abstractmethod
     def _counts(self, s: int) -> dict[str, int]:
-        """elements, bytes_read, bytes_written, flops of one call; ``s`` is the element size."""
+        """elements, bytes_read, bytes_written, flops, launches (and for scattered writes
+        scattered_bytes_written, lines_written) of one call; ``s`` is the element size."""
 
     def describe(self) -> dict[str, Any]:
         dtype = self.dtype_ if hasattr(self, "dtype_") else _dtype(self.dtype)
@@ -228,7 +244,8 @@ class Scatter(_Kept):
 
     def _counts(self, s: int) -> dict[str, int]:
         k = self.tensors_["positions"].numel()
-        return {"elements": k, "bytes_read": k * (s + 8), "bytes_written": k * s}
+        return {"elements": k, "bytes_read": k * (s + 8), "bytes_written": k * s, "launches": 1,
+                "scattered_bytes_written": k * s, "lines_written": lines_touched(self.tensors_["positions"], s)}
 
 
 class Runs(_Kept):
@@ -266,7 +283,10 @@ class Runs(_Kept):
 
     def _counts(self, s: int) -> dict[str, int]:
         runs, k = self.tensors_["runs"].numel(), self._kept()
-        return {"elements": k, "bytes_read": k * s + runs * 8, "bytes_written": k * s}
+        r = self.run_length
+        written = (self.tensors_["runs"].unsqueeze(1) * r + torch.arange(r, device=self.device_)).reshape(-1)
+        return {"elements": k, "bytes_read": k * s + runs * 8, "bytes_written": k * s, "launches": 1,
+                "scattered_bytes_written": k * s, "lines_written": lines_touched(written, s)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "run_length": self.run_length}
@@ -297,7 +317,7 @@ class Pack(_Kept):
     def _counts(self, s: int) -> dict[str, int]:
         k = self.tensors_["positions"].numel()
         # index_select reads k positions and k values; the copy reads k int64, writes k int32
-        return {"elements": k, "bytes_read": k * (8 + s + 8), "bytes_written": k * (s + 4)}
+        return {"elements": k, "bytes_read": k * (8 + s + 8), "bytes_written": k * (s + 4), "launches": 2}
 
 
 class Residual(_Kept):
@@ -316,7 +336,69 @@ class Residual(_Kept):
 
     def _counts(self, s: int) -> dict[str, int]:
         n, k = self.size, self.tensors_["positions"].numel()
-        return {"elements": n, "bytes_read": 2 * n * s + k * 8, "bytes_written": (n + k) * s, "flops": n}
+        return {"elements": n, "bytes_read": 2 * n * s + k * 8, "bytes_written": (n + k) * s, "flops": n,
+                "launches": 2, "scattered_bytes_written": k * s,
+                "lines_written": lines_touched(self.tensors_["positions"], s)}
+
+
+class UpdatePhase(_Kept):
+    """The masked update phase of one parameter tensor: what a federated client runs after
+    backpropagation to keep k entries of its update. This is "keeping one update entry", defined
+    once: calibration measures it, validation re-measures it and the cost model prices its counts.
+
+    1. error feedback: ``residual += update`` (dense; with the launches, the layer's fixed part)
+    2. pack the kept entries into the send buffer: ``send_values = residual[positions]`` and the
+       positions as int32
+    3. residual bookkeeping: ``residual[positions] = 0`` (scattered write)
+    4. apply the kept values: ``param[positions] += send_values`` (scattered read-modify-write)
+    """
+
+    name = "update"
+    LAUNCHES = 5
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        positions = self._positions()
+        k = positions.numel()
+        if self.size > torch.iinfo(_SEND_INDEX).max:
+            raise ValueError(f"the update phase sends int32 positions; size {self.size} is too large")
+        return {
+            "param": self._randn(self.size),
+            "residual": self._randn(self.size),
+            "update": self._randn(self.size),
+            "positions": positions,
+            "send_values": torch.empty(k, dtype=self.dtype_, device=self.device_),
+            "send_positions": torch.empty(k, dtype=_SEND_INDEX, device=self.device_),
+        }
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        t["residual"].add_(t["update"])
+        torch.index_select(t["residual"], 0, t["positions"], out=t["send_values"])
+        t["send_positions"].copy_(t["positions"])
+        t["residual"].index_fill_(0, t["positions"], 0)
+        t["param"].index_add_(0, t["positions"], t["send_values"])
+
+    @classmethod
+    def counts_for(cls, n: int, k: int, lines: int, s: int) -> WorkCounts:
+        """Counts of one call over a tensor of ``n`` entries of ``s`` bytes that keeps ``k`` entries
+        lying in ``lines`` distinct 64-byte lines (both scattered ops write those lines)."""
+        # add_: r 2n w n f n | index_select: r 8k + ks, w ks | copy_: r 8k, w 4k
+        # index_fill_: r 8k, w ks (scattered) | index_add_: r 8k + 2ks, w ks (scattered), f k
+        return WorkCounts(
+            elements=k,
+            bytes_read=2 * n * s + 32 * k + 3 * k * s,
+            bytes_written=n * s + 3 * k * s + 4 * k,
+            flops=n + k,
+            working_set_bytes=3 * n * s + k * (8 + s + 4),
+            launches=cls.LAUNCHES,
+            scattered_bytes_written=2 * k * s,
+            lines_written=2 * lines,
+        )
+
+    def _counts(self, s: int) -> dict[str, int]:
+        positions = self.tensors_["positions"]
+        c = self.counts_for(self.size, positions.numel(), lines_touched(positions, s), s)
+        return {k: v for k, v in c.to_dict().items() if k != "working_set_bytes"}
 
 
 # ---------------------------------------------------------------------------- compute updates
@@ -338,7 +420,7 @@ class Sgd(TensorWorkload):
 
     def _counts(self, s: int) -> dict[str, int]:
         n = self.size
-        return {"elements": n, "bytes_read": 2 * n * s, "bytes_written": n * s, "flops": 2 * n}
+        return {"elements": n, "bytes_read": 2 * n * s, "bytes_written": n * s, "flops": 2 * n, "launches": 1}
 
 
 class Momentum(TensorWorkload):
@@ -364,7 +446,7 @@ class Momentum(TensorWorkload):
     def _counts(self, s: int) -> dict[str, int]:
         n = self.size
         # mul_: r1 w1 f1; add_: r2 w1 f1; param.add_(alpha): r2 w1 f2
-        return {"elements": n, "bytes_read": 5 * n * s, "bytes_written": 3 * n * s, "flops": 4 * n}
+        return {"elements": n, "bytes_read": 5 * n * s, "bytes_written": 3 * n * s, "flops": 4 * n, "launches": 3}
 
 
 class Adam(TensorWorkload):
@@ -410,7 +492,8 @@ class Adam(TensorWorkload):
     def _counts(self, s: int) -> dict[str, int]:
         n = self.size
         # lerp_ r2 w1 f3; mul_ r1 w1 f1; addcmul_ r2 w1 f3; sqrt r1 w1 f1; add_ r1 w1 f1; addcdiv_ r3 w1 f3
-        return {"elements": n, "bytes_read": 10 * n * s, "bytes_written": 6 * n * s, "flops": 12 * n}
+        return {"elements": n, "bytes_read": 10 * n * s, "bytes_written": 6 * n * s, "flops": 12 * n,
+                "launches": 6}
 
 
 class Fma(TensorWorkload):
@@ -440,14 +523,15 @@ class Fma(TensorWorkload):
 
     def _counts(self, s: int) -> dict[str, int]:
         n, f = self.size, self.fmas
-        return {"elements": n, "bytes_read": (n + f * f) * s, "bytes_written": n * s, "flops": 2 * n * f}
+        return {"elements": n, "bytes_read": (n + f * f) * s, "bytes_written": n * s, "flops": 2 * n * f,
+                "launches": 1}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "fmas": self.fmas}
 
 
 WORKLOADS: dict[str, type[TensorWorkload]] = {
-    cls.name: cls for cls in (Scatter, Runs, Pack, Residual, Sgd, Momentum, Adam, Fma)
+    cls.name: cls for cls in (Scatter, Runs, Pack, Residual, UpdatePhase, Sgd, Momentum, Adam, Fma)
 }
 
 
@@ -471,18 +555,19 @@ def make_workload(
 
 
 # ---------------------------------------------------------------------------- layer replay
-_REPLAY_KERNELS: dict[str, type[_Kept]] = {cls.name: cls for cls in (Scatter, Pack, Residual)}
+_REPLAY_KERNELS: dict[str, type[_Kept]] = {cls.name: cls for cls in (UpdatePhase, Scatter, Pack, Residual)}
 
 
 class LayerReplay(Workload):
     """Replay the sparse update of a ``torch.nn.Module``: for each parameter named in ``masks``
-    (boolean, same shape), a ``kernel`` workload ("scatter", "pack" or "residual") over that
+    (boolean, same shape), a ``kernel`` workload ("update", the masked update phase, by default; or
+    "scatter", "pack" or "residual") over that
     tensor's size and dtype and the positions the mask keeps. ``layers_`` holds one set-up
     workload per parameter, to be measured one by one; calling the replay runs them all."""
 
     name = "replay"
 
-    def __init__(self, module: torch.nn.Module, masks: Mapping[str, torch.Tensor], kernel: str = "scatter", seed: int = 0) -> None:
+    def __init__(self, module: torch.nn.Module, masks: Mapping[str, torch.Tensor], kernel: str = "update", seed: int = 0) -> None:
         if kernel not in _REPLAY_KERNELS:
             raise ValueError(f"unknown replay kernel {kernel!r}; choose one of {', '.join(_REPLAY_KERNELS)}")
         self.module = module

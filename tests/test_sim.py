@@ -69,11 +69,27 @@ def test_wrap_around_is_unwrapped_by_the_reader():
     assert meas.energy_j == pytest.approx(300.0, abs=0.1)
 
 
-def test_cache_and_dram_levels_are_priced_differently():
+def test_cache_and_dram_levels_are_priced_differently_with_a_smooth_transition():
     p = PRESETS["h100"]
     small = WorkCounts(bytes_written=1000, working_set_bytes=1000)
-    large = WorkCounts(bytes_written=1000, working_set_bytes=p.cache_bytes + 1)
-    assert p.price(large) / p.price(small) == pytest.approx(p.j_per_byte_written_dram / p.j_per_byte_written_cache)
+    far = WorkCounts(bytes_written=1000, working_set_bytes=p.cache_bytes * 2**8)
+    assert p.price(far) / p.price(small) == pytest.approx(p.j_per_byte_written_dram / p.j_per_byte_written_cache)
+    # at the cache size itself, half the traffic is priced at each level (no step)
+    at = WorkCounts(bytes_written=1000, working_set_bytes=p.cache_bytes)
+    assert p.price(at) == pytest.approx(500 * (p.j_per_byte_written_cache + p.j_per_byte_written_dram))
+    prices = [p.price(WorkCounts(bytes_written=1000, working_set_bytes=int(p.cache_bytes * 2**x)))
+              for x in (-2, -1, -0.5, 0, 0.5, 1, 2)]
+    assert all(a < b for a, b in zip(prices, prices[1:]))
+    jump = max(b / a for a, b in zip(prices, prices[1:]))
+    assert jump < 3  # smooth: no factor-6.7 step between neighbouring sizes
+
+
+def test_scattered_writes_are_paid_in_whole_lines_and_launches_cost_a_fixed_energy():
+    p = PRESETS["rpi4"]
+    alone = WorkCounts(bytes_written=4, scattered_bytes_written=4, lines_written=1, working_set_bytes=1000)
+    shared = WorkCounts(bytes_written=64, scattered_bytes_written=64, lines_written=1, working_set_bytes=1000)
+    assert p.price(alone) == pytest.approx(p.price(shared)) == pytest.approx(64 * p.j_per_byte_written_cache)
+    assert p.price(WorkCounts(launches=3)) == pytest.approx(3 * p.j_per_call)
 
 
 @settings(max_examples=25, deadline=None)

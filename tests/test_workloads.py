@@ -48,7 +48,15 @@ class OpTraffic(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.read = self.written = self.flops = 0
+        self.launches = self.scattered = self.lines = 0
         self.allocated = []
+
+    def _scatter(self, index, target, row=1):
+        """A scattered write of ``index``'s rows into ``target``: bytes and distinct 64-byte lines."""
+        size = target.element_size()
+        positions = (index.reshape(-1, 1) * row + torch.arange(row, device=index.device)).reshape(-1)
+        self.scattered += positions.numel() * size
+        self.lines += int(torch.unique(positions * size // 64).numel())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -56,6 +64,7 @@ class OpTraffic(TorchDispatchMode):
         name = func._schema.name
         if name in _FREE:
             return out
+        self.launches += 1
         schema_args = func._schema.arguments
         bound = list(zip(schema_args, args)) + [(a, kwargs[a.name]) for a in schema_args if a.name in kwargs]
         targets = [v for a, v in bound if a.alias_info is not None and a.alias_info.is_write]
@@ -73,11 +82,21 @@ class OpTraffic(TorchDispatchMode):
             idx = [i for i in a["indices"] if i is not None]
             self.read += nbytes(a["values"]) + sum(nbytes(i) for i in idx)
             self.written += nbytes(a["values"])
+            row = target.numel() // target.shape[0]
+            self._scatter(idx[0], target, row)
             return out
         if name == "aten::index_fill_":
             row = target.numel() // target.shape[a["dim"]]
             self.read += nbytes(a["index"])
             self.written += a["index"].numel() * row * target.element_size()
+            self._scatter(a["index"], target, row)
+            return out
+        if name == "aten::index_add_":  # target[index] += source: reads both, writes the rows
+            assert a.get("alpha", 1) == 1
+            self.read += nbytes(a["index"]) + 2 * nbytes(a["source"])
+            self.written += nbytes(a["source"])
+            self.flops += a["source"].numel()
+            self._scatter(a["index"], target, target.numel() // target.shape[a["dim"]])
             return out
         if name == "aten::index_select":
             self.read += nbytes(a["index"]) + nbytes(target)
@@ -123,6 +142,8 @@ def test_declared_traffic_and_flops_match_the_ops_the_kernel_runs(name, dtype):
     rec = trace(w)
     assert rec.allocated == []  # no hidden temporaries: the declared traffic is all of it
     assert (rec.read, rec.written, rec.flops) == (w.counts_.bytes_read, w.counts_.bytes_written, w.counts_.flops)
+    assert rec.launches == w.counts_.launches
+    assert (rec.scattered, rec.lines) == (w.counts_.scattered_bytes_written, w.counts_.lines_written)
 
 
 @pytest.mark.parametrize("fmas", [1, 4, 64])
@@ -156,6 +177,25 @@ def test_kept_writes_land_exactly_on_the_kept_entries(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
+def test_update_phase_sends_the_compensated_entries_clears_them_and_applies_them(dtype):
+    w = build("update", dtype, density=0.02)
+    t = {k: v.clone() for k, v in w.tensors_.items()}
+    w()
+    after, p = w.tensors_, t["positions"]
+    compensated = t["residual"] + t["update"]
+    assert torch.equal(after["send_values"], compensated[p])
+    assert torch.equal(after["send_positions"].long(), p)
+    kept = torch.zeros(w.size, dtype=torch.bool)
+    kept[p] = True
+    assert torch.equal(after["residual"], torch.where(kept, torch.zeros_like(compensated), compensated))
+    expected_param = t["param"].clone()
+    expected_param[p] += compensated[p]
+    assert torch.equal(after["param"], expected_param)
+    per_line = 64 // after["param"].element_size()
+    assert w.counts_.lines_written == 2 * int(torch.unique(p // per_line).numel())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
 def test_pack_fills_the_send_buffer_with_the_kept_values_and_positions(dtype):
     w = build("pack", dtype, density=0.02)
     t = w.tensors_
@@ -169,7 +209,7 @@ def test_pack_fills_the_send_buffer_with_the_kept_values_and_positions(dtype):
     assert w.counts_.bytes_written == nbytes(t["send_values"]) + nbytes(t["send_positions"])
 
 
-UPDATED = {"scatter": "target", "runs": "target", "pack": "send_values", "residual": "residual",
+UPDATED = {"scatter": "target", "runs": "target", "pack": "send_values", "residual": "residual", "update": "param",
            "sgd": "param", "momentum": "param", "adam": "param", "fma": "y"}
 BIG_STEP = {"sgd": {"lr": 0.5}, "momentum": {"lr": 0.5}, "adam": {"lr": 0.5}}  # changes visible in float32
 
@@ -237,7 +277,7 @@ def test_grid_spans_cache_to_dram_and_the_three_dtypes():
 def test_counts_scale_with_element_size(dtype):
     s = torch.empty((), dtype=DTYPES[dtype]).element_size()
     w = build("sgd", dtype)
-    assert w.counts_ == WorkCounts(N, 2 * N * s, N * s, 2 * N, 2 * N * s)
+    assert w.counts_ == WorkCounts(N, 2 * N * s, N * s, 2 * N, 2 * N * s, launches=1)
 
 
 def test_registry_errors_name_the_choices():

@@ -28,28 +28,48 @@ from typing import Any
 
 import numpy as np
 
+from energyprof.costmodel import LINE_BYTES, CostCoefficients, dram_fraction, predict_joules
 from energyprof.counts import WorkCounts
 from energyprof.errors import MeterSpecError
 from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
 from energyprof.meters.spec import MeterSpec
 
-__all__ = ["SimPreset", "PRESETS", "SimMeter", "open_from_spec", "probe"]
+__all__ = ["SimPreset", "PRESETS", "SimMeter", "SimulatedExecution", "open_from_spec", "probe"]
 
 
 @dataclass(frozen=True)
 class SimPreset:
-    """Ground truth of a simulated device and the flaws of its counter."""
+    """Ground truth of a simulated device, a time model for its kernels and the flaws of its counter.
+
+    Energy truth (joules above idle, through the one cost model, :mod:`energyprof.costmodel`):
+
+    * a fixed ``j_per_call`` per kernel launch (launch and dispatch);
+    * bytes read and written at two memory levels, with a smooth cache-to-DRAM transition of
+      ``transition_octaves`` around ``cache_bytes`` (not a step);
+    * scattered writes paid in whole 64-byte lines: a line touched by a scattered write costs
+      ``64 x j_per_byte_written`` of its level, whether it holds one kept entry or sixteen;
+    * ``j_per_flop`` per floating-point operation.
+
+    Time model (used only on the virtual clock, :meth:`SimMeter.simulate`): ``launch_s`` per launch
+    plus bytes over the level's bandwidth plus FLOPs over ``flops_per_s``.
+    """
 
     name: str
     description: str
     scope: str
     static_power_w: float
+    j_per_call: float
     j_per_byte_written_cache: float
     j_per_byte_written_dram: float
     j_per_byte_read_cache: float
     j_per_byte_read_dram: float
     j_per_flop: float
     cache_bytes: int
+    transition_octaves: float
+    launch_s: float
+    bytes_per_s_cache: float
+    bytes_per_s_dram: float
+    flops_per_s: float
     update_period_s: float
     averaging_window_s: float
     resolution_j: float
@@ -62,12 +82,33 @@ class SimPreset:
                 f"preset {self.name}: averaging_window_s must be in (0, update_period_s]"
             )
 
+    @property
+    def truth(self) -> CostCoefficients:
+        """The device's true coefficients, in the cost model's terms."""
+        return CostCoefficients(
+            j_per_call=self.j_per_call,
+            j_per_byte_read={"cache": self.j_per_byte_read_cache, "dram": self.j_per_byte_read_dram},
+            j_per_byte_written={"cache": self.j_per_byte_written_cache, "dram": self.j_per_byte_written_dram},
+            j_per_line_written={
+                "cache": LINE_BYTES * self.j_per_byte_written_cache,
+                "dram": LINE_BYTES * self.j_per_byte_written_dram,
+            },
+            j_per_flop=self.j_per_flop,
+            cache_bytes=self.cache_bytes,
+            transition_octaves=self.transition_octaves,
+            static_power_w=self.static_power_w,
+        )
+
     def price(self, counts: WorkCounts) -> float:
         """Dynamic joules of the work described by ``counts`` (the simulator's ground truth)."""
-        in_cache = counts.working_set_bytes <= self.cache_bytes
-        w = self.j_per_byte_written_cache if in_cache else self.j_per_byte_written_dram
-        r = self.j_per_byte_read_cache if in_cache else self.j_per_byte_read_dram
-        return counts.bytes_written * w + counts.bytes_read * r + counts.flops * self.j_per_flop
+        return predict_joules(counts, self.truth)
+
+    def seconds(self, counts: WorkCounts) -> float:
+        """How long the simulated device takes for ``counts`` (its time model)."""
+        f = dram_fraction(counts.working_set_bytes, self.cache_bytes, self.transition_octaves)
+        traffic = counts.bytes_read + counts.bytes_written
+        memory_s = traffic * ((1 - f) / self.bytes_per_s_cache + f / self.bytes_per_s_dram)
+        return counts.launches * self.launch_s + memory_s + counts.flops / self.flops_per_s
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,12 +124,18 @@ PRESETS: dict[str, SimPreset] = {
             description="H100-like GPU: NVML-style counter, 100 ms period averaging 25 ms, 1 mJ steps",
             scope="gpu",
             static_power_w=70.0,
+            j_per_call=2e-6,
             j_per_byte_written_cache=6e-12,
             j_per_byte_written_dram=40e-12,
             j_per_byte_read_cache=4e-12,
             j_per_byte_read_dram=30e-12,
             j_per_flop=2e-12,
             cache_bytes=50 * 2**20,
+            transition_octaves=1.0,
+            launch_s=4e-6,
+            bytes_per_s_cache=8e12,
+            bytes_per_s_dram=2.5e12,
+            flops_per_s=3e13,
             update_period_s=0.100,
             averaging_window_s=0.025,
             resolution_j=1e-3,
@@ -100,12 +147,18 @@ PRESETS: dict[str, SimPreset] = {
             description="desktop CPU package: RAPL-style counter, 1 ms updates, 15.3 uJ steps, wraps at 262 kJ",
             scope="package",
             static_power_w=15.0,
+            j_per_call=3e-6,
             j_per_byte_written_cache=15e-12,
             j_per_byte_written_dram=150e-12,
             j_per_byte_read_cache=10e-12,
             j_per_byte_read_dram=100e-12,
             j_per_flop=20e-12,
             cache_bytes=32 * 2**20,
+            transition_octaves=1.5,
+            launch_s=3e-6,
+            bytes_per_s_cache=1e11,
+            bytes_per_s_dram=2e10,
+            flops_per_s=2e11,
             update_period_s=0.001,
             averaging_window_s=0.001,
             resolution_j=15.3e-6,
@@ -117,12 +170,18 @@ PRESETS: dict[str, SimPreset] = {
             description="Raspberry-Pi-4-like board on an INA219-style supply meter, 10 ms samples",
             scope="board",
             static_power_w=2.7,
+            j_per_call=2e-6,
             j_per_byte_written_cache=30e-12,
             j_per_byte_written_dram=400e-12,
             j_per_byte_read_cache=20e-12,
             j_per_byte_read_dram=300e-12,
             j_per_flop=60e-12,
             cache_bytes=1 * 2**20,
+            transition_octaves=1.0,
+            launch_s=10e-6,
+            bytes_per_s_cache=1e10,
+            bytes_per_s_dram=3e9,
+            flops_per_s=5e9,
             update_period_s=0.010,
             averaging_window_s=0.010,
             resolution_j=1e-4,
@@ -131,6 +190,48 @@ PRESETS: dict[str, SimPreset] = {
         ),
     )
 }
+
+
+class SimulatedExecution:
+    """A set-up workload run on the simulated device's time (virtual clock).
+
+    Each call advances the meter's virtual clock by the preset's time model for the workload's
+    counts; the measurement protocol then reports the batch's counts as usual, so the energy is the
+    simulator's truth for the counts of the real kernel. The real torch kernel runs on the first call
+    and then once every ``real_every`` calls: its counts (exact, from its real operands) are what is
+    priced, while this machine's wall time never enters a number. SIMULATED, like every number of
+    the simulator.
+    """
+
+    reports_work = False
+
+    def __init__(self, meter: "SimMeter", workload: Any, real_every: int = 1024) -> None:
+        self.meter = meter
+        self.workload = workload
+        self.real_every = max(1, int(real_every))
+        self.name = getattr(workload, "name", type(workload).__name__)
+        self.device_ = workload.device_
+        self.counts_ = workload.counts_
+        self.seconds_per_call = meter.preset.seconds(workload.counts_)
+        self.real_calls = 0
+        self._calls = 0
+
+    @property
+    def tensors_(self) -> Any:
+        return self.workload.tensors_
+
+    def __call__(self) -> None:
+        if self._calls % self.real_every == 0:
+            self.workload()
+            self.real_calls += 1
+        self._calls += 1
+        self.meter.sleep(self.seconds_per_call)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.workload.describe(), "clock": "simulated device time"}
+
+    def __repr__(self) -> str:
+        return f"SimulatedExecution({self.workload!r})"
 
 
 def _energy_in(segments: list[tuple[float, float, float]], a: float, b: float) -> float:
@@ -263,6 +364,13 @@ class SimMeter(CounterMeter):
 
     def price(self, counts: WorkCounts) -> float:
         return self.preset.price(counts)
+
+    def simulate(self, workload: Any, real_every: int = 1024) -> Any:
+        """``workload`` as the protocol should run it on this meter: on the virtual clock, on the
+        simulated device's time (:class:`SimulatedExecution`); on the real clock, unchanged."""
+        if self._virtual is None or getattr(workload, "reports_work", False):
+            return workload
+        return SimulatedExecution(self, workload, real_every=real_every)
 
     # ----------------------------------------------------------------- ground truth
     def true_energy_j(self, t_start: float, t_end: float) -> float:
