@@ -197,15 +197,15 @@ class SimulatedExecution:
 
     Each call advances the meter's virtual clock by the preset's time model for the workload's
     counts; the measurement protocol then reports the batch's counts as usual, so the energy is the
-    simulator's truth for the counts of the real kernel. The real torch kernel runs on the first call
-    and then once every ``real_every`` calls: its counts (exact, from its real operands) are what is
+    simulator's truth for the counts of the real kernel. The real torch kernel runs on calls 0, 1, 2,
+    4, 8, ... and then once every ``real_every`` calls: its counts (exact, from its real operands) are what is
     priced, while this machine's wall time never enters a number. SIMULATED, like every number of
     the simulator.
     """
 
     reports_work = False
 
-    def __init__(self, meter: "SimMeter", workload: Any, real_every: int = 1024) -> None:
+    def __init__(self, meter: "SimMeter", workload: Any, real_every: int = 65536) -> None:
         self.meter = meter
         self.workload = workload
         self.real_every = max(1, int(real_every))
@@ -215,17 +215,19 @@ class SimulatedExecution:
         self.seconds_per_call = meter.preset.seconds(workload.counts_)
         self.real_calls = 0
         self._calls = 0
+        self._clock = meter._virtual
 
     @property
     def tensors_(self) -> Any:
         return self.workload.tensors_
 
     def __call__(self) -> None:
-        if self._calls % self.real_every == 0:
+        c = self._calls
+        if (c & (c - 1) == 0 and c < self.real_every) or c % self.real_every == 0:
             self.workload()
             self.real_calls += 1
         self._calls += 1
-        self.meter.sleep(self.seconds_per_call)
+        self._clock.now += self.seconds_per_call  # the measuring thread owns the virtual clock
 
     def describe(self) -> dict[str, Any]:
         return {**self.workload.describe(), "clock": "simulated device time"}
@@ -365,7 +367,7 @@ class SimMeter(CounterMeter):
     def price(self, counts: WorkCounts) -> float:
         return self.preset.price(counts)
 
-    def simulate(self, workload: Any, real_every: int = 1024) -> Any:
+    def simulate(self, workload: Any, real_every: int = 65536) -> Any:
         """``workload`` as the protocol should run it on this meter: on the virtual clock, on the
         simulated device's time (:class:`SimulatedExecution`); on the real clock, unchanged."""
         if self._virtual is None or getattr(workload, "reports_work", False):
