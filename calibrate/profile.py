@@ -1,8 +1,12 @@
 """Device profiles: the schema, YAML I/O and lookup by name.
 
-One YAML file per device. It records where its numbers came from (device, driver, host, toolkit
-version, the meter and its characteristics, the protocol, the date), global cost coefficients with
-95 % intervals, and per-layer tables for named models (joules per kept update entry).
+One YAML file per device (schema version 2). It records where its numbers came from (device,
+driver, host, torch and toolkit versions, the meter spec and its characteristics, the protocol
+settings, the date, the wall time), the global cost coefficients with 95 % intervals and fit
+quality, and per-layer tables for named models: keeping k entries of a layer in one step costs
+``fixed_j + joules_per_update * k + joules_per_line * lines`` (lines: 64-byte lines holding a kept
+entry), each with its interval, ``method: measured | predicted`` and fit quality. Every prediction
+goes through :mod:`energyprof.costmodel`.
 
 Loading validates the schema and names the wrong field. Writes are atomic and never replace an
 existing file unless asked. Shipped profiles live in the repository's top-level ``profiles/`` folder
@@ -23,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from energyprof.costmodel import CostCoefficients, LayerCoefficients, layer_costs_from_global, layer_joules
 from energyprof.errors import EnergyprofError
 
 __all__ = [
@@ -35,7 +40,8 @@ __all__ = [
     "ModelCosts",
     "Radio",
     "DeviceProfile",
-    "UpdateEntryModel",
+    "FitQuality",
+    "SCHEMA_VERSION",
     "available_profiles",
     "load_profile",
     "save_profile",
@@ -43,7 +49,7 @@ __all__ = [
 ]
 
 PROFILE_PATH_ENV = "ENERGYPROF_PROFILE_PATH"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ProfileError(EnergyprofError):
@@ -93,22 +99,38 @@ class Provenance(_Strict):
     driver: str | None = None
     host: str
     toolkit_version: str
+    torch_version: str | None = None
+    meter_spec: str | None = None
     meter: MeterRecord
     protocol: dict[str, Any] = Field(default_factory=dict)
     created: _dt.datetime
+    wall_time_s: float | None = None
     method: str = Field(description="how the numbers were obtained, in words")
 
 
+class FitQuality(_Strict):
+    """How well the global model fits the measurements it was fitted to."""
+
+    r2: float
+    cv_mape: float = Field(description="cross-validated mean absolute percentage error, as a fraction")
+    n_measurements: int
+
+
 class Coefficients(_Strict):
-    """Global cost coefficients of the device (joules, watts, bytes)."""
+    """Global cost coefficients of the device (joules, watts, bytes), in the cost model's terms
+    (:class:`energyprof.costmodel.CostCoefficients`), each with its 95 % interval."""
 
     static_power_w: Estimate
-    j_per_byte_written: dict[str, Estimate]  # memory level ("cache", "dram") -> J/byte
-    j_per_byte_read: dict[str, Estimate] = Field(default_factory=dict)
+    j_per_call: Estimate
+    j_per_byte_read: dict[str, Estimate]  # memory level ("cache", "dram") -> J/byte
+    j_per_byte_written: dict[str, Estimate]  # contiguous writes
+    j_per_line_written: dict[str, Estimate]  # 64-byte lines touched by scattered writes
     j_per_flop: Estimate
-    cache_bytes: int = Field(gt=0, description="working sets up to this size are priced at the cache level")
+    cache_bytes: int = Field(gt=0, description="centre of the cache-to-DRAM transition (working-set bytes)")
+    transition_octaves: float = Field(ge=0, description="width of the transition; 0 is a step")
+    fit: FitQuality | None = None
 
-    @field_validator("j_per_byte_written")
+    @field_validator("j_per_byte_read", "j_per_byte_written", "j_per_line_written")
     @classmethod
     def _levels(cls, v: dict[str, Estimate]) -> dict[str, Estimate]:
         missing = {"cache", "dram"} - set(v)
@@ -116,31 +138,67 @@ class Coefficients(_Strict):
             raise ValueError(f"needs the memory levels cache and dram; missing: {', '.join(sorted(missing))}")
         return v
 
+    def cost_coefficients(self) -> CostCoefficients:
+        """The point estimates as the cost model takes them."""
+        return CostCoefficients(
+            j_per_call=self.j_per_call.value,
+            j_per_byte_read={k: e.value for k, e in self.j_per_byte_read.items()},
+            j_per_byte_written={k: e.value for k, e in self.j_per_byte_written.items()},
+            j_per_line_written={k: e.value for k, e in self.j_per_line_written.items()},
+            j_per_flop=self.j_per_flop.value,
+            cache_bytes=self.cache_bytes,
+            transition_octaves=self.transition_octaves,
+            static_power_w=self.static_power_w.value,
+        )
+
 
 class LayerCost(_Strict):
-    """Cost of keeping k update entries of one parameter tensor in one step:
-    ``fixed_j`` (touching the layer at all) ``+ joules_per_update * k``."""
+    """Cost of keeping k update entries of one parameter tensor in one step: ``fixed_j`` (touching
+    the layer at all) ``+ joules_per_update * k + joules_per_line * lines``, where ``lines`` counts
+    the tensor's 64-byte lines that hold a kept entry. Intervals are 95 %."""
 
     name: str
     shape: list[int]
     dtype: str
-    fixed_j: float = Field(default=0.0, ge=0)
+    numel: int = Field(gt=0)
+    fixed_j: float = Field(ge=0)
+    fixed_ci_low: float
+    fixed_ci_high: float
     joules_per_update: float = Field(gt=0)
     ci_low: float
     ci_high: float
-    method: Literal["measured", "predicted"] = "measured"
+    joules_per_line: float = Field(default=0.0, ge=0)
+    line_ci_low: float = 0.0
+    line_ci_high: float = 0.0
+    method: Literal["measured", "predicted"]
     r2: float | None = None
+    rmse_rel: float | None = Field(default=None, description="relative RMS error of the fit over its windows")
     n_windows: int | None = None
+    densities: list[float] = Field(default_factory=list)
+    measured_as: str | None = Field(default=None, description="the tensor whose replay was measured (same numel, dtype)")
+    reason: str | None = Field(default=None, description="why a layer is predicted rather than measured")
 
     @model_validator(mode="after")
     def _ordered(self) -> "LayerCost":
-        if not self.ci_low <= self.joules_per_update <= self.ci_high:
-            raise ValueError("interval must contain joules_per_update")
+        if math.prod(self.shape) != self.numel:
+            raise ValueError(f"numel {self.numel} is not the product of shape {self.shape}")
+        for low, value, high, what in (
+            (self.fixed_ci_low, self.fixed_j, self.fixed_ci_high, "fixed_j"),
+            (self.ci_low, self.joules_per_update, self.ci_high, "joules_per_update"),
+            (self.line_ci_low, self.joules_per_line, self.line_ci_high, "joules_per_line"),
+        ):
+            if not all(math.isfinite(x) for x in (low, value, high)):
+                raise ValueError(f"{what} and its interval must be finite")
+            if not low <= value <= high:
+                raise ValueError(f"the interval of {what} must contain it: {low} <= {value} <= {high}")
         return self
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def coefficients(self) -> LayerCoefficients:
+        return LayerCoefficients(self.fixed_j, self.joules_per_update, self.joules_per_line, _itemsize(self.dtype))
+
+    def joules(self, kept: int, lines: int) -> float:
+        """Predicted joules of keeping ``kept`` entries in ``lines`` lines (the cost model)."""
+        return layer_joules(self.fixed_j, self.joules_per_update, self.joules_per_line, kept, lines)
 
 
 class ModelCosts(_Strict):
@@ -161,20 +219,10 @@ class ModelCosts(_Strict):
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
-class UpdateEntryModel(_Strict):
-    """What keeping one update entry costs in counts, used to predict a layer's cost from the
-    global coefficients: write the value into the layer, write value + index into the send buffer,
-    read the update value, and the arithmetic of applying it."""
-
-    index_bytes: int = 8  # int64 index in the send buffer
-    flops: int = 2  # one multiply-add per kept entry
-
-    def counts(self, dtype: str) -> tuple[int, int, int]:
-        """(bytes written, bytes read, FLOPs) per kept entry."""
-        if dtype not in _ITEMSIZE:
-            raise ProfileError(f"dtype {dtype!r} is not supported; use one of {', '.join(_ITEMSIZE)}")
-        item = _ITEMSIZE[dtype]
-        return 2 * item + self.index_bytes, item, self.flops
+def _itemsize(dtype: str) -> int:
+    if dtype not in _ITEMSIZE:
+        raise ProfileError(f"dtype {dtype!r} is not supported; use one of {', '.join(_ITEMSIZE)}")
+    return _ITEMSIZE[dtype]
 
 
 class Radio(_Strict):
@@ -186,12 +234,11 @@ class Radio(_Strict):
 
 
 class DeviceProfile(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     simulated: bool
     provenance: Provenance
     coefficients: Coefficients
-    entry_model: UpdateEntryModel = Field(default_factory=UpdateEntryModel)
     models: dict[str, ModelCosts] = Field(default_factory=dict)
     radio: Radio | None = None
 
@@ -211,19 +258,13 @@ class DeviceProfile(_Strict):
             )
         return {layer.name: layer for layer in self.models[model].layers}
 
-    def predict_joules_per_update(self, numel: int, dtype: str) -> float:
-        """Joules per kept entry of a tensor of ``numel`` elements, from the global coefficients."""
+    def predict_layer(self, numel: int, dtype: str) -> LayerCoefficients:
+        """Per-layer costs of a tensor of ``numel`` entries predicted from the global coefficients:
+        the cost model applied to the update phase's counts."""
         if numel <= 0:
             raise ProfileError(f"numel must be > 0, got {numel}")
-        written, read, flops = self.entry_model.counts(dtype)
-        level = "cache" if numel * _ITEMSIZE[dtype] <= self.coefficients.cache_bytes else "dram"
-        c = self.coefficients
-        j_read = c.j_per_byte_read.get(level)
-        return (
-            written * c.j_per_byte_written[level].value
-            + read * (j_read.value if j_read else 0.0)
-            + flops * c.j_per_flop.value
-        )
+        _itemsize(dtype)
+        return layer_costs_from_global(self.coefficients.cost_coefficients(), numel, dtype)
 
     # ------------------------------------------------------------------ text
     def summary(self) -> str:
@@ -235,14 +276,23 @@ class DeviceProfile(_Strict):
             f"  created  {p.created.isoformat()} on {p.host} with energyprof {p.toolkit_version}",
             f"  method   {p.method}",
             f"  static power      {_fmt(c.static_power_w, 'W')}",
+            f"  per launch        {_fmt(c.j_per_call, 'J')}",
         ]
-        for level, est in sorted(c.j_per_byte_written.items()):
-            lines.append(f"  write {level:<6} {_fmt(est, 'J/byte')}")
-        for level, est in sorted(c.j_per_byte_read.items()):
-            lines.append(f"  read  {level:<6} {_fmt(est, 'J/byte')}")
+        for level in ("cache", "dram"):
+            lines.append(f"  read  {level:<11} {_fmt(c.j_per_byte_read[level], 'J/byte')}")
+            lines.append(f"  write {level:<11} {_fmt(c.j_per_byte_written[level], 'J/byte')}")
+            lines.append(f"  line  {level:<11} {_fmt(c.j_per_line_written[level], 'J/line')}")
         lines.append(f"  per FLOP          {_fmt(c.j_per_flop, 'J')}")
+        lines.append(f"  cache            {c.cache_bytes / 2**20:.4g} MiB, transition {c.transition_octaves:g} octaves")
+        if c.fit:
+            lines.append(f"  fit              R^2 {c.fit.r2:.5f}, cross-validated MAPE {c.fit.cv_mape:.2%} "
+                         f"over {c.fit.n_measurements} measurements")
+        if self.radio:
+            lines.append(f"  radio            {self.radio.joules_per_byte:.4g} J/byte ({self.radio.source})")
         for model, costs in sorted(self.models.items()):
-            lines.append(f"  model {model}: {len(costs.layers)} layers")
+            measured = sum(layer.method == "measured" for layer in costs.layers)
+            lines.append(f"  model {model}: {len(costs.layers)} layers ({measured} measured, "
+                         f"{len(costs.layers) - measured} predicted)")
         return "\n".join(lines)
 
     def to_yaml(self) -> str:
@@ -310,13 +360,52 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         raise ProfileError(f"profile {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION and isinstance(version, int):
+        raise ProfileError(
+            f"profile {path} has schema_version {version}; this energyprof reads schema_version "
+            f"{SCHEMA_VERSION} (per-layer fixed and marginal costs, the cost model's coefficients). "
+            "Recalibrate the device: energyprof calibrate --meter SPEC --model NAME --out PATH"
+        )
     try:
         return DeviceProfile.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ProfileError(f"profile {path} is invalid: {problems}") from None
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            line = _line_of(text_of(path), err["loc"])
+            problems.append(f"{where}{f' (line {line})' if line else ''}: {err['msg']}")
+        raise ProfileError(f"profile {path} is invalid: {'; '.join(problems)}") from None
+
+
+def text_of(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (pydantic's error location), or of its nearest
+    existing parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if found is None:
+                break
+            node = found[1]
+            line = found[0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def save_profile(profile: DeviceProfile, path: str | os.PathLike[str], overwrite: bool = False) -> Path:

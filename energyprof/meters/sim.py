@@ -197,8 +197,8 @@ class SimulatedExecution:
 
     Each call advances the meter's virtual clock by the preset's time model for the workload's
     counts; the measurement protocol then reports the batch's counts as usual, so the energy is the
-    simulator's truth for the counts of the real kernel. The real torch kernel runs on calls 0, 1, 2,
-    4, 8, ... and then once every ``real_every`` calls: its counts (exact, from its real operands) are what is
+    simulator's truth for the counts of the real kernel. The real torch kernel runs on the first call
+    and then once every ``real_every`` calls: its counts (exact, from its real operands) are what is
     priced, while this machine's wall time never enters a number. SIMULATED, like every number of
     the simulator.
     """
@@ -222,8 +222,7 @@ class SimulatedExecution:
         return self.workload.tensors_
 
     def __call__(self) -> None:
-        c = self._calls
-        if (c & (c - 1) == 0 and c < self.real_every) or c % self.real_every == 0:
+        if self._calls % self.real_every == 0:
             self.workload()
             self.real_calls += 1
         self._calls += 1

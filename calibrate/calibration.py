@@ -1,0 +1,429 @@
+"""``energyprof calibrate``: plan the measurements, run each through the protocol, save each the
+moment it finishes, fit, and write the device profile.
+
+The plan (:func:`build_plan`) has two parts:
+
+* a **workload sweep** for the global coefficients: the memory-write kernels (``scatter``,
+  ``pack``, ``residual``, ``runs``, ``update``) at two densities and the compute kernels (``sgd``,
+  ``momentum``, ``adam``, ``fma``) over sizes from cache-resident to DRAM/HBM-sized;
+* **layer replays** for each model: the masked update phase (:class:`~energyprof.workloads.UpdatePhase`)
+  of each parameter tensor at several densities from 0.1 % to 20 %. Tensors with the same number
+  of entries and dtype have the same update phase, so one replay serves them all (the profile says
+  which tensor was replayed: ``measured_as``). Tensors below ``min_layer_numel`` entries are not
+  measured: their costs are predicted from the global coefficients and marked ``predicted``, as
+  are layers whose marginal cost the meter did not resolve.
+
+Every finished measurement is appended to ``<out>.measurements.csv`` (flushed and synced), with
+``<out>.calibration.json`` holding what the run was (meter, device, models, plan). Ctrl-C, a meter
+failure or a crash loses only the measurement in flight; ``--resume`` skips what the CSV holds and
+refuses if the meter, device or models differ. The profile is written atomically, and an existing
+one only with ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from calibrate.fit import COUNT_COLUMNS, GlobalCostFit, LayerCostFit
+from calibrate.profile import (
+    Coefficients,
+    DeviceProfile,
+    Estimate,
+    FitQuality,
+    LayerCost,
+    MeterRecord,
+    ModelCosts,
+    ProfileError,
+    Provenance,
+    save_profile,
+)
+from energyprof import __version__
+from energyprof.costmodel import FEATURES, layer_costs_from_global, lines_touched
+from energyprof.errors import EnergyprofError
+from energyprof.meters.spec import parse_spec
+from energyprof.workloads import UpdatePhase, itemsize_of, make_workload
+
+__all__ = ["PlanItem", "CalibrationError", "build_plan", "calibrate", "protocol_settings", "resolve_meter_spec"]
+
+LAYER_DENSITIES = {"quick": (0.001, 0.01, 0.05, 0.2), "full": (0.001, 0.003, 0.01, 0.03, 0.1, 0.2)}
+SWEEP_SIZES = {"quick": (4**7, 4**9, 4**11, 4**12), "full": (4**7, 4**8, 4**9, 4**10, 4**11, 4**12, 4**13)}
+SPARSE_SIZES = {"quick": (4**7, 4**9, 4**11, 4**12), "full": (4**8, 4**10, 4**12, 4**13)}
+SPARSE_DENSITIES = (0.01, 0.2)
+MIN_LAYER_NUMEL = {"quick": 16384, "full": 4096}
+SPARSE_KERNELS = ("scatter", "pack", "residual", "runs", "update")
+COMPUTE_KERNELS = ("sgd", "momentum", "adam", "fma")
+
+
+class CalibrationError(EnergyprofError):
+    """A calibration that cannot start or continue (its message says what to do)."""
+
+
+def protocol_settings(quick: bool) -> dict[str, Any]:
+    """The measurement protocol's parameters for a calibration (recorded in the profile)."""
+    if quick:
+        return dict(min_window_s=0.5, min_periods=5, min_calls=32, trials=3, idle_windows=3, warmup_s=0.05)
+    return dict(min_window_s=1.0, min_periods=10, min_calls=32, trials=4, idle_windows=4, warmup_s=0.25)
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class PlanItem:
+    """One measurement: a workload sweep point or a layer replay at one density."""
+
+    id: str
+    kind: str  # "sweep" or "layer"
+    workload: str
+    size: int
+    dtype: str = "float32"
+    density: float | None = None
+    model: str | None = None
+    tensors: tuple[str, ...] = field(default=())  # the tensors this replay prices (same numel, dtype)
+
+    @property
+    def seed(self) -> int:
+        return zlib.crc32(self.id.encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class ModelPlan:
+    label: str
+    shapes: dict[str, tuple[list[int], str]]  # tensor -> (shape, dtype)
+    groups: dict[tuple[int, str], list[str]]  # (numel, dtype) -> tensors
+    measured: dict[tuple[int, str], list[PlanItem]]  # groups that are replayed
+    too_small: list[tuple[int, str]]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def build_plan(models: dict[str, torch.nn.Module], quick: bool = False,
+               min_layer_numel: int | None = None) -> tuple[list[PlanItem], dict[str, ModelPlan]]:
+    mode = "quick" if quick else "full"
+    items: list[PlanItem] = []
+    for size in SWEEP_SIZES[mode]:
+        for name in COMPUTE_KERNELS:
+            items.append(PlanItem(f"sweep/{name}/n={size}", "sweep", name, size))
+    for size in SPARSE_SIZES[mode]:
+        for name in SPARSE_KERNELS:
+            for d in SPARSE_DENSITIES:
+                items.append(PlanItem(f"sweep/{name}/n={size}/d={d:g}", "sweep", name, size, density=d))
+    min_numel = MIN_LAYER_NUMEL[mode] if min_layer_numel is None else min_layer_numel
+    model_plans: dict[str, ModelPlan] = {}
+    for label, module in models.items():
+        shapes = {n: (list(p.shape), _dtype_name(p.dtype)) for n, p in module.named_parameters()}
+        groups: dict[tuple[int, str], list[str]] = {}
+        for n, p in module.named_parameters():
+            groups.setdefault((p.numel(), _dtype_name(p.dtype)), []).append(n)
+        measured, too_small = {}, []
+        for (numel, dtype), tensors in groups.items():
+            if numel < min_numel:
+                too_small.append((numel, dtype))
+                continue
+            measured[(numel, dtype)] = [
+                PlanItem(f"layer/{label}/{tensors[0]}/d={d:g}", "layer", "update", numel, dtype, d, label, tuple(tensors))
+                for d in LAYER_DENSITIES[mode]
+            ]
+            items.extend(measured[(numel, dtype)])
+        model_plans[label] = ModelPlan(label, shapes, groups, measured, too_small)
+    return items, model_plans
+
+
+def estimate_seconds(items: list[PlanItem], settings: dict[str, Any], update_period_s: float | None) -> float:
+    """Wall time of a plan on a real meter, from the protocol's settings (kernel windows, idle
+    windows, warm-up, one update period per window for alignment): the plan the README states."""
+    period = update_period_s or 0.0
+    window = max(settings["min_window_s"], settings["min_periods"] * period)
+    per = settings["idle_windows"] * window + settings["warmup_s"] + settings["trials"] * (window + 2 * period)
+    return len(items) * per
+
+
+# ---------------------------------------------------------------------------- meter spec
+def resolve_meter_spec(spec: str) -> str:
+    """The simulator calibrates on its virtual clock (the simulated device's time) unless asked."""
+    parsed = parse_spec(spec)
+    if parsed.backend == "sim" and "clock" not in parsed.params:
+        return spec + ("," if ":" in spec else ":") + "clock=virtual"
+    return spec
+
+
+# ---------------------------------------------------------------------------- the run
+def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int) -> dict[str, Any]:
+    kern = result.table[result.table.role == "kernel"]
+    per_trial = kern.joules_per_call.to_numpy(float)
+    se = float(per_trial.std(ddof=1) / math.sqrt(len(per_trial))) if len(per_trial) > 1 else 0.0
+    row: dict[str, Any] = {
+        "id": item.id, "kind": item.kind, "workload": item.workload, "size": item.size, "dtype": item.dtype,
+        "density": item.density, "model": item.model, "tensors": ";".join(item.tensors),
+        "kept": kept, "lines": lines,
+    }
+    row.update(workload.counts_.to_dict())
+    row.update({
+        "joules_per_call": result.joules_per_call, "ci_low_j": result.ci_low_j, "ci_high_j": result.ci_high_j,
+        "se_j": se, "total_joules_per_call": result.total_joules_per_call,
+        "seconds_per_call": result.seconds_per_call, "idle_power_w": result.idle_power_w, "calls": result.calls,
+        "windows": result.windows, "backend": result.meter.backend, "simulated": result.simulated,
+        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return row
+
+
+def _append(csv_path: Path, row: dict[str, Any]) -> None:
+    frame = pd.DataFrame([row])
+    new = not csv_path.exists() or csv_path.stat().st_size == 0
+    with open(csv_path, "a", newline="") as f:
+        frame.to_csv(f, header=new, index=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _device_name(device: torch.device, info: Any) -> str:
+    if info.simulated:
+        return f"simulated: {info.details.get('preset', '?')} preset (kernels ran on {device})"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibrate(
+    meter_spec: str,
+    models: Iterable[str] = ("resnet18",),
+    out: str | os.PathLike[str] = "profile.yaml",
+    device: str = "cpu",
+    quick: bool = False,
+    force: bool = False,
+    resume: bool = False,
+    min_layer_numel: int | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+    model_shape: dict[str, int] | None = None,
+) -> DeviceProfile:
+    """Run a calibration and write its profile; returns the profile (see the module docstring)."""
+    from energyprof.meters import open_meter
+    from energyprof.models import resolve_model
+    from energyprof.protocol import MeasurementProtocol
+
+    started = time.monotonic()
+    out = Path(out)
+    csv_path = out.with_name(out.name + ".measurements.csv")
+    meta_path = out.with_name(out.name + ".calibration.json")
+    if out.exists() and not force:
+        raise CalibrationError(f"{out} already exists; choose another --out, or pass --force to replace it")
+    spec = resolve_meter_spec(meter_spec)
+    labels = list(models)
+    modules = {label: resolve_model(label, **(model_shape or {})) for label in labels}
+    items, model_plans = build_plan(modules, quick, min_layer_numel)
+    meta = {"meter": spec, "device": str(torch.device(device)), "models": labels, "quick": quick,
+            "min_layer_numel": min_layer_numel, "plan": [i.id for i in items], "toolkit_version": __version__}
+    done: dict[str, dict[str, Any]] = {}
+    if resume:
+        if not meta_path.exists():
+            raise CalibrationError(f"nothing to resume: {meta_path} does not exist; start without --resume")
+        before = json.loads(meta_path.read_text())
+        for key in ("meter", "device", "models", "quick", "min_layer_numel"):
+            if before.get(key) != meta[key]:
+                raise CalibrationError(
+                    f"cannot resume: the saved run has {key}={before.get(key)!r}, this one {meta[key]!r}; "
+                    "resume with the same --meter, --device, --model and --quick, or start a new --out"
+                )
+        if csv_path.exists() and csv_path.stat().st_size:
+            for row in pd.read_csv(csv_path).to_dict("records"):
+                done[row["id"]] = row
+    elif csv_path.exists() or meta_path.exists():
+        if not force:
+            raise CalibrationError(
+                f"measurements of an earlier run exist ({csv_path}); continue it with --resume, or pass --force "
+                "to start over (the old files are kept with a timestamp)"
+            )
+        stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+        for p in (csv_path, meta_path):
+            if p.exists():
+                p.rename(p.with_name(f"{p.name}.{stamp}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    settings = protocol_settings(quick)
+    pending = [i for i in items if i.id not in done]
+    say(f"calibration plan: {len(items)} measurements ({len(items) - len(pending)} already in {csv_path.name})"
+        f", meter {spec}, kernels on {device}")
+    dev = torch.device(device)
+    try:
+        meter = open_meter(spec)
+    except EnergyprofError as exc:
+        raise CalibrationError(_no_meter_message(spec, exc)) from None
+    with meter:
+        info = meter.info
+        if info.simulated:
+            say("the meter is SIMULATED: every number of this profile is simulated, not a measurement")
+        protocol = MeasurementProtocol(random_state=0, **settings)
+        _run_items(pending, meter, protocol, dev, csv_path, done, progress)
+    table = pd.DataFrame([done[i.id] for i in items])
+    profile = _fit_profile(table, items, model_plans, out, spec, info, dev, settings, quick, started)
+    save_profile(profile, out, overwrite=force)
+    return profile
+
+
+def _no_meter_message(spec: str, exc: Exception) -> str:
+    return (f"cannot open meter {spec!r}: {exc}\nTo calibrate without hardware, calibrate the simulator "
+            "(labelled simulated everywhere): energyprof calibrate --meter sim:preset=desktop-cpu ...")
+
+
+def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.device, csv_path: Path,
+               done: dict[str, dict[str, Any]], progress: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    current = None
+    try:
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            task = bar.add_task("calibrating", total=len(pending))
+            for item in pending:
+                current = item
+                bar.update(task, description=f"{item.id[:48]:<48}")
+                workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
+                                         seed=item.seed).setup(dev)
+                positions = workload.tensors_.get("positions")
+                kept = int(positions.numel()) if positions is not None else 0
+                lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
+                run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
+                result = protocol.measure(run, meter)
+                row = _row(item, workload, result, kept, lines)
+                _append(csv_path, row)
+                done[item.id] = row
+                del workload, run
+                bar.advance(task)
+    except KeyboardInterrupt:
+        raise CalibrationError(
+            f"interrupted during {current.id if current else '?'}; {len(done)} finished measurements are saved "
+            f"in {csv_path}: continue with the same command and --resume"
+        ) from None
+    except EnergyprofError as exc:
+        raise CalibrationError(
+            f"measurement {current.id if current else '?'} failed: {exc}\n{len(done)} finished measurements are "
+            f"saved in {csv_path}: fix the meter and continue with the same command and --resume"
+        ) from None
+
+
+# ---------------------------------------------------------------------------- the fit
+def _estimate(value: float, low: float, high: float) -> Estimate:
+    return Estimate(value=float(value), ci_low=float(min(low, value)), ci_high=float(max(high, value)))
+
+
+def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[str, ModelPlan], out: Path,
+                 spec: str, info: Any, dev: torch.device, settings: dict[str, Any], quick: bool,
+                 started: float) -> DeviceProfile:
+    sweep = table[table.kind == "sweep"].reset_index(drop=True)
+    glob = GlobalCostFit().fit(sweep)
+    iv = glob.intervals()
+    e = {f: _estimate(*iv[f]) for f in FEATURES}
+    coefficients = Coefficients(
+        static_power_w=_estimate(glob.static_power_w_, *glob.static_power_ci_),
+        j_per_call=e["calls"],
+        j_per_byte_read={"cache": e["read_cache"], "dram": e["read_dram"]},
+        j_per_byte_written={"cache": e["write_cache"], "dram": e["write_dram"]},
+        j_per_line_written={"cache": e["lines_cache"], "dram": e["lines_dram"]},
+        j_per_flop=e["flops"],
+        cache_bytes=max(1, round(glob.cache_bytes_)),
+        transition_octaves=glob.transition_octaves_,
+        fit=FitQuality(r2=glob.r2_, cv_mape=glob.cv_mape_, n_measurements=glob.n_measurements_),
+    )
+    layer_rows = table[table.kind == "layer"]
+    models: dict[str, ModelCosts] = {}
+    for label, plan in model_plans.items():
+        costs: dict[str, LayerCost] = {}
+        for (numel, dtype), tensors in plan.groups.items():
+            entry = _layer_entry(glob, layer_rows, plan, numel, dtype, tensors)
+            for name in tensors:
+                shape, _ = plan.shapes[name]
+                costs[name] = LayerCost(name=name, shape=shape, dtype=dtype, numel=numel, **entry)
+        models[label] = ModelCosts(
+            description=f"{label}: masked update phase per tensor (energyprof.workloads.UpdatePhase)",
+            layers=[costs[name] for name in plan.shapes],
+        )
+    record = MeterRecord(backend=info.backend, scope=info.scope, kind=info.kind,
+                         update_period_s=info.update_period_s, averaging_window_s=info.averaging_window_s,
+                         resolution_j=info.resolution_j, simulated=info.simulated, details=dict(info.details))
+    driver = info.details.get("driver_version") if isinstance(info.details, dict) else None
+    label = "SIMULATED: " if info.simulated else ""
+    method = (f"{label}energyprof calibrate{' --quick' if quick else ''}: {len(table)} protocol measurements, "
+              "global coefficients by non-negative least squares (scikit-learn) over a workload sweep, per-layer "
+              "costs from update-phase replays at several densities")
+    return DeviceProfile(
+        name=_profile_name(out),
+        simulated=bool(info.simulated),
+        provenance=Provenance(
+            device=_device_name(dev, info), driver=str(driver) if driver else None, host=platform.node() or "?",
+            toolkit_version=__version__, torch_version=torch.__version__, meter_spec=spec, meter=record,
+            protocol=dict(settings, plan="quick" if quick else "full"),
+            created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0),
+            wall_time_s=round(time.monotonic() - started, 1), method=method,
+        ),
+        coefficients=coefficients,
+        models=models,
+    )
+
+
+def _profile_name(out: Path) -> str:
+    stem = out.name.split(".")[0] or "profile"
+    clean = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).lstrip("._-")
+    return clean or "profile"
+
+
+def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel: int, dtype: str,
+                 tensors: list[str]) -> dict[str, Any]:
+    if (numel, dtype) in plan.too_small:
+        return _predicted_entry(glob, numel, dtype, f"{numel} entries: too small to resolve in reasonable time; "
+                                "predicted from the global coefficients")
+    group = rows[(rows["model"] == plan.label) & (rows["size"] == numel) & (rows["dtype"] == dtype)]
+    if len(group) < 3:
+        return _predicted_entry(glob, numel, dtype, "fewer than three replays measured; predicted from the "
+                                "global coefficients")
+    fit = LayerCostFit().fit(group["kept"], group["lines"], group["joules_per_call"], group["se_j"])
+    if not fit.resolved():
+        return _predicted_entry(glob, numel, dtype, (
+            f"the meter did not resolve its marginal cost (95 % interval {fit.coef_low_[1]:.3g} .. "
+            f"{fit.coef_high_[1]:.3g} J per entry); predicted from the global coefficients"))
+    lo, hi = fit.coef_low_, fit.coef_high_
+    return dict(
+        fixed_j=fit.fixed_j_, fixed_ci_low=lo[0], fixed_ci_high=hi[0],
+        joules_per_update=fit.joules_per_update_, ci_low=lo[1], ci_high=hi[1],
+        joules_per_line=fit.joules_per_line_, line_ci_low=lo[2], line_ci_high=hi[2],
+        method="measured", r2=fit.r2_, rmse_rel=fit.rmse_rel_, n_windows=int(group["windows"].sum()),
+        densities=sorted(float(d) for d in group["density"]),
+        measured_as=str(group["tensors"].iloc[0]).split(";")[0],
+    )
+
+
+def _predicted_entry(glob: GlobalCostFit, numel: int, dtype: str, reason: str) -> dict[str, Any]:
+    point = layer_costs_from_global(glob.coefficients(), numel, dtype)
+    samples = np.array([
+        [c.fixed_j, c.joules_per_update, c.joules_per_line]
+        for c in (layer_costs_from_global(glob.coefficients(v), numel, dtype) for v in glob.bootstrap_coef_)
+    ])
+    lo, hi = np.quantile(samples, 0.025, axis=0), np.quantile(samples, 0.975, axis=0)
+    jpu = max(point.joules_per_update, 1e-30)
+    return dict(
+        fixed_j=point.fixed_j, fixed_ci_low=min(lo[0], point.fixed_j), fixed_ci_high=max(hi[0], point.fixed_j),
+        joules_per_update=jpu, ci_low=min(lo[1], jpu), ci_high=max(hi[1], jpu),
+        joules_per_line=point.joules_per_line, line_ci_low=min(lo[2], point.joules_per_line),
+        line_ci_high=max(hi[2], point.joules_per_line), method="predicted", reason=reason,
+    )

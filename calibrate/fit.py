@@ -1,0 +1,204 @@
+"""The fit: scikit-learn estimators that turn measurement tables into cost coefficients.
+
+:class:`GlobalCostFit` fits the device's global coefficients (joules per launch, per byte read and
+written and per scattered-written line at each memory level, per FLOP) to a sweep of workloads, and
+finds the cache-to-DRAM transition (its centre and width) from the data. :class:`LayerCostFit` fits
+one layer's ``fixed_j``, ``joules_per_update`` and ``joules_per_line`` to replays of its update
+phase at several densities. Both follow scikit-learn's conventions (``__init__`` stores parameters,
+``fit`` returns self, fitted attributes end in ``_``), use non-negative least squares
+(``LinearRegression(positive=True)``) weighted for relative error, and give 95 % intervals.
+
+The features and the prediction come from :mod:`energyprof.costmodel`; nothing here prices work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LinearRegression
+from sklearn.model_selection import KFold
+
+from energyprof.costmodel import FEATURES, CostCoefficients, feature_matrix, layer_joules, predict_joules
+from energyprof.counts import WorkCounts
+
+__all__ = ["GlobalCostFit", "LayerCostFit", "counts_of_rows", "COUNT_COLUMNS"]
+
+COUNT_COLUMNS = tuple(WorkCounts.__dataclass_fields__)
+
+
+def counts_of_rows(table: pd.DataFrame) -> list[WorkCounts]:
+    """The per-call :class:`WorkCounts` of each row of a measurement table."""
+    missing = [c for c in COUNT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"the measurement table lacks the count columns {', '.join(missing)}")
+    return [WorkCounts(**{c: int(row[c]) for c in COUNT_COLUMNS}) for _, row in table.iterrows()]
+
+
+def _nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted non-negative least squares with column scaling (features span 1 .. 1e10)."""
+    scale = np.sqrt((x**2).mean(axis=0))
+    scale[scale == 0] = 1.0
+    reg = LinearRegression(positive=True, fit_intercept=False).fit(x / scale, y, sample_weight=w)
+    return reg.coef_ / scale
+
+
+def _weights(y: np.ndarray) -> np.ndarray:
+    """Relative-error weights: energies span orders of magnitude, and so do their errors."""
+    floor = max(float(np.median(np.abs(y))) * 1e-3, 1e-300)
+    return 1.0 / np.maximum(np.abs(y), floor) ** 2
+
+
+def _interval(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    a = (1 - confidence) / 2
+    return np.quantile(samples, a, axis=0), np.quantile(samples, 1 - a, axis=0)
+
+
+class GlobalCostFit:
+    """Fit the cost model's global coefficients to a table of protocol results.
+
+    ``table`` has one row per measured workload: the per-call count columns of
+    :class:`~energyprof.counts.WorkCounts`, ``joules_per_call`` (above idle) and ``idle_power_w``.
+
+    Parameters: ``transition_grid`` (candidate widths in octaves, 0 = step), ``centres_per_octave``
+    (resolution of the search for the cache size between the smallest and largest working set),
+    ``n_bootstrap`` (resamples of the rows for the intervals), ``cv`` (folds for the
+    cross-validated error), ``confidence`` and ``random_state``.
+    """
+
+    def __init__(
+        self,
+        transition_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0),
+        centres_per_octave: int = 4,
+        n_bootstrap: int = 300,
+        cv: int = 5,
+        confidence: float = 0.95,
+        random_state: int | None = 0,
+    ) -> None:
+        self.transition_grid = transition_grid
+        self.centres_per_octave = centres_per_octave
+        self.n_bootstrap = n_bootstrap
+        self.cv = cv
+        self.confidence = confidence
+        self.random_state = random_state
+
+    def fit(self, table: pd.DataFrame) -> "GlobalCostFit":
+        if len(table) < len(FEATURES) + 2:
+            raise ValueError(
+                f"the global fit needs at least {len(FEATURES) + 2} measurements, got {len(table)}; "
+                "run the calibration's workload sweep"
+            )
+        counts = counts_of_rows(table)
+        y = table["joules_per_call"].to_numpy(float)
+        w = _weights(y)
+        ws = np.array([c.working_set_bytes for c in counts], float)
+        lo, hi = math.log2(ws.min()), math.log2(ws.max())
+        centres = 2.0 ** np.arange(lo, hi + 1e-9, 1.0 / self.centres_per_octave)
+        best: tuple[float, float, float, np.ndarray] | None = None
+        for width in self.transition_grid:
+            for centre in centres:
+                x = feature_matrix(counts, centre, width)
+                coef = _nnls(x, y, w)
+                sse = float((w * (x @ coef - y) ** 2).sum())
+                if best is None or sse < best[0] * (1 - 1e-9):
+                    best = (sse, float(centre), float(width), coef)
+        assert best is not None
+        _, self.cache_bytes_, self.transition_octaves_, self.coef_ = best
+        x = feature_matrix(counts, self.cache_bytes_, self.transition_octaves_)
+        pred = x @ self.coef_
+        self.r2_ = float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+        self.residuals_rel_ = (pred - y) / y
+        self.cv_mape_ = self._cross_validated_mape(x, y, w)
+        rng = np.random.default_rng(self.random_state)
+        boots = np.empty((self.n_bootstrap, len(FEATURES)))
+        for b in range(self.n_bootstrap):
+            idx = rng.integers(0, len(y), len(y))
+            boots[b] = _nnls(x[idx], y[idx], w[idx])
+        self.bootstrap_coef_ = boots
+        self.coef_low_, self.coef_high_ = _interval(boots, self.confidence)
+        self.coef_low_ = np.minimum(self.coef_low_, self.coef_)
+        self.coef_high_ = np.maximum(self.coef_high_, self.coef_)
+        idle = table["idle_power_w"].to_numpy(float)
+        self.static_power_w_ = float(idle.mean())
+        half = 1.96 * float(idle.std(ddof=1)) / math.sqrt(len(idle)) if len(idle) > 1 else 0.0
+        self.static_power_ci_ = (self.static_power_w_ - half, self.static_power_w_ + half)
+        self.n_measurements_ = len(y)
+        return self
+
+    def _cross_validated_mape(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+        folds = KFold(n_splits=min(self.cv, len(y)), shuffle=True, random_state=self.random_state)
+        errors = []
+        for train, test in folds.split(x):
+            coef = _nnls(x[train], y[train], w[train])
+            errors.extend(np.abs(x[test] @ coef - y[test]) / np.abs(y[test]))
+        return float(np.mean(errors))
+
+    def coefficients(self, vector: Any = None) -> CostCoefficients:
+        """The fitted coefficients (or another vector, e.g. a bootstrap sample) for the cost model."""
+        return CostCoefficients.from_vector(
+            self.coef_ if vector is None else vector, round(self.cache_bytes_), self.transition_octaves_,
+            self.static_power_w_,
+        )
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        """Joules per call above idle of each row's counts, through the cost model."""
+        coefficients = self.coefficients()
+        return np.array([predict_joules(c, coefficients) for c in counts_of_rows(table)])
+
+    def intervals(self) -> dict[str, tuple[float, float, float]]:
+        """Feature name -> (value, low, high)."""
+        return {f: (float(v), float(lo), float(hi))
+                for f, v, lo, hi in zip(FEATURES, self.coef_, self.coef_low_, self.coef_high_)}
+
+
+class LayerCostFit:
+    """Fit ``fixed_j + joules_per_update * k + joules_per_line * lines`` for one layer.
+
+    ``fit(kept, lines, joules, se)`` takes, per replay, the kept entries, the 64-byte lines they
+    touch, the joules per call above idle and its standard error. Weighted non-negative least
+    squares; 95 % intervals by parametric bootstrap from each replay's own uncertainty; ``r2_`` and
+    ``rmse_rel_`` say how well the line fits."""
+
+    def __init__(self, n_bootstrap: int = 300, confidence: float = 0.95, random_state: int | None = 0) -> None:
+        self.n_bootstrap = n_bootstrap
+        self.confidence = confidence
+        self.random_state = random_state
+
+    def fit(self, kept: Any, lines: Any, joules: Any, se: Any) -> "LayerCostFit":
+        k = np.asarray(kept, float)
+        ln = np.asarray(lines, float)
+        y = np.asarray(joules, float)
+        s = np.asarray(se, float)
+        if len(y) < 3:
+            raise ValueError(f"a layer fit needs replays at three or more densities, got {len(y)}")
+        x = np.column_stack([np.ones_like(k), k, ln])
+        sd = np.sqrt(s**2 + (1e-3 * np.abs(y)) ** 2)
+        sd[sd == 0] = max(float(np.abs(y).max()) * 1e-6, 1e-300)
+        w = 1.0 / sd**2
+        self.coef_ = _nnls(x, y, w)
+        pred = x @ self.coef_
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        self.r2_ = float(1 - ((y - pred) ** 2).sum() / ss_tot) if ss_tot > 0 else 1.0
+        self.rmse_rel_ = float(np.sqrt(np.mean(((pred - y) / np.where(y != 0, y, 1)) ** 2)))
+        rng = np.random.default_rng(self.random_state)
+        boots = np.empty((self.n_bootstrap, 3))
+        for b in range(self.n_bootstrap):
+            boots[b] = _nnls(x, y + rng.normal(0.0, 1.0, len(y)) * s, w)
+        low, high = _interval(boots, self.confidence)
+        self.coef_low_ = np.minimum(low, self.coef_)
+        self.coef_high_ = np.maximum(high, self.coef_)
+        self.fixed_j_, self.joules_per_update_, self.joules_per_line_ = (float(v) for v in self.coef_)
+        return self
+
+    def predict(self, kept: Any, lines: Any) -> np.ndarray:
+        """Joules of each (kept, lines) pair, through the cost model."""
+        return np.array([layer_joules(self.fixed_j_, self.joules_per_update_, self.joules_per_line_, int(k), int(n))
+                         for k, n in zip(np.atleast_1d(kept), np.atleast_1d(lines))])
+
+    def resolved(self, max_rel_half_width: float = 0.25) -> bool:
+        """Is the marginal cost resolved: positive, with an interval narrower than ``max_rel_half_width``
+        of it on each side?"""
+        v, lo, hi = self.joules_per_update_, self.coef_low_[1], self.coef_high_[1]
+        return v > 0 and (hi - lo) / 2 <= max_rel_half_width * v
