@@ -58,9 +58,9 @@ from energyprof.workloads import UpdatePhase, itemsize_of, make_workload
 
 __all__ = ["PlanItem", "CalibrationError", "build_plan", "calibrate", "protocol_settings", "resolve_meter_spec"]
 
-LAYER_DENSITIES = {"quick": (0.001, 0.01, 0.05, 0.2), "full": (0.001, 0.003, 0.01, 0.03, 0.1, 0.2)}
-SWEEP_SIZES = {"quick": (4**7, 4**9, 4**11, 4**12), "full": (4**7, 4**8, 4**9, 4**10, 4**11, 4**12, 4**13)}
-SPARSE_SIZES = {"quick": (4**7, 4**9, 4**11, 4**12), "full": (4**8, 4**10, 4**12, 4**13)}
+LAYER_DENSITIES = {"quick": (0.001, 0.01, 0.05, 0.2), "full": (0.001, 0.01, 0.05, 0.2)}
+SWEEP_SIZES = {"quick": (4**6, 4**8, 4**10, 4**12), "full": (4**7, 4**8, 4**9, 4**10, 4**11, 4**12, 4**13)}
+SPARSE_SIZES = {"quick": (4**6, 4**8, 4**10, 4**12), "full": (4**7, 4**9, 4**11, 4**13)}
 SPARSE_DENSITIES = (0.01, 0.2)
 MIN_LAYER_NUMEL = {"quick": 16384, "full": 4096}
 SPARSE_KERNELS = ("scatter", "pack", "residual", "runs", "update")
@@ -71,11 +71,15 @@ class CalibrationError(EnergyprofError):
     """A calibration that cannot start or continue (its message says what to do)."""
 
 
+IDLE_EVERY_S = 120.0  # the shared idle baseline is re-measured after this much meter time
+
+
 def protocol_settings(quick: bool) -> dict[str, Any]:
-    """The measurement protocol's parameters for a calibration (recorded in the profile)."""
-    if quick:
-        return dict(min_window_s=0.5, min_periods=5, min_calls=32, trials=3, idle_windows=3, warmup_s=0.05)
-    return dict(min_window_s=1.0, min_periods=10, min_calls=32, trials=4, idle_windows=4, warmup_s=0.25)
+    """The measurement protocol's parameters for a calibration (recorded in the profile). The idle
+    baseline is shared: measured at the start and again every ``IDLE_EVERY_S`` of meter time."""
+    if quick:  # fewer measurements (see the plan), each with longer windows
+        return dict(min_window_s=0.5, min_periods=5, min_calls=32, trials=3, idle_windows=4, warmup_s=0.05)
+    return dict(min_window_s=0.3, min_periods=3, min_calls=32, trials=3, idle_windows=4, warmup_s=0.05)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -147,8 +151,9 @@ def estimate_seconds(items: list[PlanItem], settings: dict[str, Any], update_per
     windows, warm-up, one update period per window for alignment): the plan the README states."""
     period = update_period_s or 0.0
     window = max(settings["min_window_s"], settings["min_periods"] * period)
-    per = settings["idle_windows"] * window + settings["warmup_s"] + settings["trials"] * (window + 2 * period)
-    return len(items) * per
+    per = settings["warmup_s"] + settings["trials"] * (window + 2 * period)
+    total = len(items) * per
+    return total + (1 + total // IDLE_EVERY_S) * settings["idle_windows"] * window
 
 
 # ---------------------------------------------------------------------------- meter spec
@@ -179,6 +184,14 @@ def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int) -> d
         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     return row
+
+
+def _drop_torn_line(csv_path: Path) -> None:
+    """A process killed while appending may leave a last line without its newline: drop it (that
+    measurement is re-measured; every finished one ends with a newline)."""
+    data = csv_path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        csv_path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def _append(csv_path: Path, row: dict[str, Any]) -> None:
@@ -246,6 +259,7 @@ def calibrate(
                     "resume with the same --meter, --device, --model and --quick, or start a new --out"
                 )
         if csv_path.exists() and csv_path.stat().st_size:
+            _drop_torn_line(csv_path)
             for row in pd.read_csv(csv_path).to_dict("records"):
                 done[row["id"]] = row
     elif csv_path.exists() or meta_path.exists():
@@ -293,11 +307,15 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     current = None
+    idle = None
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task("calibrating", total=len(pending))
             for item in pending:
                 current = item
+                if idle is None or meter.clock() - idle.measured_at > IDLE_EVERY_S:
+                    bar.update(task, description="idle baseline")
+                    idle = protocol.measure_idle(meter)
                 bar.update(task, description=f"{item.id[:48]:<48}")
                 workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
                                          seed=item.seed).setup(dev)
@@ -305,7 +323,7 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
                 kept = int(positions.numel()) if positions is not None else 0
                 lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
                 run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
-                result = protocol.measure(run, meter)
+                result = protocol.measure(run, meter, idle=idle)
                 row = _row(item, workload, result, kept, lines)
                 _append(csv_path, row)
                 done[item.id] = row

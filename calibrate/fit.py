@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import KFold
 
@@ -105,7 +106,20 @@ class GlobalCostFit:
                 if best is None or sse < best[0] * (1 - 1e-9):
                     best = (sse, float(centre), float(width), coef)
         assert best is not None
-        _, self.cache_bytes_, self.transition_octaves_, self.coef_ = best
+        _, centre, width, _ = best
+        step = 1.0 / self.centres_per_octave
+
+        def sse_at(log2_centre: float) -> float:
+            x = feature_matrix(counts, 2.0**log2_centre, width)
+            coef = _nnls(x, y, w)
+            return float((w * (x @ coef - y) ** 2).sum())
+
+        refined = minimize_scalar(sse_at, bounds=(math.log2(centre) - step, math.log2(centre) + step),
+                                  method="bounded", options={"xatol": 1e-4})
+        if refined.success and refined.fun <= best[0]:
+            centre = 2.0 ** float(refined.x)
+        self.cache_bytes_, self.transition_octaves_ = centre, width
+        self.coef_ = _nnls(feature_matrix(counts, centre, width), y, w)
         x = feature_matrix(counts, self.cache_bytes_, self.transition_octaves_)
         pred = x @ self.coef_
         self.r2_ = float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())

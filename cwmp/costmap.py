@@ -1,4 +1,8 @@
-"""Cost maps: joules per kept update entry for every named tensor of one model on one device.
+"""Cost maps: what keeping update entries costs, for every named tensor of one model on one device.
+
+Each tensor has a fixed cost (paid once when any of its entries is kept), a cost per kept entry
+and a cost per 64-byte line holding a kept entry (scattered writes are paid in whole lines). The
+energy of a mask is predicted by :func:`energyprof.costmodel.layer_joules` and nowhere else.
 
 A device profile prices the layers it was calibrated on. A layer it lacks is an error by default,
 because a guessed cost silently changes which entries CWMP keeps; ``allow_predicted=True`` prices it
@@ -16,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cwmp.errors import CostMapError
+from energyprof.costmodel import expected_lines, layer_joules, lines_touched
 
 if TYPE_CHECKING:  # calibrate is imported only for the type; any object with the API works
     from calibrate.profile import DeviceProfile
@@ -41,11 +46,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class LayerPrice:
-    """What keeping one entry of one tensor costs, and where that number came from: the profile's
-    per-layer table ('measured' or 'predicted' there) or a prediction made here ('predicted')."""
+    """What keeping entries of one tensor costs, and where the numbers came from: the profile's
+    per-layer table ('measured' or 'predicted' there) or a prediction made here ('predicted').
+    ``fixed_j`` is paid once when any entry is kept, ``joules_per_update`` per kept entry and
+    ``joules_per_line`` per 64-byte line holding a kept entry (``itemsize`` bytes per entry)."""
 
     joules_per_update: float
     method: Literal["measured", "predicted"]
+    fixed_j: float = 0.0
+    joules_per_line: float = 0.0
+    itemsize: int = 4
+
+    def marginal_j(self, numel: int, density: float = 0.01) -> float:
+        """Cost per kept entry at ``density`` (lines shared at that density spread over its entries):
+        the per-entry price a selection rule uses."""
+        if self.joules_per_line == 0 or numel <= 0:
+            return self.joules_per_update
+        kept = max(1.0, density * numel)
+        return self.joules_per_update + self.joules_per_line * expected_lines(kept, numel, self.itemsize) / kept
 
 
 class CostMap:
@@ -58,7 +76,12 @@ class CostMap:
             j = price.joules_per_update
             if not (isinstance(j, (int, float)) and math.isfinite(j) and j > 0):
                 raise CostMapError(f"layer {name!r}: joules_per_update must be finite and > 0, got {j!r}")
+            for what in ("fixed_j", "joules_per_line"):
+                v = getattr(price, what)
+                if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                    raise CostMapError(f"layer {name!r}: {what} must be finite and >= 0, got {v!r}")
         self.prices = dict(prices)
+        self.numel: dict[str, int] = {}
         self.simulated, self.profile, self.model = simulated, profile, model
 
     @classmethod
@@ -79,7 +102,8 @@ class CostMap:
             layer = table.get(name)
             if layer is None:
                 if allow_predicted:
-                    prices[name] = LayerPrice(profile.predict_joules_per_update(tensor.numel(), dtype), "predicted")
+                    c = profile.predict_layer(tensor.numel(), dtype)
+                    prices[name] = LayerPrice(c.joules_per_update, "predicted", c.fixed_j, c.joules_per_line, c.itemsize)
                 else:
                     missing.append(name)
                 continue
@@ -89,7 +113,8 @@ class CostMap:
                     f"{layer.dtype}{list(layer.shape)}, but the tensor is {dtype}{list(tensor.shape)}; "
                     "calibrate this model as it is, or pass the tensors of the model the profile describes"
                 )
-            prices[name] = LayerPrice(layer.joules_per_update, layer.method)
+            prices[name] = LayerPrice(layer.joules_per_update, layer.method, layer.fixed_j, layer.joules_per_line,
+                                      tensor.element_size())
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CostMapError(
@@ -97,7 +122,9 @@ class CostMap:
                 f"(it prices {len(table)} layers); calibrate them, or pass allow_predicted=True to price "
                 "them from the profile's global coefficients"
             )
-        return cls(prices, simulated=profile.simulated, profile=profile.name, model=model)
+        cmap = cls(prices, simulated=profile.simulated, profile=profile.name, model=model)
+        cmap.numel = {name: t.numel() for name, t in named.items()}
+        return cmap
 
     # ------------------------------------------------------------------------------ lookups
     def __getitem__(self, name: str) -> float:
@@ -115,9 +142,26 @@ class CostMap:
     def predicted_layers(self) -> list[str]:
         return [name for name, price in self.prices.items() if price.method == "predicted"]
 
+    def fixed_j(self, name: str) -> float:
+        self[name]  # a missing layer fails by name
+        return self.prices[name].fixed_j
+
+    def marginal_j(self, name: str, density: float = 0.01) -> float:
+        """Per-entry cost of ``name`` for selection, at ``density`` of its entries kept."""
+        self[name]
+        return self.prices[name].marginal_j(self.numel.get(name, 0), density)
+
+    def layer_joules(self, name: str, mask: Tensor) -> float:
+        """Predicted joules of keeping the entries ``mask`` keeps in tensor ``name`` (the cost model)."""
+        self[name]
+        price = self.prices[name]
+        kept = int(torch.count_nonzero(mask))
+        lines = lines_touched(mask.bool(), price.itemsize) if kept and price.joules_per_line else 0
+        return layer_joules(price.fixed_j, price.joules_per_update, price.joules_per_line, kept, lines)
+
     def joules_by_layer(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
         """Predicted joules of keeping the entries each mask keeps."""
-        return {name: int(torch.count_nonzero(mask)) * self[name] for name, mask in masks.items()}
+        return {name: self.layer_joules(name, mask) for name, mask in masks.items()}
 
     def predicted_joules(self, masks: Mapping[str, Tensor]) -> float:
         return math.fsum(self.joules_by_layer(masks).values())

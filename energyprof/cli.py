@@ -115,23 +115,17 @@ def _print_perf_stat(r: dict[str, Any], out) -> None:
     print(file=out)
 
 
-# ---------------------------------------------------------------------------- profiles
-def cmd_profiles(args: argparse.Namespace) -> int:
-    from calibrate.profile import ProfileError, available_profiles, load_profile
+# ---------------------------------------------------------------------------- calibrate, profile
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibrate.commands import cmd_calibrate as run
 
-    if args.name is None:
-        for name, path in sorted(available_profiles().items()):
-            print(f"{name:<24} {path}")
-        return 0
-    try:
-        profile = load_profile(args.name)
-    except ProfileError as exc:
-        return _fail(str(exc), 1)
-    if args.json:
-        print(profile.model_dump_json(indent=2))
-    else:
-        print(profile.summary())
-    return 0
+    return run(args)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from calibrate.commands import cmd_profile as run
+
+    return run(args)
 
 
 # ---------------------------------------------------------------------------- bench-kernel
@@ -203,10 +197,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_measure)
 
-    p = sub.add_parser("profiles", help="list the device profiles found, or show one")
-    p.add_argument("name", nargs="?", help="profile name or YAML path")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_profiles)
+    p = sub.add_parser(
+        "calibrate",
+        help="measure a device's update costs and write its YAML profile",
+        description="Plan a workload sweep (global coefficients) and update-phase replays of each model's "
+        "layers at several densities, run each through the measurement protocol, save each to "
+        "OUT.measurements.csv as it finishes, fit the cost model (scikit-learn) and write the profile. "
+        "Example: energyprof calibrate --meter nvml --device cuda:0 --model resnet18 --out h100.yaml",
+    )
+    p.add_argument("--meter", default="auto", help="meter spec (default: auto; 'sim:preset=...' for the simulator)")
+    p.add_argument("--device", default="cpu", help="torch device the kernels run on: cpu, cuda:N (default: cpu)")
+    p.add_argument("--model", action="append", default=[],
+                   help="mlp, cnn, resnet18 or module:attr; repeat or comma-separate (default: resnet18)")
+    p.add_argument("--out", default="profile.yaml", help="profile path (default: profile.yaml)")
+    p.add_argument("--quick", action="store_true", help="a shorter plan and shorter windows (CI, first look)")
+    p.add_argument("--force", action="store_true", help="replace an existing profile (and restart its measurements)")
+    p.add_argument("--resume", action="store_true", help="continue a run: skip what OUT.measurements.csv holds")
+    p.add_argument("--min-layer-numel", type=int, default=None,
+                   help="tensors smaller than this are predicted, not replayed (default: 16384 quick, 4096 full)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate; measure nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("profile", help="list, show, validate, diff or export device profiles")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    a = actions.add_parser("list", help="the profiles found by name (shipped, $ENERGYPROF_PROFILE_PATH)")
+    a = actions.add_parser("show", help="summary of one profile")
+    a.add_argument("target", help="profile name or YAML path")
+    a.add_argument("--layers", action="store_true", help="also every layer of every model table")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("validate", help="check a profile file; exits 1 naming the field and line")
+    a.add_argument("target", help="YAML path or profile name")
+    a = actions.add_parser("diff", help="relative change of every coefficient and layer, and interval overlap")
+    a.add_argument("target", help="profile A (name or path)")
+    a.add_argument("other", help="profile B (name or path)")
+    a = actions.add_parser("export", help="write a profile (e.g. a shipped one) to a path")
+    a.add_argument("target", help="profile name or path")
+    a.add_argument("--out", required=True, help="destination YAML path")
+    a.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser(
         "bench-kernel",

@@ -235,13 +235,24 @@ def expected_lines(kept: float, numel: int, itemsize: int) -> float:
     return n_lines * (1.0 - p_empty)
 
 
-def layer_costs_from_global(coefficients: CostCoefficients, numel: int, dtype: str) -> LayerCoefficients:
+def layer_costs_from_global(
+    coefficients: CostCoefficients, numel: int, dtype: str, reference_density: float = 0.05
+) -> LayerCoefficients:
     """Per-layer costs predicted from the global coefficients: the cost model applied to the counts
-    of the update phase itself (:meth:`energyprof.workloads.UpdatePhase.counts_for`)."""
+    of the update phase itself (:meth:`energyprof.workloads.UpdatePhase.counts_for`).
+
+    ``fixed_j`` is the cost with nothing kept; the per-entry and per-line costs are secants through
+    a replay at ``reference_density`` (random positions), so that the prediction is exact there and
+    includes how the kept entries' buffers grow the working set (which matters near the cache size)."""
     from energyprof.workloads import UpdatePhase, itemsize_of
 
     s = itemsize_of(dtype)
-    base = predict_joules(UpdatePhase.counts_for(numel, 0, 0, s), coefficients)
-    one = predict_joules(UpdatePhase.counts_for(numel, 1, 0, s), coefficients)
-    line = predict_joules(UpdatePhase.counts_for(numel, 0, 1, s), coefficients)
-    return LayerCoefficients(fixed_j=base, joules_per_update=one - base, joules_per_line=line - base, itemsize=s)
+    k = max(1, round(reference_density * numel))
+    lines = max(1, round(expected_lines(k, numel, s)))
+    fixed = predict_joules(UpdatePhase.counts_for(numel, 0, 0, s), coefficients)
+    entries = predict_joules(UpdatePhase.counts_for(numel, k, 0, s), coefficients)
+    both = predict_joules(UpdatePhase.counts_for(numel, k, lines, s), coefficients)
+    return LayerCoefficients(
+        fixed_j=fixed, joules_per_update=max(0.0, (entries - fixed) / k),
+        joules_per_line=max(0.0, (both - entries) / lines), itemsize=s,
+    )

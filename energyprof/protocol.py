@@ -43,7 +43,7 @@ from energyprof.counts import WorkCounts
 from energyprof.errors import EnergyprofError, NoEnergyObserved
 from energyprof.meters.base import Meter, MeterInfo, synchronize
 
-__all__ = ["MeasurementProtocol", "ProtocolResult", "ProtocolError"]
+__all__ = ["MeasurementProtocol", "ProtocolResult", "ProtocolError", "IdleBaseline"]
 
 _WINDOW = "energyprof.protocol"
 _POLLS = ("energyprof.protocol.poll-a", "energyprof.protocol.poll-b")
@@ -105,6 +105,16 @@ class ProtocolResult:
         )
 
 
+@dataclass(frozen=True)
+class IdleBaseline:
+    """Idle power measured by the protocol's idle windows, with its standard error."""
+
+    power_w: float
+    se_w: float
+    windows: int
+    measured_at: float  # meter clock
+
+
 class MeasurementProtocol:
     """Measure a set-up workload's joules per call on a meter (see the module docstring).
 
@@ -138,11 +148,24 @@ class MeasurementProtocol:
         self.confidence = confidence
         self.random_state = random_state
 
-    def measure(self, workload: Any, meter: Meter) -> ProtocolResult:
+    def measure(self, workload: Any, meter: Meter, idle: "IdleBaseline | None" = None) -> ProtocolResult:
+        """Measure ``workload``; ``idle`` reuses a baseline measured earlier in the same session
+        (:meth:`measure_idle`) instead of measuring one for this workload."""
         self._validate()
         if not hasattr(workload, "counts_"):
             raise ProtocolError(f"{workload!r} is not set up; call workload.setup(device) first")
-        return _Session(self, workload, meter).run()
+        return _Session(self, workload, meter, idle).run()
+
+    def measure_idle(self, meter: Meter) -> "IdleBaseline":
+        """The idle baseline alone (its windows as :meth:`measure` takes them), to share across the
+        measurements of a session: a calibration re-measures it every few minutes."""
+        self._validate()
+        session = _Session(self, None, meter)
+        session.idle_windows()
+        t = pd.DataFrame(session.rows)
+        return IdleBaseline(power_w=float(t.power_w.mean()),
+                            se_w=float(t.power_w.std(ddof=1)) / math.sqrt(len(t)), windows=len(t),
+                            measured_at=float(t.t_end.max()))
 
     def _validate(self) -> None:
         if self.trials < 2 or (self.idle_windows is not None and self.idle_windows < 2):
@@ -158,8 +181,10 @@ class MeasurementProtocol:
 class _Session:
     """State of one ``measure`` call."""
 
-    def __init__(self, protocol: MeasurementProtocol, workload: Any, meter: Meter) -> None:
+    def __init__(self, protocol: MeasurementProtocol, workload: Any, meter: Meter,
+                 idle: IdleBaseline | None = None) -> None:
         self.p = protocol
+        self.idle = idle
         self.workload = workload
         self.meter = meter
         self.info = meter.info
@@ -277,9 +302,8 @@ class _Session:
             if t1 - start >= self.p.warmup_s:
                 return float(np.median(per_call))
 
-    def run(self) -> ProtocolResult:
+    def idle_windows(self) -> None:
         p, meter = self.p, self.meter
-        meter.sleep(p.cooldown_s)
         idle_s = self._window_s()
         idle_aligned = self._aligned(idle_s)
         idle_step_s = self.period / 50 if idle_aligned else idle_s / 20
@@ -291,6 +315,11 @@ class _Session:
         for i in range(p.idle_windows or p.trials):
             self._window("idle", i, idle, idle_s, idle_aligned, 0)
 
+    def run(self) -> ProtocolResult:
+        p, meter = self.p, self.meter
+        meter.sleep(p.cooldown_s)
+        if self.idle is None:
+            self.idle_windows()
         seconds_per_call = self._warm_up()
         window_s = self._window_s(seconds_per_call)
         short = bool(self.period) and seconds_per_call < self.period
@@ -313,8 +342,12 @@ class _Session:
 
         t = pd.DataFrame(self.rows)
         idle, kern = t[t.role == "idle"], t[t.role == "kernel"]
-        idle_w = float(idle.power_w.mean())
-        se_idle_w = float(idle.power_w.std(ddof=1)) / math.sqrt(len(idle))
+        if self.idle is not None:
+            idle_w, se_idle_w, n_idle = self.idle.power_w, self.idle.se_w, self.idle.windows
+        else:
+            idle_w = float(idle.power_w.mean())
+            se_idle_w = float(idle.power_w.std(ddof=1)) / math.sqrt(len(idle))
+            n_idle = len(idle)
         t["total_joules_per_call"] = (t.energy_j / t.calls).where(t.role == "kernel")
         t["joules_per_call"] = ((t.energy_j - idle_w * t.seconds) / t.calls).where(t.role == "kernel")
         per_trial = t.joules_per_call[t.role == "kernel"]
@@ -323,7 +356,7 @@ class _Session:
         var_idle = (se_idle_w * seconds_per_call) ** 2
         se = math.sqrt(var_trials + var_idle)
         if se > 0:  # Welch-Satterthwaite degrees of freedom
-            dof = se**4 / (var_trials**2 / (len(kern) - 1) + var_idle**2 / (len(idle) - 1))
+            dof = se**4 / (var_trials**2 / (len(kern) - 1) + var_idle**2 / (n_idle - 1))
             half = float(stats.t.ppf(0.5 + self.p.confidence / 2, dof)) * se
         else:
             half = 0.0
@@ -343,7 +376,7 @@ class _Session:
             idle_power_w=idle_w,
             calls=int(kern.calls.sum()),
             windows=len(kern),
-            idle_windows=len(idle),
+            idle_windows=n_idle,
             aligned=aligned,
             counts=self.workload.counts_,
             meter=i,

@@ -1,0 +1,209 @@
+"""`energyprof calibrate` end to end on the simulator (SIMULATED numbers), and the profile commands.
+
+One calibration (cnn on the simulated rpi4, --quick) is killed half-way, resumed, and then serves
+every check of issue 8's "done when": the profile validates, DRAM-sized layers cost more per kept
+entry than cache-sized ones as the truth says, predictions agree with the truth, a corrupted value
+fails validation naming the field and line, a second run without --force leaves the file as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from calibrate.calibration import CalibrationError, build_plan, calibrate
+from calibrate.profile import ProfileError, load_profile
+from energyprof.costmodel import layer_costs_from_global, lines_touched, predict_joules
+from energyprof.meters.sim import PRESETS
+from energyprof.models import build_model
+from energyprof.workloads import UpdatePhase
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = "sim:preset=rpi4,seed=3"
+
+
+def energyprof(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "energyprof", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """cnn on the simulated rpi4: killed after a third of its measurements, then resumed."""
+    out = tmp_path_factory.mktemp("cal") / "rpi4-cnn.yaml"
+    csv = out.with_name(out.name + ".measurements.csv")
+    args = ["calibrate", "--meter", SPEC, "--model", "cnn", "--quick", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "energyprof", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    items, _ = build_plan({"cnn": build_model("cnn")}, quick=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if csv.exists() and csv.read_text().count("\n") > len(items) // 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(csv)
+    assert 0 < len(before) < len(items), "the run was to be killed half-way"
+    assert not out.exists()
+    resumed = energyprof(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({len(before)} already in" in resumed.stderr
+    after = pd.read_csv(csv)
+    return {"out": out, "csv": csv, "before": before, "after": after, "items": items, "args": args}
+
+
+def test_a_killed_run_resumes_and_remeasures_nothing_it_had_finished(calibrated):
+    before, after, items = calibrated["before"], calibrated["after"], calibrated["items"]
+    assert len(after) == len(items) and after.id.is_unique
+    assert set(after.id) == {i.id for i in items}
+    # the finished rows are kept as they were, not measured again
+    pd.testing.assert_frame_equal(after.iloc[: len(before)].reset_index(drop=True), before)
+
+
+def test_profile_validates_and_is_labelled_simulated(calibrated):
+    r = energyprof("profile", "validate", str(calibrated["out"]))
+    assert r.returncode == 0, r.stderr
+    assert "valid energyprof profile" in r.stdout and "SIMULATED" in r.stdout
+    profile = load_profile(calibrated["out"])
+    assert profile.simulated and profile.provenance.meter.backend == "sim"
+    assert profile.provenance.meter_spec.startswith(SPEC) and profile.provenance.wall_time_s > 0
+    assert profile.provenance.torch_version == torch.__version__
+    assert profile.schema_version == 2 and "SIMULATED" in profile.provenance.method
+    layers = profile.layer_costs("cnn")
+    assert set(layers) == {n for n, _ in build_model("cnn").named_parameters()}
+    for layer in layers.values():  # never 0, every layer priced
+        assert layer.joules_per_update > 0 and layer.fixed_j > 0
+        assert layer.method == "measured" or layer.reason
+
+
+def test_dram_sized_layers_cost_more_per_kept_entry_as_the_truth_says(calibrated):
+    profile = load_profile(calibrated["out"])
+    layers = profile.layer_costs("cnn")
+    truth = PRESETS["rpi4"].truth
+    dram, cache = layers["fc1.weight"], layers["fc2.weight"]  # 12 MiB and 384 KiB working sets; cache 1 MiB
+    assert dram.method == "measured"
+
+    def per_entry(layer, coefficients):
+        k = round(0.01 * layer.numel)
+        lines = round(k * 0.99)
+        if coefficients is None:
+            return (layer.joules(k, lines) - layer.fixed_j) / k
+        return (predict_joules(UpdatePhase.counts_for(layer.numel, k, lines, 4), coefficients)
+                - predict_joules(UpdatePhase.counts_for(layer.numel, 0, 0, 4), coefficients)) / k
+
+    assert per_entry(dram, truth) > 2 * per_entry(cache, truth)  # the preset's truth
+    assert per_entry(dram, None) > 2 * per_entry(cache, None)  # what the calibration found
+
+
+def test_predictions_for_replays_agree_with_the_truth(calibrated):
+    profile = load_profile(calibrated["out"])
+    truth = PRESETS["rpi4"].truth
+    g = torch.Generator().manual_seed(0)
+    errors = []
+    for layer in profile.models["cnn"].layers:
+        for d in (0.003, 0.02, 0.1):
+            k = max(1, round(d * layer.numel))
+            lines = lines_touched(torch.randperm(layer.numel, generator=g)[:k], 4)
+            true_j = predict_joules(UpdatePhase.counts_for(layer.numel, k, lines, 4), truth)
+            errors.append(abs(layer.joules(k, lines) - true_j) / true_j)
+    assert max(errors) < 0.05
+    assert sum(errors) / len(errors) < 0.02
+
+
+def test_a_second_run_without_force_refuses_and_leaves_the_file_unchanged(calibrated):
+    out = calibrated["out"]
+    before = out.read_bytes()
+    r = energyprof(*calibrated["args"])
+    assert r.returncode != 0 and "already exists" in r.stderr and "--force" in r.stderr
+    assert out.read_bytes() == before
+
+
+def test_a_corrupted_value_fails_validation_naming_the_field_and_line(calibrated, tmp_path):
+    text = calibrated["out"].read_text()
+    data = yaml.safe_load(text)
+    data["models"]["cnn"]["layers"][4]["joules_per_update"] = -1.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = energyprof("profile", "validate", str(bad))
+    assert r.returncode == 1
+    assert "models.cnn.layers.4.joules_per_update" in r.stderr
+    line = next(i for i, l in enumerate(bad.read_text().splitlines(), 1) if "joules_per_update: -1.0" in l)
+    assert f"(line {line})" in r.stderr
+
+
+def test_resume_refuses_another_meter_or_model(calibrated):
+    args = list(calibrated["args"])
+    other = args.copy()
+    other[other.index(SPEC)] = "sim:preset=h100"
+    r = energyprof(*other, "--resume", "--force")
+    assert r.returncode == 1 and "cannot resume" in r.stderr and "meter" in r.stderr
+    other = args.copy()
+    other[other.index("cnn")] = "mlp"
+    r = energyprof(*other, "--resume", "--force")
+    assert r.returncode == 1 and "cannot resume" in r.stderr and "models" in r.stderr
+
+
+def test_profile_diff_and_export(calibrated, tmp_path):
+    r = energyprof("profile", "diff", str(calibrated["out"]), "sim-rpi4")
+    assert r.returncode == 0, r.stderr
+    assert "j_per_call" in r.stdout and "intervals" in r.stdout and "model cnn" in r.stdout
+    dest = tmp_path / "x.yaml"
+    assert energyprof("profile", "export", "sim-rpi4", "--out", str(dest)).returncode == 0
+    assert load_profile(dest) == load_profile("sim-rpi4")
+    r = energyprof("profile", "export", "sim-rpi4", "--out", str(dest))
+    assert r.returncode == 1 and "already exists" in r.stderr
+
+
+def test_auto_without_a_real_meter_says_how_to_calibrate_the_simulator(tmp_path):
+    r = energyprof("calibrate", "--meter", "auto", "--model", "mlp", "--quick", "--out", str(tmp_path / "p.yaml"))
+    if r.returncode == 0:
+        pytest.skip("this machine has a real meter")
+    assert "no real energy meter" in r.stderr and "sim:preset=" in r.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_an_old_schema_says_how_to_recalibrate(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("schema_version: 1\nname: old\n")
+    with pytest.raises(ProfileError, match="schema_version 1.*energyprof calibrate"):
+        load_profile(old)
+
+
+def test_a_meter_failing_mid_run_keeps_what_was_measured(tmp_path, monkeypatch):
+    """A meter that dies after a few measurements: the calibration stops with a clear error, the
+    finished measurements stay in the CSV, and --resume continues from there."""
+    import calibrate.calibration as cal
+    from energyprof.errors import MeterFailure
+    from energyprof.protocol import MeasurementProtocol
+
+    monkeypatch.setattr(cal, "SWEEP_SIZES", {"quick": (4**5, 4**7)})
+    monkeypatch.setattr(cal, "SPARSE_SIZES", {"quick": (4**5, 4**7)})
+    real = MeasurementProtocol.measure
+    count = {"n": 0}
+
+    def failing(self, workload, meter, idle=None):
+        count["n"] += 1
+        if count["n"] == 6:
+            raise MeterFailure("the simulated meter stopped answering")
+        return real(self, workload, meter, idle)
+
+    monkeypatch.setattr(MeasurementProtocol, "measure", failing)
+    out = tmp_path / "p.yaml"
+    with pytest.raises(CalibrationError, match=r"5 finished measurements are saved.*--resume"):
+        calibrate(SPEC, models=["mlp"], out=out, quick=True, progress=False, say=lambda s: None)
+    assert len(pd.read_csv(out.with_name(out.name + ".measurements.csv"))) == 5
+    assert not out.exists()
+    count["n"] = 100
+    profile = calibrate(SPEC, models=["mlp"], out=out, quick=True, resume=True, progress=False, say=lambda s: None)
+    assert count["n"] == 100 + len(build_plan({"mlp": build_model("mlp")}, True)[0]) - 5
+    assert profile.models["mlp"].layers and out.exists()

@@ -1,0 +1,152 @@
+"""The one cost model: features, per-layer costs, and that everything predicts through it."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import energyprof.costmodel as cm
+from calibrate.fit import GlobalCostFit, LayerCostFit
+from energyprof.counts import WorkCounts
+from energyprof.meters.sim import PRESETS
+from energyprof.workloads import UpdatePhase, make_workload
+
+
+@given(ws=st.floats(1, 1e12), cache=st.floats(1e3, 1e9), width=st.floats(0, 4))
+def test_dram_fraction_is_a_share_that_grows_with_the_working_set(ws, cache, width):
+    f = cm.dram_fraction(ws, cache, width)
+    assert 0 <= f <= 1
+    assert cm.dram_fraction(ws * 2, cache, width) >= f
+
+
+def test_dram_fraction_step_and_smooth():
+    assert cm.dram_fraction(100, 100, 0) == 0 and cm.dram_fraction(101, 100, 0) == 1
+    assert cm.dram_fraction(100, 100, 1.0) == pytest.approx(0.5)
+    assert cm.dram_fraction(200, 100, 1.0) == pytest.approx(1 / (1 + math.exp(-2)))
+
+
+def test_lines_touched_from_a_mask_and_from_positions_agree():
+    g = torch.Generator().manual_seed(0)
+    for numel, k in ((1000, 3), (4096, 500), (333, 333)):
+        positions = torch.randperm(numel, generator=g)[:k]
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[positions] = True
+        brute = len({int(p) // 16 for p in positions})
+        assert cm.lines_touched(mask, 4) == cm.lines_touched(positions, 4) == brute
+        assert cm.lines_touched(mask.view(-1, 1) if numel % 1 == 0 else mask, 4) == brute
+    assert cm.lines_touched(torch.zeros(10, dtype=torch.bool), 4) == 0
+    # float16: 32 entries per line
+    assert cm.lines_touched(torch.tensor([0, 31, 32]), 2) == 2
+
+
+def test_expected_lines_matches_random_masks():
+    g = torch.Generator().manual_seed(1)
+    numel, k = 100_000, 5_000
+    seen = [cm.lines_touched(torch.randperm(numel, generator=g)[:k], 4) for _ in range(20)]
+    assert np.mean(seen) == pytest.approx(cm.expected_lines(k, numel, 4), rel=0.01)
+
+
+def test_layer_joules_costs_nothing_when_nothing_is_kept():
+    assert cm.layer_joules(1.0, 0.1, 0.2, 0, 0) == 0.0
+    assert cm.layer_joules(1.0, 0.1, 0.2, 3, 2) == pytest.approx(1.0 + 0.3 + 0.4)
+    with pytest.raises(ValueError):
+        cm.layer_joules(1.0, 0.1, 0.2, -1, 0)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("numel", [4096, 1 << 20, 1 << 24])
+def test_per_layer_costs_from_global_price_the_update_phase_like_the_cost_model(preset, numel):
+    truth = PRESETS[preset].truth
+    layer = cm.layer_costs_from_global(truth, numel, "float32")
+    k = round(0.05 * numel)
+    lines = round(cm.expected_lines(k, numel, 4))
+    direct = cm.predict_joules(UpdatePhase.counts_for(numel, k, lines, 4), truth)
+    assert layer.joules(k, lines) == pytest.approx(direct, rel=1e-9)  # exact at the reference density
+    for k, lines in ((1, 1), (numel // 100, numel // 160), (numel // 5, numel // 17)):
+        direct = cm.predict_joules(UpdatePhase.counts_for(numel, k, lines, 4), truth)
+        # elsewhere only the kept buffers' growth of the working set (near the cache size) separates them
+        assert layer.joules(k, lines) == pytest.approx(direct, rel=0.1)
+
+
+def test_global_fit_recovers_the_truth_and_the_cache_boundary_from_exact_measurements():
+    """Noise-free protocol results of real workloads' counts: the fit must find every coefficient,
+    the cache size and the transition width (scikit-learn NNLS over the cost model's features)."""
+    truth = PRESETS["desktop-cpu"].truth
+    rows = []
+    for name in ("sgd", "momentum", "adam", "fma", "scatter", "pack", "residual", "runs", "update"):
+        for size in (4**6, 4**8, 4**10, 4**11, 4**12):
+            for density in ((0.01, 0.2) if make_workload(name).sparse else (None,)):
+                counts = _counts_without_allocating(name, size, density)
+                rows.append({**counts.to_dict(), "joules_per_call": cm.predict_joules(counts, truth),
+                             "idle_power_w": truth.static_power_w})
+    fit = GlobalCostFit(n_bootstrap=50).fit(pd.DataFrame(rows))
+    assert fit.coef_ == pytest.approx(truth.vector(), rel=1e-3)
+    assert fit.cache_bytes_ == pytest.approx(truth.cache_bytes, rel=0.2)
+    assert fit.transition_octaves_ == truth.transition_octaves
+    assert fit.cv_mape_ < 1e-3 and fit.r2_ > 0.999999
+
+
+def _counts_without_allocating(name, size, density):
+    """Counts of a workload at a size too big to allocate in a unit test: scale a small one's
+    per-element counts (the workloads' counts are linear in size and kept entries)."""
+    if name == "update":
+        k = max(1, round(density * size))
+        return UpdatePhase.counts_for(size, k, cm.expected_lines(k, size, 4).__round__(), 4)
+    small = make_workload(name, size=4096, density=density).setup("cpu").counts_
+    f = size // 4096
+    d = small.to_dict()
+    d = {key: (value * f if key != "launches" else value) for key, value in d.items()}
+    return WorkCounts(**d)
+
+
+def test_layer_fit_recovers_fixed_marginal_and_line_costs():
+    numel = 1 << 20
+    truth = cm.layer_costs_from_global(PRESETS["rpi4"].truth, numel, "float32")
+    kept = [round(d * numel) for d in (0.001, 0.01, 0.05, 0.2)]
+    lines = [round(cm.expected_lines(k, numel, 4)) for k in kept]
+    joules = [truth.joules(k, n) for k, n in zip(kept, lines)]
+    fit = LayerCostFit(n_bootstrap=50).fit(kept, lines, joules, [j * 1e-4 for j in joules])
+    assert (fit.fixed_j_, fit.joules_per_update_, fit.joules_per_line_) == pytest.approx(
+        (truth.fixed_j, truth.joules_per_update, truth.joules_per_line), rel=1e-3)
+    assert fit.resolved()
+    assert fit.predict([0], [0])[0] == 0.0
+
+
+def test_every_prediction_goes_through_the_cost_model(monkeypatch):
+    """The simulator's truth, profiles, cost maps and the fit all price through energyprof.costmodel:
+    replace its two pricing functions and every one of them follows."""
+    from calibrate.profile import load_profile
+    from cwmp.costmap import CostMap
+
+    calls = {"predict": 0, "layer": 0}
+    real_predict, real_layer = cm.predict_joules, cm.layer_joules
+
+    def predict(counts, coefficients):
+        calls["predict"] += 1
+        return real_predict(counts, coefficients)
+
+    def layer(*args):
+        calls["layer"] += 1
+        return real_layer(*args)
+
+    import calibrate.fit
+    import calibrate.profile
+    import cwmp.costmap
+    import energyprof.meters.sim as sim
+
+    for module in (cm, sim, calibrate.fit):
+        monkeypatch.setattr(module, "predict_joules", predict, raising=False)
+    for module in (cm, calibrate.profile, cwmp.costmap, calibrate.fit):
+        monkeypatch.setattr(module, "layer_joules", layer, raising=False)
+    PRESETS["h100"].price(WorkCounts(bytes_written=10, working_set_bytes=10))
+    assert calls["predict"] == 1
+    profile = load_profile("sim-rpi4")
+    model = torch.nn.Linear(8, 4)
+    cmap = CostMap.from_profile(profile, "tiny", model.named_parameters(), allow_predicted=True)
+    assert calls["predict"] > 1  # predicted layers: the cost model on the update phase's counts
+    cmap.predicted_joules({"weight": torch.ones(4, 8, dtype=torch.bool)})
+    assert calls["layer"] == 1
