@@ -166,7 +166,7 @@ def resolve_meter_spec(spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------- the run
-def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int) -> dict[str, Any]:
+def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int, wall_s: float) -> dict[str, Any]:
     kern = result.table[result.table.role == "kernel"]
     per_trial = kern.joules_per_call.to_numpy(float)
     se = float(per_trial.std(ddof=1) / math.sqrt(len(per_trial))) if len(per_trial) > 1 else 0.0
@@ -181,7 +181,7 @@ def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int) -> d
         "se_j": se, "total_joules_per_call": result.total_joules_per_call,
         "seconds_per_call": result.seconds_per_call, "idle_power_w": result.idle_power_w, "calls": result.calls,
         "windows": result.windows, "backend": result.meter.backend, "simulated": result.simulated,
-        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 3),
     })
     return row
 
@@ -235,7 +235,6 @@ def calibrate(
     from energyprof.models import resolve_model
     from energyprof.protocol import MeasurementProtocol
 
-    started = time.monotonic()
     out = Path(out)
     csv_path = out.with_name(out.name + ".measurements.csv")
     meta_path = out.with_name(out.name + ".calibration.json")
@@ -290,7 +289,8 @@ def calibrate(
         protocol = MeasurementProtocol(random_state=0, **settings)
         _run_items(pending, meter, protocol, dev, csv_path, done, progress)
     table = pd.DataFrame([done[i.id] for i in items])
-    profile = _fit_profile(table, items, model_plans, out, spec, info, dev, settings, quick, started)
+    fit_started = time.monotonic()
+    profile = _fit_profile(table, items, model_plans, out, spec, info, dev, settings, quick, fit_started)
     save_profile(profile, out, overwrite=force)
     return profile
 
@@ -313,6 +313,7 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
             task = bar.add_task("calibrating", total=len(pending))
             for item in pending:
                 current = item
+                t0 = time.monotonic()
                 if idle is None or meter.clock() - idle.measured_at > IDLE_EVERY_S:
                     bar.update(task, description="idle baseline")
                     idle = protocol.measure_idle(meter)
@@ -324,7 +325,7 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
                 lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
                 run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
                 result = protocol.measure(run, meter, idle=idle)
-                row = _row(item, workload, result, kept, lines)
+                row = _row(item, workload, result, kept, lines, time.monotonic() - t0)
                 _append(csv_path, row)
                 done[item.id] = row
                 del workload, run
@@ -348,7 +349,7 @@ def _estimate(value: float, low: float, high: float) -> Estimate:
 
 def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[str, ModelPlan], out: Path,
                  spec: str, info: Any, dev: torch.device, settings: dict[str, Any], quick: bool,
-                 started: float) -> DeviceProfile:
+                 fit_started: float) -> DeviceProfile:
     sweep = table[table.kind == "sweep"].reset_index(drop=True)
     glob = GlobalCostFit().fit(sweep)
     iv = glob.intervals()
@@ -393,7 +394,9 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
             toolkit_version=__version__, torch_version=torch.__version__, meter_spec=spec, meter=record,
             protocol=dict(settings, plan="quick" if quick else "full"),
             created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0),
-            wall_time_s=round(time.monotonic() - started, 1), method=method,
+            # measuring (every row's own wall time, across resumed runs) plus this fit
+            wall_time_s=round(float(pd.to_numeric(table.get("wall_s"), errors="coerce").fillna(0).sum())
+                              + time.monotonic() - fit_started, 1), method=method,
         ),
         coefficients=coefficients,
         models=models,

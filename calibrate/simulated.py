@@ -26,11 +26,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace existing files")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="only these presets")
     parser.add_argument("--quick", action="store_true", help="the quick plan")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the measurements saved beside the profiles (refits; measures what is missing)")
     args = parser.parse_args(argv)
     for name in args.preset or sorted(PRESETS):
         try:
             profile = calibrate(f"sim:preset={name},seed=0", models=MODELS, out=args.folder / f"sim-{name}.yaml",
-                                quick=args.quick, force=args.force, progress=False,
+                                quick=args.quick, force=args.force, resume=args.resume, progress=False,
                                 say=lambda line: print(line, file=sys.stderr))
         except (CalibrationError, ProfileError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -67,7 +67,9 @@ def test_a_killed_run_resumes_and_remeasures_nothing_it_had_finished(calibrated)
     assert len(after) == len(items) and after.id.is_unique
     assert set(after.id) == {i.id for i in items}
     # the finished rows are kept as they were, not measured again
-    pd.testing.assert_frame_equal(after.iloc[: len(before)].reset_index(drop=True), before)
+    kept = after.iloc[: len(before)].reset_index(drop=True)
+    for column in ("id", "joules_per_call", "ci_low_j", "ci_high_j", "calls", "measured_at"):
+        assert kept[column].tolist() == before[column].tolist()
 
 
 def test_profile_validates_and_is_labelled_simulated(calibrated):
