@@ -102,13 +102,13 @@ def _calibration_with_headroom(
 ) -> int:
     """INA219/INA226 calibration: the datasheet recipe ``trunc(recipe / (I_LSB x R))`` with
     ``I_LSB = max_amps / 2^15``, lowered when needed so that the chip's current register,
-    ``trunc(shunt_raw x CAL / divisor)``, stays at most 32767 for a shunt reading one LSB above
-    ``max_amps x R`` (ADC rounding). Without the headroom the register reaches exactly 32768 at
+    ``trunc(shunt_raw x CAL / divisor)``, stays at most 32767 for a shunt reading of
+    ``max_amps x R`` rounded up plus one LSB of noise. Without the headroom the register reaches exactly 32768 at
     ``max_amps`` for many shunt/current pairs (1 mOhm at 10.24 A on an INA226) and the chip raises
     its overflow flag at a current the user said is allowed. Exact integer arithmetic throughout."""
     r, amps = _exact(shunt_ohms), _exact(max_amps)
     cal = math.floor(recipe * 2**15 / (amps * r))
-    worst_raw = math.floor(amps * r / shunt_lsb_v) + 1
+    worst_raw = math.floor(amps * r / shunt_lsb_v) + 2
     cal = min(cal, (32768 * divisor - 1) // worst_raw, largest)
     if cal < 1:
         raise MeterSpecError(f"shunt_ohms={shunt_ohms:g} x max_amps={max_amps:g} leaves no valid calibration")
