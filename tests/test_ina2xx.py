@@ -612,3 +612,13 @@ def test_pick_timing_prefers_the_longest_current_averaging():
     assert t.cycle_s <= 0.010 and t.shunt_s == pytest.approx(16 * 532e-6)
     fastest = ina2xx.pick_timing(ina2xx.Ina219.TIMINGS, 1e-4)  # nothing fits: the fastest setting
     assert fastest.cycle_s == pytest.approx(2 * 532e-6)
+
+
+def test_a_chip_owned_by_the_kernel_driver_points_to_hwmon():
+    class OwnedBus(FakeSMBus):
+        def read_word_data(self, address, reg):  # smbus2's I2C_SLAVE ioctl fails when a driver owns the address
+            raise OSError(16, "Device or resource busy")
+
+    bus = OwnedBus((0x40, FakeIna219()))
+    with pytest.raises(MeterUnavailable, match=r"kernel driver owns .*'hwmon:name=ina219'"):
+        open_meter("ina219", smbus_factory=lambda n: bus)

@@ -200,6 +200,12 @@ class _Ina2xx:
                 f"nothing answers at {self.regs.where} ({exc}): check the wiring (SDA, SCL, 3.3 V, GND), "
                 f"the address jumpers, and 'i2cdetect -y N'"
             )
+        if exc.errno == errno.EBUSY:
+            return MeterUnavailable(
+                f"a kernel driver owns {self.regs.where} ({exc}): the i2c-sensor overlay bound the chip to "
+                f"the ina2xx driver. Read it through that driver with 'hwmon:name={self.NAME.lower()}', or "
+                "remove the dtoverlay line to use this register-level meter"
+            )
         return MeterUnavailable(f"I2C error talking to the {self.NAME} at {self.regs.where}: {exc}")
 
     def _set_fields(self, reg: int, fields: int, value: int) -> int:
