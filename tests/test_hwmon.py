@@ -125,8 +125,10 @@ def test_changing_power_is_integrated(orin_nx):
 
         def step():
             time.sleep(0.3)
-            stepped["t"] = meter.clock()
+            before = meter.clock()
             orin_nx.set_rail(orin_nx.ina, 1, amps=2.4)  # 5 V x 2.4 A = 12 W
+            after = meter.clock()
+            stepped["t"], stepped["spread"] = (before + after) / 2, after - before
 
         writer = threading.Thread(target=step)
         writer.start()
@@ -136,7 +138,9 @@ def test_changing_power_is_integrated(orin_nx):
         t_end = t_begin + m.seconds
     expected = 7.2 * (stepped["t"] - t_begin) + 12.0 * (t_end - stepped["t"])
     # the step falls between two samples: the trapezoid spreads it over at most a couple of intervals
-    assert abs(m.energy_j - expected) <= 4.8 * 2 * m.details["longest_interval_s"], (m.energy_j, expected)
+    # (plus the time the writer took: the files of one rail are not rewritten in one instant)
+    bound = 4.8 * (2 * m.details["longest_interval_s"] + stepped["spread"])
+    assert abs(m.energy_j - expected) <= bound, (m.energy_j, expected, bound)
 
 
 def test_a_sensor_that_disappears_mid_window_fails_the_window_naming_the_file(orin_nx):
@@ -194,26 +198,18 @@ def test_pi_with_the_kernel_ina219_driver(tmp_path, legacy):
 
 # ------------------------------------------------------------------------------ energy counters
 def test_an_energy_counter_is_read_as_a_counter(tmp_path):
+    """The window's energy is the counter's rise between its edges (microjoules to joules),
+    whatever the power file says; the chip (here: the test) advances the counter."""
     tree = FakeHwmon(tmp_path)
-    idx = tree.add_energy_chip("ina238", microjoules=10**9)
-    stop = threading.Event()
-
-    def accumulate():  # the chip adds 20 W x dt, as its accumulator would
-        t0, start = time.perf_counter(), 10**9
-        while not stop.is_set():
-            tree.set_energy(idx, start + round(20e6 * (time.perf_counter() - t0)), power_uw=20_000_000)
-            time.sleep(0.002)
-
-    writer = threading.Thread(target=accumulate)
-    writer.start()
-    try:
-        with open_meter(f"hwmon:root={tree.root}") as meter:
-            assert meter.info.kind == "counter" and meter.info.resolution_j == 1e-6
-            m = window(meter, 0.4)
-    finally:
-        stop.set()
-        writer.join()
-    assert m.energy_j == pytest.approx(20.0 * m.seconds, rel=0.05)  # the file moves every 2 ms
+    idx = tree.add_energy_chip("ina238", microjoules=10**12)  # ~11.6 days at 1 W
+    with open_meter(f"hwmon:root={tree.root}") as meter:
+        assert meter.info.kind == "counter" and meter.info.resolution_j == 1e-6
+        meter.begin("w")
+        tree.set_energy(idx, 10**12 + 2_500_000, power_uw=20_000_000)
+        tree.set_energy(idx, 10**12 + 8_000_123, power_uw=20_000_000)
+        m = meter.end("w")
+    assert m.energy_j == pytest.approx(8.000123, abs=1e-9)
+    assert m.domains == {"energy1": m.energy_j} and m.meter.scope == "board"
 
 
 def test_an_energy_counter_going_backwards_fails(tmp_path):

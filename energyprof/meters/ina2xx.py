@@ -272,11 +272,11 @@ class _PowerRegisterChip(_Ina2xx):
         self.config = self._set_fields(self.CONFIG, self.CONFIG_FIELDS, config)
         if self.CALIBRATION is not None:
             self._set_fields(self.CALIBRATION, self.CAL_FIELDS, self.calibration)
-        timeout_s = max(0.05, 3 * self.timing.cycle_s)
+        timeout_s = max(0.2, 3 * self.timing.cycle_s)
         deadline = time.perf_counter() + timeout_s
         try:
             while not self._converted():
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > deadline and not self._converted():  # asked again: this thread may have slept
                     raise MeterUnavailable(
                         f"the {self.NAME} at {self.regs.where} did not finish a conversion within "
                         f"{timeout_s:.3g} s of being configured (conversion-ready flag never set)"
