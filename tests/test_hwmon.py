@@ -228,3 +228,15 @@ def test_spec_typos_and_garbage_are_named(orin_nx):
     (orin_nx.nodes[orin_nx.ina].folder / "curr1_input").write_text("n/a\n")
     with pytest.raises(MeterFailure, match=r"curr1_input holds 'n/a', not an integer"):
         open_meter(f"hwmon:root={orin_nx.root}")
+
+
+def test_an_energy_channel_beside_power_channels_is_read_as_power(tmp_path):
+    tree = FakeHwmon(tmp_path)
+    idx = tree.add_energy_chip("ina238", microjoules=0, label="VIN")
+    tree.set_energy(idx, 0, power_uw=3_000_000)
+    pi = tree.add_ina2xx("ina219", volts=5.0, amps=1.0, address=0x41)
+    with open_meter(f"hwmon:root={tree.root},channel=VIN+power1") as meter:
+        assert meter.info.kind == "sampled"
+        m = window(meter, 0.2)
+    assert m.energy_j == pytest.approx((3.0 + 5.0) * m.seconds, rel=1e-3)
+    assert pi == 1

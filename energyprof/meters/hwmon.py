@@ -18,8 +18,8 @@ files (drivers of the old style put them in ``hwmonN/device/`` instead; both are
 * an energy counter (``energyN_input``): a :class:`CounterMeter`, read at the window edges;
 * a power reading (``powerN_input``, or ``powerN_average`` where a driver has only that): polled
   and integrated by the sampling core (:class:`SampledMeter`);
-* bus voltage times current (``inN_input`` x ``currN_input``), for chips that report no power:
-  the INA3221 (Documentation/hwmon/ina3221.rst: ``in[123]_input`` bus voltage in mV,
+* bus voltage times current (``inN_input`` x ``currN_input``) for chips that report no power,
+  where the pair is one rail (a label names it, or the chip's layout is known): the INA3221 (Documentation/hwmon/ina3221.rst: ``in[123]_input`` bus voltage in mV,
   ``curr[123]_input`` current in mA, ``in[123]_label`` the rail names, ``in[456]_input`` the
   shunt voltages, ``in7``/``curr4`` the sums), the driver NVIDIA Jetson boards use from JetPack 5.
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from energyprof.errors import MeterFailure, MeterPermissionError, MeterSpecError, MeterUnavailable
@@ -283,6 +283,20 @@ def _select(channels: list[HwmonChannel], spec: MeterSpec, root: str) -> tuple[l
     )
 
 
+def _as_power(channel: HwmonChannel) -> HwmonChannel:
+    """An energy channel used beside power channels: its power file, when the driver has one."""
+    if channel.kind != "energy":
+        return channel
+    folder = os.path.dirname(channel.files[0])
+    for name in (f"power{channel.index}_input", f"power{channel.index}_average"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return replace(channel, kind="power", files=(os.path.join(folder, name),))
+    raise MeterSpecError(
+        f"hwmon: {channel.title} of {channel.chip} has only an energy counter, which cannot be added to "
+        "power readings; measure it on its own"
+    )
+
+
 def _params(spec: MeterSpec) -> str:
     return spec.get_str("root", DEFAULT_ROOT) or DEFAULT_ROOT
 
@@ -315,6 +329,7 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
             return HwmonCounterMeter(picked, info, **kwargs)
         except MeterFailure as exc:
             raise MeterUnavailable(str(exc)) from exc
+    picked = [_as_power(c) for c in picked]
     period_s = options.period_s
     for c in picked:  # one reading now: permissions, disabled channels and garbage show at opening
         try:
