@@ -40,7 +40,7 @@ import errno
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from energyprof.errors import MeterFailure, MeterPermissionError, MeterSpecError, MeterUnavailable
 from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
