@@ -59,6 +59,7 @@ BACKENDS: dict[str, str] = {
     "um34c": "energyprof.meters.umxx",
     "stream": "energyprof.meters.stream",
     "pmic": "energyprof.meters.pmic",
+    "hwmon": "energyprof.meters.hwmon",
 }
 
 # real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)

@@ -15,7 +15,14 @@ edges (no polling).
 
 Registers are big-endian; SMBus word transfers are little-endian, so 16-bit words are byte-swapped
 here. 24- and 40-bit INA228 registers are read as I2C blocks (MSB first). Formulas: TI datasheets
-(INA219 SBOS448, INA226 SBOS547, INA260 SBOS884, INA228 SBOSA20); see docs/power-meters.md.
+(INA219 SBOS448, INA226 SBOS547, INA260 SBOS656, INA228 at ti.com/lit/ds/symlink/ina228.pdf); see
+docs/power-meters.md.
+
+Configuration registers are written read-modify-write: only the fields energyprof sets change, and
+reserved bits keep the value the chip gives them (the INA260 reads 110b in bits 14-12, the INA226
+1 in bit 14). Read-back checks compare only the fields written. Calibrations are integers computed
+exactly from the spec's decimal values, with headroom so that the current register cannot reach
+32768 (math overflow) at ``max_amps``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from __future__ import annotations
 import errno
 import math
 import os
+import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Callable
 
 from energyprof.errors import MeterFailure, MeterPermissionError, MeterSpecError, MeterUnavailable
@@ -83,6 +92,29 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value & (1 << (bits - 1)) else value
 
 
+def _exact(x: float) -> Fraction:
+    """A spec number as the exact decimal the user wrote (0.015 -> 15/1000), not its binary float."""
+    return Fraction(repr(float(x)))
+
+
+def _calibration_with_headroom(
+    shunt_ohms: float, max_amps: float, shunt_lsb_v: Fraction, divisor: int, recipe: Fraction, largest: int
+) -> int:
+    """INA219/INA226 calibration: the datasheet recipe ``trunc(recipe / (I_LSB x R))`` with
+    ``I_LSB = max_amps / 2^15``, lowered when needed so that the chip's current register,
+    ``trunc(shunt_raw x CAL / divisor)``, stays at most 32767 for a shunt reading of
+    ``max_amps x R`` rounded up plus one LSB of noise. Without the headroom the register reaches exactly 32768 at
+    ``max_amps`` for many shunt/current pairs (1 mOhm at 10.24 A on an INA226) and the chip raises
+    its overflow flag at a current the user said is allowed. Exact integer arithmetic throughout."""
+    r, amps = _exact(shunt_ohms), _exact(max_amps)
+    cal = math.floor(recipe * 2**15 / (amps * r))
+    worst_raw = math.floor(amps * r / shunt_lsb_v) + 2
+    cal = min(cal, (32768 * divisor - 1) // worst_raw, largest)
+    if cal < 1:
+        raise MeterSpecError(f"shunt_ohms={shunt_ohms:g} x max_amps={max_amps:g} leaves no valid calibration")
+    return cal
+
+
 @dataclass(frozen=True)
 class AdcTiming:
     """One ADC setting: bits for the configuration register, the conversion cycle (how often the
@@ -113,7 +145,7 @@ def _averaging_timings(conversion_s: tuple[float, ...], bus_index: int, code: Ca
 
 
 class _Ina2xx:
-    """Identity check, reset, and configuration registers written and read back."""
+    """Identity check, reset, and configuration registers written read-modify-write and read back."""
 
     NAME = "INA2xx"
     DIE_ID: int | None = None  # expected die-ID register >> 4; None: the part has no ID registers
@@ -121,6 +153,7 @@ class _Ina2xx:
     CONFIG = 0x00
     RESET = 0x8000
     CONFIG_AFTER_RESET: int  # what the configuration register reads right after a reset
+    CONFIG_FIELDS: int  # the configuration bits energyprof sets; the others stay as the chip has them
     SHUNT_RANGE_V: float | None = None  # shunt ADC full scale; None: the shunt is inside the chip
     current_lsb_a: float
     config: int
@@ -154,26 +187,45 @@ class _Ina2xx:
             self.regs.write16(self.CONFIG, self.RESET)
             after = self.regs.read16(self.CONFIG)
         except OSError as exc:
-            if exc.errno in _NO_ANSWER:
-                raise MeterUnavailable(
-                    f"nothing answers at {self.regs.where} ({exc}): check the wiring (SDA, SCL, 3.3 V, GND), "
-                    f"the address jumpers, and 'i2cdetect -y N'"
-                ) from exc
-            raise MeterUnavailable(f"I2C error talking to the {self.NAME} at {self.regs.where}: {exc}") from exc
+            raise self._io_error(exc) from exc
         if after != self.CONFIG_AFTER_RESET:
             raise MeterUnavailable(
                 f"after a reset the configuration register of the device at {self.regs.where} reads "
                 f"0x{after:04X}; an {self.NAME} reads 0x{self.CONFIG_AFTER_RESET:04X}: wrong part or address"
             )
 
-    def _write_checked(self, reg: int, value: int) -> None:
-        self.regs.write16(reg, value)
-        back = self.regs.read16(reg)
-        if back != value:
-            raise MeterUnavailable(
-                f"wrote 0x{value:04X} to register 0x{reg:02X} of the {self.NAME} at {self.regs.where} "
-                f"and read back 0x{back:04X}: the device does not behave like an {self.NAME}"
+    def _io_error(self, exc: OSError) -> MeterUnavailable:
+        if exc.errno in _NO_ANSWER:
+            return MeterUnavailable(
+                f"nothing answers at {self.regs.where} ({exc}): check the wiring (SDA, SCL, 3.3 V, GND), "
+                f"the address jumpers, and 'i2cdetect -y N'"
             )
+        if exc.errno == errno.EBUSY:
+            return MeterUnavailable(
+                f"a kernel driver owns {self.regs.where} ({exc}): the i2c-sensor overlay bound the chip to "
+                f"the ina2xx driver. Read it through that driver with 'hwmon:name={self.NAME.lower()}', or "
+                "remove the dtoverlay line to use this register-level meter"
+            )
+        return MeterUnavailable(f"I2C error talking to the {self.NAME} at {self.regs.where}: {exc}")
+
+    def _set_fields(self, reg: int, fields: int, value: int) -> int:
+        """Read-modify-write: set the bits in ``fields`` to ``value``'s, keep every other bit as the
+        chip has it (reserved bits, fields energyprof does not use), read back and compare the
+        fields written. Returns the full register value written."""
+        try:
+            current = self.regs.read16(reg)
+            word = (current & ~fields & 0xFFFF) | (value & fields)
+            self.regs.write16(reg, word)
+            back = self.regs.read16(reg)
+        except OSError as exc:
+            raise self._io_error(exc) from exc
+        if back & fields != value & fields:
+            raise MeterUnavailable(
+                f"wrote 0x{word:04X} to register 0x{reg:02X} of the {self.NAME} at {self.regs.where} "
+                f"and read back 0x{back:04X} (fields 0x{fields:04X} differ): the device does not behave "
+                f"like an {self.NAME}"
+            )
+        return word
 
     @classmethod
     def check_shunt(cls, shunt_ohms: float, max_amps: float) -> None:
@@ -193,6 +245,7 @@ class _PowerRegisterChip(_Ina2xx):
 
     POWER = 0x03
     CALIBRATION: int | None = 0x05
+    CAL_FIELDS = 0xFFFF  # calibration bits that exist (INA219: bit 0 reads 0; INA226: bit 15 reads 0)
     power_lsb_w: float
     calibration: int | None
 
@@ -202,24 +255,49 @@ class _PowerRegisterChip(_Ina2xx):
                 f"{self.NAME} math overflow: the current is beyond max_amps or the shunt range"
             )
         watts = self.regs.read16(self.POWER) * self.power_lsb_w
-        if self.CALIBRATION is not None and self.regs.read16(self.CALIBRATION) != self.calibration:
+        if self.CALIBRATION is not None and self.regs.read16(self.CALIBRATION) & self.CAL_FIELDS != self.calibration:
             raise MeterFailure(f"{self.NAME} lost its calibration (chip reset or brown-out?)")
         return watts
 
     def _overflowed(self) -> bool:
         return bool(self.regs.read16(0x06) & 0x0004)  # Mask/Enable register, OVF bit
 
+    def _converted(self) -> bool:
+        return bool(self.regs.read16(0x06) & 0x0008)  # Mask/Enable register, CVRF bit
+
+    def _configure(self, config: int) -> None:
+        """Reset, write the configuration (and calibration), then wait for the first conversion:
+        until it completes the measurement registers hold no reading (the power register reads 0)."""
+        self._start()
+        self.config = self._set_fields(self.CONFIG, self.CONFIG_FIELDS, config)
+        if self.CALIBRATION is not None:
+            self._set_fields(self.CALIBRATION, self.CAL_FIELDS, self.calibration)
+        timeout_s = max(0.2, 3 * self.timing.cycle_s)
+        deadline = time.perf_counter() + timeout_s
+        try:
+            while not self._converted():
+                if time.perf_counter() > deadline and not self._converted():  # asked again: this thread may have slept
+                    raise MeterUnavailable(
+                        f"the {self.NAME} at {self.regs.where} did not finish a conversion within "
+                        f"{timeout_s:.3g} s of being configured (conversion-ready flag never set)"
+                    )
+                time.sleep(self.timing.cycle_s / 4)
+        except OSError as exc:
+            raise self._io_error(exc) from exc
+
     def details(self) -> dict[str, Any]:
         return {**super().details(), "calibration": self.calibration, "power_lsb_w": self.power_lsb_w}
 
 
 class Ina219(_PowerRegisterChip):
-    """INA219: calibration = trunc(0.04096 / (current_LSB x R)), power LSB = 20 x current LSB,
-    PGA chosen from shunt_ohms x max_amps, 32 V bus range, 12-bit bus conversions and 12-bit shunt
-    conversions averaged 1..128 times."""
+    """INA219: calibration = trunc(0.04096 / (current_LSB x R)) with overflow headroom, bit 0
+    cleared; power LSB = 20 x current LSB; PGA chosen from shunt_ohms x max_amps, 32 V bus range,
+    12-bit bus conversions and 12-bit shunt conversions averaged 1..128 times."""
 
     NAME = "INA219"
     CONFIG_AFTER_RESET = 0x399F
+    CONFIG_FIELDS = 0x3FFF  # BRNG, PG, BADC, SADC, MODE; bit 14 is unused
+    CAL_FIELDS = 0xFFFE  # bit 0 of the calibration register does not exist
     SHUNT_RANGE_V = 0.32
     TIMINGS = [
         AdcTiming((0b0011 << 7) | ((0b1000 | k) << 3), 532e-6 * (1 + 2**k), 532e-6 * 2**k) for k in range(8)
@@ -229,49 +307,53 @@ class Ina219(_PowerRegisterChip):
         super().__init__(regs)
         self.check_shunt(shunt_ohms, max_amps)
         pga = next(k for k in range(4) if shunt_ohms * max_amps <= 0.04 * 2**k * (1 + 1e-9))
-        # bit 0 of the calibration register does not exist; a smaller value only widens the range
-        self.calibration = min(int(0.04096 / (max_amps / 2**15 * shunt_ohms)), 0xFFFE) & 0xFFFE
+        # a smaller (even) calibration only widens the range
+        self.calibration = _calibration_with_headroom(
+            shunt_ohms, max_amps, Fraction(1, 100_000), 4096, Fraction(4096, 100_000), 0xFFFE
+        ) & 0xFFFE
         self.current_lsb_a = 0.04096 / (self.calibration * shunt_ohms)
         self.power_lsb_w = 20 * self.current_lsb_a
         self.timing = pick_timing(self.TIMINGS, period_s)
-        self.config = (1 << 13) | (pga << 11) | self.timing.code | 0b111  # 32 V, PGA, ADCs, continuous
-        self._start()
-        self._write_checked(self.CONFIG, self.config)
-        self._write_checked(self.CALIBRATION, self.calibration)
+        self._configure((1 << 13) | (pga << 11) | self.timing.code | 0b111)  # 32 V, PGA, ADCs, continuous
 
     def _overflowed(self) -> bool:
         return bool(self.regs.read16(0x02) & 0x0001)  # bus voltage register, OVF bit
+
+    def _converted(self) -> bool:
+        return bool(self.regs.read16(0x02) & 0x0002)  # bus voltage register, CNVR bit
 
 
 class _AveragingChip(_PowerRegisterChip):
     """INA226 and INA260: same configuration layout, conversion times and averaging counts."""
 
+    CONFIG_FIELDS = 0x0FFF  # AVG, VBUSCT, VSHCT, MODE; bits 14-12 are reserved
     CONVERSION_S = (140e-6, 204e-6, 332e-6, 588e-6, 1.1e-3, 2.116e-3, 4.156e-3, 8.244e-3)
     TIMINGS = _averaging_timings(CONVERSION_S, 2, lambda avg, sh: (avg << 9) | (2 << 6) | (sh << 3))
 
-    def _configure(self, period_s: float) -> None:
+    def _setup(self, period_s: float) -> None:
         self.timing = pick_timing(self.TIMINGS, period_s)
-        self.config = 0x4000 | self.timing.code | 0b111  # bit 14 reads 1; continuous shunt and bus
-        self._start()
-        self._write_checked(self.CONFIG, self.config)
+        self._configure(self.timing.code | 0b111)  # continuous shunt and bus
 
 
 class Ina226(_AveragingChip):
-    """INA226: calibration = trunc(0.00512 / (current_LSB x R)), power LSB = 25 x current LSB."""
+    """INA226: calibration = trunc(0.00512 / (current_LSB x R)) with overflow headroom, power LSB
+    = 25 x current LSB."""
 
     NAME = "INA226"
     DIE_ID = 0x226
     CONFIG_AFTER_RESET = 0x4127
+    CAL_FIELDS = 0x7FFF  # bit 15 of the calibration register is reserved
     SHUNT_RANGE_V = 0.08192
 
     def __init__(self, regs: _Registers, shunt_ohms: float, max_amps: float, period_s: float) -> None:
         super().__init__(regs)
         self.check_shunt(shunt_ohms, max_amps)
-        self.calibration = min(int(0.00512 / (max_amps / 2**15 * shunt_ohms)), 0x7FFF)
+        self.calibration = _calibration_with_headroom(
+            shunt_ohms, max_amps, Fraction(25, 10_000_000), 2048, Fraction(512, 100_000), 0x7FFF
+        )
         self.current_lsb_a = 0.00512 / (self.calibration * shunt_ohms)
         self.power_lsb_w = 25 * self.current_lsb_a
-        self._configure(period_s)
-        self._write_checked(self.CALIBRATION, self.calibration)
+        self._setup(period_s)
 
 
 class Ina260(_AveragingChip):
@@ -287,19 +369,28 @@ class Ina260(_AveragingChip):
         self.calibration = None
         self.current_lsb_a = 1.25e-3
         self.power_lsb_w = 10e-3
-        self._configure(period_s)
+        self._setup(period_s)
+
+
+# 13107.2e6 in the INA228's SHUNT_CAL equation, exactly
+_INA228_CAL_SCALE = Fraction(131072 * 10**5)
 
 
 class Ina228(_Ina2xx):
     """INA228: 20-bit ADC with an on-chip 40-bit energy accumulator.
 
     current_LSB = max_amps / 2**19; SHUNT_CAL = 13107.2e6 x current_LSB x R (x4 with ADCRANGE=1,
-    the +-40.96 mV range, used when the shunt voltage fits); energy J = 16 x 3.2 x current_LSB x
-    ENERGY. The bus conversion is 150 us; shunt conversion time and averaging fill the cycle."""
+    the +-40.96 mV range, used when the shunt voltage fits), rounded up in exact integer
+    arithmetic; the current LSB then follows from the SHUNT_CAL written. Energy J = 16 x 3.2 x
+    current_LSB x ENERGY. The bus conversion is 150 us; shunt conversion time and averaging fill
+    the cycle."""
 
     NAME = "INA228"
     DIE_ID = 0x228
     CONFIG_AFTER_RESET = 0x0000
+    CONFIG_FIELDS = 0x0010  # ADCRANGE; CONVDLY, TEMPCOMP stay as the chip has them
+    ADC_CONFIG_FIELDS = 0xFFC7  # MODE, VBUSCT, VSHCT, AVG; the temperature conversion time is kept
+    SHUNT_CAL_FIELDS = 0x7FFF  # bit 15 is reserved
     ID_REGS = (0x3E, 0x3F)
     SHUNT_RANGE_V = 0.16384
     ADC_CONFIG, SHUNT_CAL, ENERGY, DIAG_ALRT = 0x01, 0x02, 0x09, 0x0B
@@ -311,22 +402,23 @@ class Ina228(_Ina2xx):
         super().__init__(regs)
         self.check_shunt(shunt_ohms, max_amps)
         low_range = shunt_ohms * max_amps <= 0.04096
-        scale = 13107.2e6 * shunt_ohms * (4 if low_range else 1)
+        scale = _INA228_CAL_SCALE * _exact(shunt_ohms) * (4 if low_range else 1)
         # rounded up: the current LSB may only grow, so max_amps stays inside the 20-bit range
-        self.shunt_cal = min(math.ceil(scale * max_amps / 2**19), 0x7FFF)
-        self.current_lsb_a = self.shunt_cal / scale
-        self.energy_lsb_j = 16 * 3.2 * self.current_lsb_a
+        self.shunt_cal = min(math.ceil(scale * _exact(max_amps) / 2**19), 0x7FFF)
+        self.current_lsb_a = float(self.shunt_cal / scale)
+        self.energy_lsb_j = float(16 * Fraction(32, 10) * self.shunt_cal / scale)
         self.timing = pick_timing(self.TIMINGS, period_s)
-        self.config = 0x0010 if low_range else 0x0000  # ADCRANGE
-        self.adc_config = self.timing.code
         self._start()
-        self._write_checked(self.CONFIG, self.config)
-        self._write_checked(self.ADC_CONFIG, self.adc_config)
-        self._write_checked(self.SHUNT_CAL, self.shunt_cal)
+        self.config = self._set_fields(self.CONFIG, self.CONFIG_FIELDS, 0x0010 if low_range else 0x0000)
+        self.adc_config = self._set_fields(self.ADC_CONFIG, self.ADC_CONFIG_FIELDS, self.timing.code)
+        self._set_fields(self.SHUNT_CAL, self.SHUNT_CAL_FIELDS, self.shunt_cal)
 
     def read_energy_raw(self) -> int:
         """The ENERGY register, after checking that the chip kept its setup and did not overflow."""
-        if self.regs.read16(self.SHUNT_CAL) != self.shunt_cal or self.regs.read16(self.ADC_CONFIG) != self.adc_config:
+        if (
+            self.regs.read16(self.SHUNT_CAL) & self.SHUNT_CAL_FIELDS != self.shunt_cal
+            or self.regs.read16(self.ADC_CONFIG) & self.ADC_CONFIG_FIELDS != self.adc_config & self.ADC_CONFIG_FIELDS
+        ):
             raise MeterFailure(
                 f"the INA228 at {self.regs.where} was reset (power loss?) and its energy accumulator restarted"
             )
