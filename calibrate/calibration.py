@@ -7,7 +7,8 @@ The plan (:func:`build_plan`) has two parts:
   ``pack``, ``residual``, ``runs``, ``update``) at two densities and the compute kernels (``sgd``,
   ``momentum``, ``adam``, ``fma``) over sizes from cache-resident to DRAM/HBM-sized;
 * **layer replays** for each model: the masked update phase (:class:`~energyprof.workloads.UpdatePhase`)
-  of each parameter tensor at several densities from 0.1 % to 20 %. Tensors with the same number
+  of each parameter tensor at five densities from 0.1 % to 100 % (CWMP may keep much of a cheap
+  layer, so its cost curve is measured over the whole range). Tensors with the same number
   of entries and dtype have the same update phase, so one replay serves them all (the profile says
   which tensor was replayed: ``measured_as``). Tensors below ``min_layer_numel`` entries are not
   measured: their costs are predicted from the global coefficients and marked ``predicted``, as
@@ -52,13 +53,14 @@ from calibrate.profile import (
 )
 from energyprof import __version__
 from energyprof.costmodel import FEATURES, layer_costs_from_global, lines_touched
+from energyprof.costmodel import LAYER_DENSITIES as LAYER_DENSITIES_ALL
 from energyprof.errors import EnergyprofError
 from energyprof.meters.spec import parse_spec
 from energyprof.workloads import UpdatePhase, itemsize_of, make_workload
 
 __all__ = ["PlanItem", "CalibrationError", "build_plan", "calibrate", "protocol_settings", "resolve_meter_spec"]
 
-LAYER_DENSITIES = {"quick": (0.001, 0.01, 0.05, 0.2), "full": (0.001, 0.01, 0.05, 0.2)}
+LAYER_DENSITIES = {"quick": LAYER_DENSITIES_ALL, "full": LAYER_DENSITIES_ALL}
 SWEEP_SIZES = {"quick": (4**6, 4**8, 4**10, 4**12), "full": (4**7, 4**8, 4**9, 4**10, 4**11, 4**12, 4**13)}
 SPARSE_SIZES = {"quick": (4**6, 4**8, 4**10, 4**12), "full": (4**7, 4**9, 4**11, 4**13)}
 SPARSE_DENSITIES = (0.01, 0.2)
@@ -415,19 +417,23 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
         return _predicted_entry(glob, numel, dtype, f"{numel} entries: too small to resolve in reasonable time; "
                                 "predicted from the global coefficients")
     group = rows[(rows["model"] == plan.label) & (rows["size"] == numel) & (rows["dtype"] == dtype)]
-    if len(group) < 3:
-        return _predicted_entry(glob, numel, dtype, "fewer than three replays measured; predicted from the "
+    if len(group) < 5:
+        return _predicted_entry(glob, numel, dtype, "fewer than five replays measured; predicted from the "
                                 "global coefficients")
-    fit = LayerCostFit().fit(group["kept"], group["lines"], group["joules_per_call"], group["se_j"])
+    fit = LayerCostFit().fit(group["kept"], group["lines"], group["joules_per_call"], group["se_j"], numel)
     if not fit.resolved():
         return _predicted_entry(glob, numel, dtype, (
-            f"the meter did not resolve its marginal cost (95 % interval {fit.coef_low_[1]:.3g} .. "
-            f"{fit.coef_high_[1]:.3g} J per entry); predicted from the global coefficients"))
+            f"the meter did not resolve its cost curve (95 % band +-{fit.band_:.1%}, fit error "
+            f"{fit.rmse_rel_:.1%}; at most 5 % each); predicted from the global coefficients"))
+    if fit.joules_per_update_ <= 0:
+        return _predicted_entry(glob, numel, dtype, "the fit found no per-entry cost; predicted from the global "
+                                "coefficients")
     lo, hi = fit.coef_low_, fit.coef_high_
     return dict(
         fixed_j=fit.fixed_j_, fixed_ci_low=lo[0], fixed_ci_high=hi[0],
         joules_per_update=fit.joules_per_update_, ci_low=lo[1], ci_high=hi[1],
         joules_per_line=fit.joules_per_line_, line_ci_low=lo[2], line_ci_high=hi[2],
+        joules_per_update_density=fit.joules_per_update_density_, density_ci_low=lo[3], density_ci_high=hi[3],
         method="measured", r2=fit.r2_, rmse_rel=fit.rmse_rel_, n_windows=int(group["windows"].sum()),
         densities=sorted(float(d) for d in group["density"]),
         measured_as=str(group["tensors"].iloc[0]).split(";")[0],
@@ -437,14 +443,17 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
 def _predicted_entry(glob: GlobalCostFit, numel: int, dtype: str, reason: str) -> dict[str, Any]:
     point = layer_costs_from_global(glob.coefficients(), numel, dtype)
     samples = np.array([
-        [c.fixed_j, c.joules_per_update, c.joules_per_line]
-        for c in (layer_costs_from_global(glob.coefficients(v), numel, dtype) for v in glob.bootstrap_coef_)
+        [c.fixed_j, c.joules_per_update, c.joules_per_line, c.joules_per_update_density]
+        for c in (layer_costs_from_global(glob.coefficients(v), numel, dtype) for v in glob.bootstrap_coef_[:100])
     ])
     lo, hi = np.quantile(samples, 0.025, axis=0), np.quantile(samples, 0.975, axis=0)
     jpu = max(point.joules_per_update, 1e-30)
+    values = (point.fixed_j, jpu, point.joules_per_line, point.joules_per_update_density)
+    lo, hi = np.minimum(lo, values), np.maximum(hi, values)
     return dict(
-        fixed_j=point.fixed_j, fixed_ci_low=min(lo[0], point.fixed_j), fixed_ci_high=max(hi[0], point.fixed_j),
-        joules_per_update=jpu, ci_low=min(lo[1], jpu), ci_high=max(hi[1], jpu),
-        joules_per_line=point.joules_per_line, line_ci_low=min(lo[2], point.joules_per_line),
-        line_ci_high=max(hi[2], point.joules_per_line), method="predicted", reason=reason,
+        fixed_j=values[0], fixed_ci_low=lo[0], fixed_ci_high=hi[0],
+        joules_per_update=values[1], ci_low=lo[1], ci_high=hi[1],
+        joules_per_line=values[2], line_ci_low=lo[2], line_ci_high=hi[2],
+        joules_per_update_density=values[3], density_ci_low=lo[3], density_ci_high=hi[3],
+        method="predicted", reason=reason,
     )

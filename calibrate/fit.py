@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import KFold
 
-from energyprof.costmodel import FEATURES, CostCoefficients, feature_matrix, layer_joules, predict_joules
+from energyprof.costmodel import FEATURES, CostCoefficients, feature_matrix, layer_design, layer_joules, predict_joules
 from energyprof.counts import WorkCounts
 
 __all__ = ["GlobalCostFit", "LayerCostFit", "counts_of_rows", "COUNT_COLUMNS"]
@@ -168,26 +168,26 @@ class GlobalCostFit:
 
 
 class LayerCostFit:
-    """Fit ``fixed_j + joules_per_update * k + joules_per_line * lines`` for one layer.
+    """Fit one layer's ``fixed_j``, ``joules_per_update``, ``joules_per_line`` and
+    ``joules_per_update_density`` (the per-layer model of :mod:`energyprof.costmodel`).
 
-    ``fit(kept, lines, joules, se)`` takes, per replay, the kept entries, the 64-byte lines they
-    touch, the joules per call above idle and its standard error. Weighted non-negative least
+    ``fit(kept, lines, joules, se, numel)`` takes, per replay, the kept entries, the 64-byte lines
+    they touch, the joules per call above idle and its standard error. Weighted non-negative least
     squares; 95 % intervals by parametric bootstrap from each replay's own uncertainty; ``r2_`` and
-    ``rmse_rel_`` say how well the line fits."""
+    ``rmse_rel_`` say how well the curve fits."""
 
     def __init__(self, n_bootstrap: int = 300, confidence: float = 0.95, random_state: int | None = 0) -> None:
         self.n_bootstrap = n_bootstrap
         self.confidence = confidence
         self.random_state = random_state
 
-    def fit(self, kept: Any, lines: Any, joules: Any, se: Any) -> "LayerCostFit":
-        k = np.asarray(kept, float)
-        ln = np.asarray(lines, float)
+    def fit(self, kept: Any, lines: Any, joules: Any, se: Any, numel: int) -> "LayerCostFit":
         y = np.asarray(joules, float)
         s = np.asarray(se, float)
-        if len(y) < 3:
-            raise ValueError(f"a layer fit needs replays at three or more densities, got {len(y)}")
-        x = np.column_stack([np.ones_like(k), k, ln])
+        if len(y) < 5:
+            raise ValueError(f"a layer fit needs replays at five or more densities, got {len(y)}")
+        self.numel_ = int(numel)
+        x = layer_design(kept, lines, numel)
         sd = np.sqrt(s**2 + (1e-3 * np.abs(y)) ** 2)
         sd[sd == 0] = max(float(np.abs(y).max()) * 1e-6, 1e-300)
         w = 1.0 / sd**2
@@ -197,22 +197,26 @@ class LayerCostFit:
         self.r2_ = float(1 - ((y - pred) ** 2).sum() / ss_tot) if ss_tot > 0 else 1.0
         self.rmse_rel_ = float(np.sqrt(np.mean(((pred - y) / np.where(y != 0, y, 1)) ** 2)))
         rng = np.random.default_rng(self.random_state)
-        boots = np.empty((self.n_bootstrap, 3))
+        boots = np.empty((self.n_bootstrap, x.shape[1]))
         for b in range(self.n_bootstrap):
             boots[b] = _nnls(x, y + rng.normal(0.0, 1.0, len(y)) * s, w)
         low, high = _interval(boots, self.confidence)
         self.coef_low_ = np.minimum(low, self.coef_)
         self.coef_high_ = np.maximum(high, self.coef_)
-        self.fixed_j_, self.joules_per_update_, self.joules_per_line_ = (float(v) for v in self.coef_)
+        band_low, band_high = _interval(boots @ x.T, self.confidence)
+        self.band_ = float(np.max((band_high - band_low) / 2 / np.maximum(np.abs(pred), 1e-300)))
+        (self.fixed_j_, self.joules_per_update_, self.joules_per_line_,
+         self.joules_per_update_density_) = (float(v) for v in self.coef_)
         return self
 
     def predict(self, kept: Any, lines: Any) -> np.ndarray:
         """Joules of each (kept, lines) pair, through the cost model."""
-        return np.array([layer_joules(self.fixed_j_, self.joules_per_update_, self.joules_per_line_, int(k), int(n))
+        return np.array([layer_joules(self.fixed_j_, self.joules_per_update_, self.joules_per_line_, int(k), int(n),
+                                      self.joules_per_update_density_, self.numel_)
                          for k, n in zip(np.atleast_1d(kept), np.atleast_1d(lines))])
 
-    def resolved(self, max_rel_half_width: float = 0.25) -> bool:
-        """Is the marginal cost resolved: positive, with an interval narrower than ``max_rel_half_width``
-        of it on each side?"""
-        v, lo, hi = self.joules_per_update_, self.coef_low_[1], self.coef_high_[1]
-        return v > 0 and (hi - lo) / 2 <= max_rel_half_width * v
+    def resolved(self, max_rel_error: float = 0.05) -> bool:
+        """Does the fitted curve pin the layer's cost down: across the measured densities, is the
+        95 % band of its prediction within ``max_rel_error`` of it, and does it fit the replays to
+        ``max_rel_error``?"""
+        return bool(self.rmse_rel_ <= max_rel_error and self.band_ <= max_rel_error)

@@ -153,9 +153,10 @@ class Coefficients(_Strict):
 
 
 class LayerCost(_Strict):
-    """Cost of keeping k update entries of one parameter tensor in one step: ``fixed_j`` (touching
-    the layer at all) ``+ joules_per_update * k + joules_per_line * lines``, where ``lines`` counts
-    the tensor's 64-byte lines that hold a kept entry. Intervals are 95 %."""
+    """Cost of keeping k of the ``numel`` update entries of one parameter tensor in one step:
+    ``fixed_j`` (touching the layer at all) ``+ joules_per_update * k + joules_per_line * lines +
+    joules_per_update_density * k^2 / numel``, where ``lines`` counts the tensor's 64-byte lines that
+    hold a kept entry (see :mod:`energyprof.costmodel`). Intervals are 95 %."""
 
     name: str
     shape: list[int]
@@ -170,6 +171,10 @@ class LayerCost(_Strict):
     joules_per_line: float = Field(default=0.0, ge=0)
     line_ci_low: float = 0.0
     line_ci_high: float = 0.0
+    joules_per_update_density: float = Field(default=0.0, ge=0,
+                                             description="extra joules per kept entry per unit of density")
+    density_ci_low: float = 0.0
+    density_ci_high: float = 0.0
     method: Literal["measured", "predicted"]
     r2: float | None = None
     rmse_rel: float | None = Field(default=None, description="relative RMS error of the fit over its windows")
@@ -186,6 +191,7 @@ class LayerCost(_Strict):
             (self.fixed_ci_low, self.fixed_j, self.fixed_ci_high, "fixed_j"),
             (self.ci_low, self.joules_per_update, self.ci_high, "joules_per_update"),
             (self.line_ci_low, self.joules_per_line, self.line_ci_high, "joules_per_line"),
+            (self.density_ci_low, self.joules_per_update_density, self.density_ci_high, "joules_per_update_density"),
         ):
             if not all(math.isfinite(x) for x in (low, value, high)):
                 raise ValueError(f"{what} and its interval must be finite")
@@ -194,11 +200,13 @@ class LayerCost(_Strict):
         return self
 
     def coefficients(self) -> LayerCoefficients:
-        return LayerCoefficients(self.fixed_j, self.joules_per_update, self.joules_per_line, _itemsize(self.dtype))
+        return LayerCoefficients(self.fixed_j, self.joules_per_update, self.joules_per_line,
+                                 self.joules_per_update_density, self.numel, _itemsize(self.dtype))
 
     def joules(self, kept: int, lines: int) -> float:
         """Predicted joules of keeping ``kept`` entries in ``lines`` lines (the cost model)."""
-        return layer_joules(self.fixed_j, self.joules_per_update, self.joules_per_line, kept, lines)
+        return layer_joules(self.fixed_j, self.joules_per_update, self.joules_per_line, kept, lines,
+                            self.joules_per_update_density, self.numel)
 
 
 class ModelCosts(_Strict):

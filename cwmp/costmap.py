@@ -56,14 +56,17 @@ class LayerPrice:
     fixed_j: float = 0.0
     joules_per_line: float = 0.0
     itemsize: int = 4
+    joules_per_update_density: float = 0.0
 
     def marginal_j(self, numel: int, density: float = 0.01) -> float:
-        """Cost per kept entry at ``density`` (lines shared at that density spread over its entries):
-        the per-entry price a selection rule uses."""
-        if self.joules_per_line == 0 or numel <= 0:
+        """Average cost per kept entry at ``density`` of the tensor's ``numel`` entries (its lines
+        shared at that density, its density term), fixed cost aside: the per-entry price a
+        selection rule uses."""
+        if numel <= 0:
             return self.joules_per_update
         kept = max(1.0, density * numel)
-        return self.joules_per_update + self.joules_per_line * expected_lines(kept, numel, self.itemsize) / kept
+        lines = expected_lines(kept, numel, self.itemsize) if self.joules_per_line else 0.0
+        return self.joules_per_update + self.joules_per_line * lines / kept + self.joules_per_update_density * kept / numel
 
 
 class CostMap:
@@ -76,7 +79,7 @@ class CostMap:
             j = price.joules_per_update
             if not (isinstance(j, (int, float)) and math.isfinite(j) and j > 0):
                 raise CostMapError(f"layer {name!r}: joules_per_update must be finite and > 0, got {j!r}")
-            for what in ("fixed_j", "joules_per_line"):
+            for what in ("fixed_j", "joules_per_line", "joules_per_update_density"):
                 v = getattr(price, what)
                 if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                     raise CostMapError(f"layer {name!r}: {what} must be finite and >= 0, got {v!r}")
@@ -103,7 +106,8 @@ class CostMap:
             if layer is None:
                 if allow_predicted:
                     c = profile.predict_layer(tensor.numel(), dtype)
-                    prices[name] = LayerPrice(c.joules_per_update, "predicted", c.fixed_j, c.joules_per_line, c.itemsize)
+                    prices[name] = LayerPrice(c.joules_per_update, "predicted", c.fixed_j, c.joules_per_line,
+                                              c.itemsize, c.joules_per_update_density)
                 else:
                     missing.append(name)
                 continue
@@ -114,7 +118,7 @@ class CostMap:
                     "calibrate this model as it is, or pass the tensors of the model the profile describes"
                 )
             prices[name] = LayerPrice(layer.joules_per_update, layer.method, layer.fixed_j, layer.joules_per_line,
-                                      tensor.element_size())
+                                      tensor.element_size(), layer.joules_per_update_density)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CostMapError(
@@ -157,7 +161,8 @@ class CostMap:
         price = self.prices[name]
         kept = int(torch.count_nonzero(mask))
         lines = lines_touched(mask.bool(), price.itemsize) if kept and price.joules_per_line else 0
-        return layer_joules(price.fixed_j, price.joules_per_update, price.joules_per_line, kept, lines)
+        return layer_joules(price.fixed_j, price.joules_per_update, price.joules_per_line, kept, lines,
+                            price.joules_per_update_density, mask.numel())
 
     def joules_by_layer(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
         """Predicted joules of keeping the entries each mask keeps."""

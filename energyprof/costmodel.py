@@ -18,12 +18,18 @@ and features times coefficients into joules. The split between memory levels is 
 of the working set: the share priced at the DRAM level is a logistic in log2(working set / cache
 size) whose width is ``transition_octaves`` (0 makes it a step at ``cache_bytes``).
 
-Per-layer costs. Keeping k entries of one parameter tensor in one step (the masked update phase,
-:class:`energyprof.workloads.UpdatePhase`) costs ``fixed_j + joules_per_update * k +
-joules_per_line * lines``, where ``lines`` is the number of 64-byte lines of the tensor that hold a
-kept entry, and nothing when k = 0 (:func:`layer_joules`). Those three numbers are measured per
-layer by the calibration, or derived from the global coefficients by :func:`layer_costs_from_global`
-(applied to the update phase's own counts).
+Per-layer costs. Keeping k of the n entries of one parameter tensor in one step (the masked update
+phase, :class:`energyprof.workloads.UpdatePhase`) costs
+
+    fixed_j + joules_per_update * k + joules_per_line * lines + joules_per_update_density * k * k / n
+
+and nothing when k = 0 (:func:`layer_joules`). ``lines`` is the number of 64-byte lines of the
+tensor that hold a kept entry (scattered writes are paid in whole lines, so the cost per entry falls
+as density rises); the last term is what the data show beyond a straight line: the kept entries'
+send buffers grow the working set, which near the cache size moves traffic to DRAM as density
+rises. Those four numbers are measured per layer by the calibration, or derived from the global
+coefficients by :func:`layer_costs_from_global` (fitted to the cost model's own prediction of the
+update phase's counts at the calibration densities).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ __all__ = [
     "lines_touched",
     "expected_lines",
     "layer_costs_from_global",
+    "layer_design",
+    "LAYER_DENSITIES",
 ]
 
 LINE_BYTES = 64
@@ -177,28 +185,48 @@ def predict_joules(counts: WorkCounts, coefficients: CostCoefficients) -> float:
 
 
 # ------------------------------------------------------------------------------ per-layer costs
+LAYER_DENSITIES = (0.001, 0.01, 0.1, 0.3, 1.0)  # where a layer's cost curve is measured (and fitted)
+
+
 @dataclass(frozen=True)
 class LayerCoefficients:
-    """What keeping entries of one tensor costs in one step: ``fixed_j`` once when any entry is kept,
-    ``joules_per_update`` per kept entry, ``joules_per_line`` per 64-byte line holding a kept entry."""
+    """What keeping entries of one tensor of ``numel`` entries costs in one step (see the module
+    docstring): ``fixed_j`` once when any entry is kept, ``joules_per_update`` per kept entry,
+    ``joules_per_line`` per 64-byte line holding a kept entry, ``joules_per_update_density`` per kept
+    entry and unit of density."""
 
     fixed_j: float
     joules_per_update: float
     joules_per_line: float = 0.0
+    joules_per_update_density: float = 0.0
+    numel: int = 0
     itemsize: int = 4
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def joules(self, kept: int, lines: int) -> float:
-        return layer_joules(self.fixed_j, self.joules_per_update, self.joules_per_line, kept, lines)
+        return layer_joules(self.fixed_j, self.joules_per_update, self.joules_per_line, kept, lines,
+                            self.joules_per_update_density, self.numel)
 
 
-def layer_joules(fixed_j: float, joules_per_update: float, joules_per_line: float, kept: int, lines: int) -> float:
-    """Joules of keeping ``kept`` entries spread over ``lines`` cache lines of one tensor in one step."""
+def layer_joules(
+    fixed_j: float, joules_per_update: float, joules_per_line: float, kept: int, lines: int,
+    joules_per_update_density: float = 0.0, numel: int = 0,
+) -> float:
+    """Joules of keeping ``kept`` of the ``numel`` entries of one tensor, spread over ``lines``
+    cache lines, in one step."""
     if kept < 0 or lines < 0:
         raise ValueError(f"kept and lines must be >= 0, got {kept} and {lines}")
     if kept == 0:
         return 0.0
-    return fixed_j + joules_per_update * kept + joules_per_line * lines
+    quadratic = joules_per_update_density * kept * kept / numel if joules_per_update_density else 0.0
+    return fixed_j + joules_per_update * kept + joules_per_line * lines + quadratic
+
+
+def layer_design(kept: Any, lines: Any, numel: int) -> np.ndarray:
+    """The per-layer model's design matrix (columns: 1, k, lines, k^2 / n) for replays with
+    ``kept`` entries in ``lines`` lines: what a per-layer fit regresses joules on."""
+    k = np.asarray(kept, float)
+    return np.column_stack([np.ones_like(k), k, np.asarray(lines, float), k * k / numel])
 
 
 def lines_touched(mask_or_positions: Any, itemsize: int, numel: int | None = None) -> int:
@@ -236,23 +264,27 @@ def expected_lines(kept: float, numel: int, itemsize: int) -> float:
 
 
 def layer_costs_from_global(
-    coefficients: CostCoefficients, numel: int, dtype: str, reference_density: float = 0.05
+    coefficients: CostCoefficients, numel: int, dtype: str, densities: tuple[float, ...] = LAYER_DENSITIES
 ) -> LayerCoefficients:
-    """Per-layer costs predicted from the global coefficients: the cost model applied to the counts
-    of the update phase itself (:meth:`energyprof.workloads.UpdatePhase.counts_for`).
+    """Per-layer costs predicted from the global coefficients: the cost model's prediction for the
+    update phase's own counts (:meth:`energyprof.workloads.UpdatePhase.counts_for`, random positions)
+    at ``densities``, fitted with the per-layer model (non-negative least squares, relative error)."""
+    from scipy.optimize import nnls
 
-    ``fixed_j`` is the cost with nothing kept; the per-entry and per-line costs are secants through
-    a replay at ``reference_density`` (random positions), so that the prediction is exact there and
-    includes how the kept entries' buffers grow the working set (which matters near the cache size)."""
     from energyprof.workloads import UpdatePhase, itemsize_of
 
     s = itemsize_of(dtype)
-    k = max(1, round(reference_density * numel))
-    lines = max(1, round(expected_lines(k, numel, s)))
     fixed = predict_joules(UpdatePhase.counts_for(numel, 0, 0, s), coefficients)
-    entries = predict_joules(UpdatePhase.counts_for(numel, k, 0, s), coefficients)
-    both = predict_joules(UpdatePhase.counts_for(numel, k, lines, s), coefficients)
+    kept = sorted({max(1, round(d * numel)) for d in densities})
+    lines = [max(1, round(expected_lines(k, numel, s))) for k in kept]
+    y = np.array([predict_joules(UpdatePhase.counts_for(numel, k, n, s), coefficients) for k, n in zip(kept, lines)])
+    x = layer_design(kept, lines, numel)[:, 1:]  # the fixed part is known exactly: E(k=0)
+    target = y - fixed
+    scale = np.sqrt((x**2).mean(axis=0))
+    scale[scale == 0] = 1.0
+    coef, _ = nnls((x / scale) / y[:, None], target / y)
+    coef = coef / scale
     return LayerCoefficients(
-        fixed_j=fixed, joules_per_update=max(0.0, (entries - fixed) / k),
-        joules_per_line=max(0.0, (both - entries) / lines), itemsize=s,
+        fixed_j=fixed, joules_per_update=float(coef[0]), joules_per_line=float(coef[1]),
+        joules_per_update_density=float(coef[2]), numel=int(numel), itemsize=s,
     )

@@ -202,7 +202,9 @@ class _Session:
         synchronize(self.workload.device_)
         t1 = self.meter.clock()
         if not self.workload.reports_work:
-            self.meter.report_work(self.workload.counts_.scaled(calls), t0, t1)
+            # a replay of several tensors reports each tensor's work: each has its own working set
+            for part in getattr(self.workload, "count_parts_", None) or (self.workload.counts_,):
+                self.meter.report_work(part.scaled(calls), t0, t1)
         return t0, t1
 
     def _start_polling(self) -> None:

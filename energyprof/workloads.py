@@ -563,7 +563,9 @@ class LayerReplay(Workload):
     (boolean, same shape), a ``kernel`` workload ("update", the masked update phase, by default; or
     "scatter", "pack" or "residual") over that
     tensor's size and dtype and the positions the mask keeps. ``layers_`` holds one set-up
-    workload per parameter, to be measured one by one; calling the replay runs them all."""
+    workload per parameter, to be measured one by one; calling the replay runs them all.
+    ``counts_`` sums the tensors' counts; ``count_parts_`` keeps each tensor's counts, since each
+    has its own working set (the protocol reports them one by one)."""
 
     name = "replay"
 
@@ -592,6 +594,7 @@ class LayerReplay(Workload):
             w = _REPLAY_KERNELS[self.kernel](p.numel(), dtype=p.dtype, seed=self.seed + i, positions=positions)
             self.layers_[name] = w.setup(self.device_)
         layers = list(self.layers_.values())
+        self.count_parts_ = tuple(w.counts_ for w in layers)  # each tensor's work, priced on its own
         self.tensors_ = {f"{n}.{k}": t for n, w in self.layers_.items() for k, t in w.tensors_.items()}
         self.counts_ = WorkCounts(**{f.name: sum(getattr(w.counts_, f.name) for w in layers) for f in fields(WorkCounts)})
         return self

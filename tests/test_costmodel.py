@@ -58,18 +58,32 @@ def test_layer_joules_costs_nothing_when_nothing_is_kept():
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("numel", [4096, 1 << 20, 1 << 24])
+@pytest.mark.parametrize("numel", [10, 4096, 65536, 1 << 20, 2359296, 1 << 24])
 def test_per_layer_costs_from_global_price_the_update_phase_like_the_cost_model(preset, numel):
+    """The per-layer curve (fixed + per entry + per line + density term) follows the cost model's
+    price of the update phase from 0.01 % to 100 % density, through the cache-to-DRAM transition."""
     truth = PRESETS[preset].truth
     layer = cm.layer_costs_from_global(truth, numel, "float32")
-    k = round(0.05 * numel)
-    lines = round(cm.expected_lines(k, numel, 4))
-    direct = cm.predict_joules(UpdatePhase.counts_for(numel, k, lines, 4), truth)
-    assert layer.joules(k, lines) == pytest.approx(direct, rel=1e-9)  # exact at the reference density
-    for k, lines in ((1, 1), (numel // 100, numel // 160), (numel // 5, numel // 17)):
+    assert layer.joules(0, 0) == 0.0
+    for d in (0.0001, 0.003, 0.02, 0.1, 0.3, 0.6, 1.0):
+        k = max(1, round(d * numel))
+        lines = max(1, round(cm.expected_lines(k, numel, 4)))
         direct = cm.predict_joules(UpdatePhase.counts_for(numel, k, lines, 4), truth)
-        # elsewhere only the kept buffers' growth of the working set (near the cache size) separates them
-        assert layer.joules(k, lines) == pytest.approx(direct, rel=0.1)
+        assert layer.joules(k, lines) == pytest.approx(direct, rel=0.025)
+
+
+def test_without_the_density_term_the_curve_misses_near_the_cache_size():
+    """Why the density term exists: near the cache size the kept entries' buffers grow the working set,
+    so the best fit of fixed + per entry + per line alone misses the update phase's price by over 5 %."""
+    truth = PRESETS["desktop-cpu"].truth
+    n = 1 << 20
+    kept = [max(1, round(d * n)) for d in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)]
+    lines = [round(cm.expected_lines(k, n, 4)) for k in kept]
+    y = np.array([cm.predict_joules(UpdatePhase.counts_for(n, k, ln, 4), truth) for k, ln in zip(kept, lines)])
+    x = cm.layer_design(kept, lines, n)
+    for columns, worst in ((3, lambda e: e > 0.05), (4, lambda e: e < 0.025)):
+        coef = np.linalg.lstsq(x[:, :columns] / y[:, None], np.ones(len(y)), rcond=None)[0]
+        assert worst(float(np.max(np.abs(x[:, :columns] @ coef / y - 1))))
 
 
 def test_global_fit_recovers_the_truth_and_the_cache_boundary_from_exact_measurements():
@@ -106,12 +120,12 @@ def _counts_without_allocating(name, size, density):
 def test_layer_fit_recovers_fixed_marginal_and_line_costs():
     numel = 1 << 20
     truth = cm.layer_costs_from_global(PRESETS["rpi4"].truth, numel, "float32")
-    kept = [round(d * numel) for d in (0.001, 0.01, 0.05, 0.2)]
+    kept = [round(d * numel) for d in cm.LAYER_DENSITIES]
     lines = [round(cm.expected_lines(k, numel, 4)) for k in kept]
     joules = [truth.joules(k, n) for k, n in zip(kept, lines)]
-    fit = LayerCostFit(n_bootstrap=50).fit(kept, lines, joules, [j * 1e-4 for j in joules])
-    assert (fit.fixed_j_, fit.joules_per_update_, fit.joules_per_line_) == pytest.approx(
-        (truth.fixed_j, truth.joules_per_update, truth.joules_per_line), rel=1e-3)
+    fit = LayerCostFit(n_bootstrap=50).fit(kept, lines, joules, [j * 1e-4 for j in joules], numel)
+    assert (fit.fixed_j_, fit.joules_per_update_, fit.joules_per_line_, fit.joules_per_update_density_) == pytest.approx(
+        (truth.fixed_j, truth.joules_per_update, truth.joules_per_line, truth.joules_per_update_density), rel=1e-3)
     assert fit.resolved()
     assert fit.predict([0], [0])[0] == 0.0
 

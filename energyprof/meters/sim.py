@@ -212,7 +212,8 @@ class SimulatedExecution:
         self.name = getattr(workload, "name", type(workload).__name__)
         self.device_ = workload.device_
         self.counts_ = workload.counts_
-        self.seconds_per_call = meter.preset.seconds(workload.counts_)
+        self.count_parts_ = getattr(workload, "count_parts_", None)
+        self.seconds_per_call = sum(meter.preset.seconds(c) for c in self.count_parts_ or (workload.counts_,))
         self.real_calls = 0
         self._calls = 0
         self._clock = meter._virtual
@@ -365,6 +366,11 @@ class SimMeter(CounterMeter):
 
     def price(self, counts: WorkCounts) -> float:
         return self.preset.price(counts)
+
+    def price_workload(self, workload: Any) -> float:
+        """The truth of one call of a set-up workload (each tensor of a replay priced on its own)."""
+        parts = getattr(workload, "count_parts_", None) or (workload.counts_,)
+        return sum(self.preset.price(c) for c in parts)
 
     def simulate(self, workload: Any, real_every: int = 65536) -> Any:
         """``workload`` as the protocol should run it on this meter: on the virtual clock, on the

@@ -1,0 +1,314 @@
+"""``energyprof validate``: the joules a profile predicts against the joules a meter measures.
+
+For a device profile, a model and a meter:
+
+1. realistic updates: the accumulated update of a short real training run of the model on
+   scikit-learn's digits (resized to the model's input), or heavy-tailed random updates
+   (Student t, 2 degrees of freedom) when asked or when the model's input shape is unknown;
+2. the masks the pruner really makes: Top-K at each keep ratio, and CWMP with p = 1 and p = 2 at
+   the energy Top-K spends at that ratio on the same update;
+3. each mask's masked update phase (the replay the calibration measured,
+   :class:`energyprof.workloads.UpdatePhase`, for every tensor with a kept entry) measured through
+   the measurement protocol;
+4. prediction (profile -> cost map -> :mod:`energyprof.costmodel`) against measurement, with its
+   interval; on the simulator, the simulator's truth as a third column, so that model error and
+   measurement error are told apart.
+
+Output: a console table, and a report folder with the raw CSV, a scatter plot of predicted against
+measured (log axes, y = x, +-5 % and +-10 % bands), a plot of error by keep ratio and a Markdown
+summary. Every file of a simulated run says SIMULATED.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cwmp.costmap import CostMap
+from cwmp.pruner import Budget, Pruner
+
+__all__ = ["DEFAULT_RATIOS", "ValidationResult", "validate", "model_updates"]
+
+DEFAULT_RATIOS = (0.001, 0.01, 0.05, 0.1, 0.2)
+INPUT_SHAPES = {"mlp": (1, 8), "cnn": (3, 32), "resnet18": (3, 32)}  # (channels, side) of the built-ins
+
+
+@dataclass
+class ValidationResult:
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+
+# ---------------------------------------------------------------------------- updates
+def _digits(channels: int, side: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.target), generator=g)[:n]
+    x = torch.tensor(data.images, dtype=torch.float32)[idx].unsqueeze(1) / 16.0
+    if side != 8:
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    x = x.repeat(1, channels, 1, 1)
+    return (x - 0.5) / 0.5, torch.tensor(data.target, dtype=torch.long)[idx]
+
+
+def model_updates(model: torch.nn.Module, label: str, kind: str = "train", steps: int = 20, lr: float = 0.05,
+                  seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+    """One client update of ``model``: ``train`` (the accumulated change of ``steps`` SGD steps on
+    digits, the model left as it was) or ``random`` (heavy-tailed). Returns (update, how it was made)."""
+    params = dict(model.named_parameters())
+    if kind == "train" and label in INPUT_SHAPES:
+        channels, side = INPUT_SHAPES[label]
+        x, y = _digits(channels, side, 64 * steps, seed)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        model.train()
+        for i in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[64 * i: 64 * (i + 1)]), y[64 * i: 64 * (i + 1)]).backward()
+            opt.step()
+        update = {n: (p.detach() - before[n]) for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(before[n])
+        return update, f"{steps} SGD steps (lr {lr}) on scikit-learn digits"
+    rng = np.random.default_rng(seed)
+    update = {n: torch.from_numpy(rng.standard_t(2.0, size=tuple(p.shape)).astype(np.float32) * 1e-3)
+              for n, p in params.items()}
+    return update, "heavy-tailed random (Student t, 2 degrees of freedom)"
+
+
+# ---------------------------------------------------------------------------- masks
+def pruner_masks(cost_map: CostMap, update: dict[str, torch.Tensor], ratios: tuple[float, ...]) -> list[dict]:
+    masks = []
+    for r in ratios:
+        for method, power in (("topk", 1.0), ("cwmp", 1.0), ("cwmp", 2.0)):
+            res = Pruner(cost_map, Budget.topk_keep_ratio(r), method=method, power=power).masks(update)
+            label = "topk" if method == "topk" else f"cwmp-p{power:g}"
+            masks.append({"mask": label, "method": method, "p": power, "ratio": r, "masks": res.masks,
+                          "kept": res.kept, "budget_j": res.budget_j})
+    return masks
+
+
+# ---------------------------------------------------------------------------- the run
+def validate(
+    profile_ref: str,
+    meter_spec: str,
+    model: str = "mlp",
+    device: str = "cpu",
+    ratios: tuple[float, ...] = DEFAULT_RATIOS,
+    updates: str = "train",
+    report: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    protocol_kwargs: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> ValidationResult:
+    from calibrate.calibration import resolve_meter_spec
+    from calibrate.profile import load_profile
+    from energyprof.meters import open_meter
+    from energyprof.models import resolve_model
+    from energyprof.protocol import MeasurementProtocol
+    from energyprof.workloads import LayerReplay
+
+    profile = load_profile(profile_ref)
+    module = resolve_model(model, seed=seed)
+    dev = torch.device(device)
+    warnings: list[str] = []
+    if model not in profile.models:
+        warnings.append(f"profile {profile.name} has no per-layer table for {model}: every layer is predicted "
+                        "from its global coefficients")
+    update, update_kind = model_updates(module, model, updates, seed=seed)
+    cost_map = CostMap.from_profile(profile, model, module.named_parameters(), allow_predicted=True)
+    masks = pruner_masks(cost_map, update, tuple(ratios))
+    spec = resolve_meter_spec(meter_spec)
+    protocol = MeasurementProtocol(random_state=seed, **(protocol_kwargs or dict(
+        min_window_s=1.0, min_periods=10, trials=4, idle_windows=4, warmup_s=0.05)))
+    rows = []
+    from rich.progress import Progress
+
+    with open_meter(spec) as meter:
+        info = meter.info
+        warnings.extend(_mismatch(profile, info, spec, dev))
+        sim = "  [SIMULATED]" if info.simulated else ""
+        say(f"validate {profile.name} on {model} with meter {spec}, kernels on {dev}{sim}")
+        idle = protocol.measure_idle(meter)
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("measuring masks", total=len(masks))
+            for m in masks:
+                kept_masks = {n: mk for n, mk in m["masks"].items() if bool(mk.any())}
+                replay = LayerReplay(module, kept_masks, kernel="update", seed=seed).setup(dev)
+                run = meter.simulate(replay) if hasattr(meter, "simulate") else replay
+                result = protocol.measure(run, meter, idle=idle)
+                predicted = cost_map.predicted_joules(m["masks"])
+                row = {"mask": m["mask"], "method": m["method"], "p": m["p"], "ratio": m["ratio"],
+                       "kept": m["kept"], "layers_touched": len(kept_masks), "budget_j": m["budget_j"],
+                       "predicted_j": predicted, "measured_j": result.joules_per_call,
+                       "ci_low_j": result.ci_low_j, "ci_high_j": result.ci_high_j,
+                       "error": (predicted - result.joules_per_call) / result.joules_per_call,
+                       "calls": result.calls, "simulated": info.simulated, "backend": info.backend}
+                if info.simulated and hasattr(meter, "price_workload"):
+                    truth = meter.price_workload(replay)
+                    row.update(truth_j=truth, model_error=(predicted - truth) / truth,
+                               measurement_error=(result.joules_per_call - truth) / truth)
+                rows.append(row)
+                bar.advance(task)
+    table = pd.DataFrame(rows)
+    errors = table["error"].to_numpy(float)
+    worst = table.iloc[int(np.argmax(np.abs(errors)))]
+    summary: dict[str, Any] = {
+        "mape": float(np.mean(np.abs(errors))), "n": len(table), "worst": float(abs(worst["error"])),
+        "worst_mask": f"{worst['mask']} at {worst['ratio']:g}", "bias": float(np.mean(errors)),
+        "simulated": bool(info.simulated), "profile": profile.name, "profile_simulated": profile.simulated,
+        "model": model, "meter": spec, "device": str(dev), "updates": update_kind,
+        "predicted_layers": cost_map.predicted_layers, "warnings": warnings,
+    }
+    if "truth_j" in table:
+        summary["model_mape"] = float(table["model_error"].abs().mean())
+        summary["measurement_mape"] = float(table["measurement_error"].abs().mean())
+    result = ValidationResult(table, summary, warnings)
+    if report is not None:
+        result.report = write_report(result, Path(report), profile)
+    return result
+
+
+def _mismatch(profile: Any, info: Any, spec: str, dev: torch.device) -> list[str]:
+    out = []
+    rec = profile.provenance.meter
+    if rec.backend != info.backend or rec.scope != info.scope:
+        out.append(f"the profile was calibrated with meter {rec.backend} ({rec.scope}); this run uses "
+                   f"{info.backend} ({info.scope})")
+    elif rec.details.get("preset") != info.details.get("preset"):
+        out.append(f"the profile was calibrated on sim preset {rec.details.get('preset')}; this run uses "
+                   f"{info.details.get('preset')}")
+    if profile.simulated != info.simulated:
+        out.append("the profile and the meter differ in being simulated")
+    return out
+
+
+# ---------------------------------------------------------------------------- output
+def console_table(result: ValidationResult) -> str:
+    t, s = result.table, result.summary
+    tag = "  [SIMULATED]" if s["simulated"] else ""
+    truth = "truth_j" in t
+    head = f"{'mask':<9} {'ratio':>6} {'kept':>9} {'predicted J':>12} {'measured J (95 % CI)':>34} {'error':>7}"
+    lines = [f"predicted vs measured joules per update phase{tag}", head + (f" {'truth J':>11} {'model err':>9}" if truth else "")]
+    for _, r in t.iterrows():
+        line = (f"{r['mask']:<9} {r['ratio']:>6.3g} {int(r['kept']):>9} {r['predicted_j']:>12.4e} "
+                f"{r['measured_j']:>11.4e} ({r['ci_low_j']:.3e}..{r['ci_high_j']:.3e}) {r['error']:>+7.2%}")
+        if truth:
+            line += f" {r['truth_j']:>11.4e} {r['model_error']:>+9.2%}"
+        lines.append(line)
+    lines.append(f"MAPE {s['mape']:.2%} over {s['n']} masks, worst {s['worst']:.2%} ({s['worst_mask']}), "
+                 f"bias {s['bias']:+.2%}{tag}")
+    if truth:
+        lines.append(f"against the simulator's truth: model MAPE {s['model_mape']:.2%}, "
+                     f"measurement MAPE {s['measurement_mape']:.2%}{tag}")
+    for w in result.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t, s = result.table, result.summary
+    tag = " [SIMULATED]" if s["simulated"] else ""
+    prefix = "SIMULATED-" if s["simulated"] else ""
+    csv = folder / f"{prefix}validation.csv"
+    t.to_csv(csv, index=False)
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    lo = float(min(t.predicted_j.min(), t.measured_j.min())) * 0.7
+    hi = float(max(t.predicted_j.max(), t.measured_j.max())) * 1.4
+    xs = np.geomspace(lo, hi, 50)
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.9", label="±10 %")
+    ax.fill_between(xs, xs * 0.95, xs * 1.05, color="0.8", label="±5 %")
+    ax.plot(xs, xs, "k-", lw=1, label="y = x")
+    styles = {"topk": ("o", "tab:blue"), "cwmp-p1": ("^", "tab:orange"), "cwmp-p2": ("s", "tab:green")}
+    for label, (marker, color) in styles.items():
+        sub = t[t["mask"] == label]
+        if len(sub):
+            yerr = np.vstack([sub.measured_j - sub.ci_low_j, sub.ci_high_j - sub.measured_j])
+            ax.errorbar(sub.predicted_j, sub.measured_j, yerr=yerr, fmt=marker, color=color, label=label, ms=6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("predicted J per update phase (profile + cost model)")
+    ax.set_ylabel("measured J per update phase (protocol, 95 % CI)")
+    ax.set_title(f"{s['model']} on {profile.name}: MAPE {s['mape']:.2%}{tag}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    scatter = folder / f"{prefix}predicted-vs-measured.png"
+    fig.savefig(scatter, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (marker, color) in styles.items():
+        sub = t[t["mask"] == label]
+        if len(sub):
+            ax.plot(sub.ratio * 100, sub.error * 100, marker=marker, color=color, label=label)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("keep ratio of the Top-K budget (%)")
+    ax.set_ylabel("prediction error (%)")
+    ax.set_title(f"error by keep ratio{tag}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    by_ratio = folder / f"{prefix}error-by-ratio.png"
+    fig.savefig(by_ratio, dpi=110)
+    plt.close(fig)
+    p = profile.provenance
+    md = [
+        f"# Energy-model validation: {s['model']} on profile {profile.name}{tag}", "",
+        f"- {'SIMULATED run: the meter is the simulator; no number here is a physical measurement. ' if s['simulated'] else ''}"
+        f"Created {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}",
+        f"- MAPE **{s['mape']:.2%}** over {s['n']} masks; worst {s['worst']:.2%} ({s['worst_mask']}); "
+        f"bias {s['bias']:+.2%}",
+    ]
+    if "model_mape" in s:
+        md.append(f"- Against the simulator's truth: model MAPE {s['model_mape']:.2%}, "
+                  f"measurement MAPE {s['measurement_mape']:.2%}")
+    md += [
+        f"- Meter: `{s['meter']}`, kernels on {s['device']}; updates: {s['updates']}",
+        f"- Profile: {profile.name} ({'SIMULATED' if profile.simulated else 'measured'}), device {p.device}, "
+        f"meter {p.meter.backend} ({p.meter.scope}), created {p.created.isoformat()}, energyprof {p.toolkit_version}",
+        f"- Layers predicted from global coefficients rather than measured: "
+        + (", ".join(f"`{n}`" for n in s["predicted_layers"]) or "none")
+        + " (cost map); layers marked predicted in the profile's table: "
+        + (", ".join(f"`{layer.name}`" for layer in profile.models[s['model']].layers if layer.method == 'predicted')
+           if s["model"] in profile.models else "all (no table)"),
+        "",
+    ]
+    for w in result.warnings:
+        md.append(f"- **Warning:** {w}")
+    md += ["", f"![predicted vs measured]({scatter.name})", "", f"![error by ratio]({by_ratio.name})", "",
+           "```", console_table(result), "```", ""]
+    (folder / f"{prefix}summary.md").write_text("\n".join(md))
+    (folder / f"{prefix}summary.json").write_text(json.dumps(s, indent=1))
+    return folder
+
+
+def doubled(profile: Any) -> Any:
+    """A copy of ``profile`` with every layer's fixed and marginal costs doubled (a wrong profile,
+    for checking that validation catches one)."""
+    data = profile.model_dump()
+    for costs in data["models"].values():
+        for layer in costs["layers"]:
+            for k in ("fixed_j", "fixed_ci_low", "fixed_ci_high", "joules_per_update", "ci_low", "ci_high",
+                      "joules_per_line", "line_ci_low", "line_ci_high"):
+                layer[k] *= 2
+    data["name"] = profile.name + "-doubled"
+    return type(profile).model_validate(data)
+
