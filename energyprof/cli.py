@@ -156,17 +156,41 @@ def cmd_bench_kernel(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cwmp.demo import run
+    from cwmp.apps.demo import run
     from energyprof.errors import EnergyprofError
 
     try:
-        result = run(meter_spec=args.meter, device=args.device, keep_ratio=args.keep_ratio,
-                     min_window_s=args.min_window_s, trials=args.trials,
-                     say=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+        result = run(meter_spec=args.meter, device=args.device, keep_ratio=args.keep_ratio, out=args.out,
+                     progress=not args.json, say=(lambda line: print(line, file=sys.stderr)) if args.json else print)
     except EnergyprofError as exc:
         return _fail(str(exc), 1)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------- validate
+def cmd_validate(args: argparse.Namespace) -> int:
+    from calibrate.profile import ProfileError
+    from cwmp.apps.validate import DEFAULT_RATIOS, console_table, validate
+    from energyprof.errors import EnergyprofError
+
+    ratios = tuple(float(r) for part in (args.ratios or []) for r in part.split(",") if r) or DEFAULT_RATIOS
+    try:
+        result = validate(args.profile, args.meter, model=args.model, device=args.device, ratios=ratios,
+                          updates=args.updates, report=args.report, progress=not args.json,
+                          say=lambda line: print(line, file=sys.stderr))
+    except (ProfileError, EnergyprofError, ValueError) as exc:
+        return _fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(result.summary))
+    else:
+        print(console_table(result))
+        if result.report:
+            print(f"report: {result.report}")
+    if args.max_mape is not None and result.summary["mape"] > args.max_mape:
+        print(f"energyprof: MAPE {result.summary['mape']:.2%} exceeds --max-mape {args.max_mape:.2%}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -259,19 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the whole chain: measure per-layer update costs, then prune with Top-K and CWMP at equal energy",
-        description="Opens the best real meter (the simulator, labelled SIMULATED, when there is none), measures "
-        "what one kept update entry costs in each layer of a small MLP with the measurement protocol, and prunes "
-        "one real backprop update with Top-K and with CWMP at the same predicted energy.",
+        help="the whole chain: calibrate mlp quickly, validate the profile, prune one update with Top-K and CWMP",
+        description="Runs the real commands in a row on the best real meter (the simulator, labelled SIMULATED, when "
+        "there is none): energyprof calibrate --model mlp --quick, energyprof validate with that profile, and one "
+        "real update pruned with Top-K and CWMP at equal predicted energy. Prints where the profile and report are.",
     )
     p.add_argument("--meter", default=None, help="meter spec (default: auto, else the simulator)")
     p.add_argument("--device", default=None,
-                   help="torch device for the model and the kernels (default: cuda:0 with an NVML meter, else cpu)")
+                   help="torch device for the kernels (default: cuda:0 with an NVML meter, else cpu)")
     p.add_argument("--keep-ratio", type=float, default=0.1, help="Top-K keep ratio that sets the budget")
-    p.add_argument("--min-window-s", type=float, default=1.0, help="shortest measurement window (s)")
-    p.add_argument("--trials", type=int, default=4, help="kernel windows per layer")
+    p.add_argument("--out", default="out", help="folder for the demo's profile and report (default: out)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress on stderr)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "validate",
+        help="predicted vs measured joules of the masks the pruner makes, for a profile on a meter",
+        description="Builds Top-K masks at each keep ratio and CWMP masks (p = 1 and 2) at Top-K's energy for "
+        "realistic updates of the model, measures each mask's update phase through the protocol, and compares "
+        "with the profile's prediction. Exit status 3 when the MAPE exceeds --max-mape.",
+    )
+    p.add_argument("--profile", required=True, help="profile name or YAML path")
+    p.add_argument("--meter", required=True, help="meter spec (the same meter the profile was calibrated with)")
+    p.add_argument("--model", default="mlp", help="mlp, cnn, resnet18 or module:attr (default: mlp)")
+    p.add_argument("--device", default="cpu", help="torch device for the kernels (default: cpu)")
+    p.add_argument("--ratios", action="append", help="Top-K keep ratios, comma-separated (default: 0.001,0.01,0.05,0.1,0.2)")
+    p.add_argument("--updates", choices=["train", "random"], default="train",
+                   help="updates from a short training run on digits, or heavy-tailed random ones (default: train)")
+    p.add_argument("--report", default=None, help="folder for the CSV, plots and Markdown summary")
+    p.add_argument("--max-mape", type=float, default=None, help="fail (exit 3) when the MAPE exceeds this fraction")
+    p.add_argument("--json", action="store_true", help="print the summary object (mape, n, worst, bias, simulated)")
+    p.set_defaults(func=cmd_validate)
 
     # further subcommands register here (each imports its modules lazily in its handler)
     return parser

@@ -60,12 +60,16 @@ def test_missing_command():
     assert r.returncode == 2 and "no command" in r.stderr
 
 
-def test_profiles_list_and_show(capsys):
-    assert main(["profiles"]) == 0
-    assert "sim-h100" in capsys.readouterr().out
-    assert main(["profiles", "sim-h100"]) == 0
-    assert "SIMULATED" in capsys.readouterr().out
-    assert main(["profiles", "no-such-profile"]) == 1
+def test_profile_list_show_and_validate(capsys):
+    assert main(["profile", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "sim-h100" in out and "SIMULATED" in out and "resnet18" in out
+    assert main(["profile", "show", "sim-h100", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "SIMULATED" in out and "layer4.1.conv2.weight" in out
+    assert main(["profile", "show", "no-such-profile"]) == 1
+    assert main(["profile", "validate", "sim-rpi4"]) == 0
+    assert "valid energyprof profile" in capsys.readouterr().out
 
 
 def test_window_shorter_than_the_update_period_warns_instead_of_claiming_zero():

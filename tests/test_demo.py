@@ -1,32 +1,24 @@
+"""`energyprof demo`: the chain of the real commands (calibrate -> profile -> validate -> prune) on the
+simulator when no real meter is present (SIMULATED numbers)."""
+
+from pathlib import Path
+
 import pytest
-import torch
 
-from cwmp.demo import build_model, one_update, run
-from cwmp.masks import topk_mask
-from energyprof.meters.sim import PRESETS
-from energyprof.workloads import LayerReplay
+from calibrate.profile import load_profile
+from cwmp.apps.demo import run
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_demo_recovers_the_simulated_per_entry_costs_and_labels_them():
-    lines: list[str] = []
-    result = run(meter_spec="sim:preset=rpi4,seed=0", min_window_s=0.5, trials=3, say=lines.append)
-    assert result["meter"]["simulated"] is True
-    assert all("SIMULATED" in line for line in lines if line.startswith(("meter", "joules", "same budget")))
-
-    # the simulator's truth for the same replayed kernels
-    model = build_model()
-    update = one_update(model, torch.device("cpu"))
-    masks = {n: topk_mask(u, max(1, round(0.1 * u.numel()))) for n, u in update.items()}
-    replay = LayerReplay(model, masks).setup("cpu")
-    preset = PRESETS["rpi4"]
-    for name, w in replay.layers_.items():
-        truth = preset.price(w.counts_) / int(masks[name].sum())
-        assert result["prices"][name] == pytest.approx(truth, rel=0.25), name
-    # the two layers sit on different memory levels, so their entries cost differently
-    assert result["prices"]["0.weight"] > 5 * result["prices"]["2.weight"]
-
-    topk, cwmp = result["topk"], result["cwmp"]
-    assert cwmp["predicted_j"] <= topk["predicted_j"] * (1 + 1e-9)  # same budget, never exceeded
-    assert 0 < topk["norm_kept"] <= 1 and 0 < cwmp["norm_kept"] <= 1
+def test_demo_runs_the_real_chain_and_keeps_the_budget(tmp_path):
+    lines = []
+    result = run(meter_spec="sim:preset=rpi4,seed=4", out=tmp_path, progress=False, say=lines.append)
+    text = "\n".join(lines)
+    assert "energyprof calibrate" in text and "energyprof validate" in text
+    profile = load_profile(result["profile"])  # a fitted profile, written where the demo says
+    assert profile.simulated and "mlp" in profile.models and result["simulated"]
+    assert Path(result["report"], "SIMULATED-summary.md").exists()
+    assert result["validation"]["mape"] < 0.05
+    # equal predicted energy: CWMP spends no more than Top-K
+    assert result["cwmp"]["predicted_j"] <= result["topk"]["budget_j"] * (1 + 1e-9)
+    assert result["topk"]["predicted_j"] == pytest.approx(result["topk"]["budget_j"])
+    assert all("SIMULATED" in line for line in lines if " J" in line and ("kept" in line or "MAPE" in line))

@@ -1,0 +1,82 @@
+"""``energyprof demo``: the whole chain of the real commands, in about a minute.
+
+1. open the best real meter (or, when there is none, the simulator, and say so on every line);
+2. ``energyprof calibrate --model mlp --quick`` on it: a fitted device profile;
+3. ``energyprof validate`` with that profile on the same meter: predicted against measured joules
+   for Top-K and CWMP masks, with a report folder;
+4. prune one real update (a short training run on digits) with Top-K and with CWMP at the same
+   predicted energy, and compare how much of the update each keeps.
+
+Nothing here fits or prices anything of its own: the profile comes from the calibration, every
+prediction from the cost map (the cost model), every measurement from the protocol.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cwmp.costmap import CostMap
+from cwmp.pruner import Budget, Pruner
+
+MODEL = "mlp"
+
+
+def _pick_meter(meter_spec: str | None, say: Callable[[str], None]) -> str:
+    from energyprof.errors import MeterUnavailable
+    from energyprof.meters import open_meter
+
+    if meter_spec:
+        return meter_spec
+    try:
+        with open_meter("auto") as meter:
+            return meter.info.backend
+    except MeterUnavailable as exc:
+        say(f"no real meter here ({str(exc)[:160]}...)")
+        say("falling back to the simulator: every figure below is SIMULATED, not a measurement")
+        return "sim:preset=rpi4"
+
+
+def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: float = 0.1,
+        out: str | Path = "out", progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    from calibrate.calibration import calibrate
+    from cwmp.apps.validate import console_table, model_updates, validate
+    from energyprof.models import build_model
+
+    spec = _pick_meter(meter_spec, say)
+    if device is None:  # run the kernels where the meter looks
+        device = "cuda:0" if spec.startswith("nvml") and torch.cuda.is_available() else "cpu"
+    folder = Path(out) / f"demo-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    profile_path = folder / "profile.yaml"
+    say(f"\n[1/3] energyprof calibrate --meter {spec} --model {MODEL} --quick --device {device} --out {profile_path}")
+    profile = calibrate(spec, models=[MODEL], out=profile_path, device=device, quick=True, progress=progress,
+                        say=say)
+    tag = "  [SIMULATED]" if profile.simulated else ""
+    say(profile.summary())
+    say(f"\n[2/3] energyprof validate --profile {profile_path} --meter {spec} --model {MODEL} "
+        f"--report {folder / 'validation'}")
+    result = validate(str(profile_path), spec, model=MODEL, device=device, report=folder / "validation",
+                      progress=progress, say=say)
+    say(console_table(result))
+    say(f"\n[3/3] one real update of {MODEL}, pruned with Top-K and with CWMP at Top-K's predicted energy "
+        f"(keep ratio {keep_ratio:g}){tag}")
+    model = build_model(MODEL)
+    update, how = model_updates(model, MODEL, "train", seed=1)
+    costs = CostMap.from_profile(profile, MODEL, model.named_parameters())
+    total_sq = math.fsum(float((u.double() ** 2).sum()) for u in update.values())
+    results = {}
+    for method in ("topk", "cwmp"):
+        res = Pruner(costs, Budget.topk_keep_ratio(keep_ratio), method=method).masks(update)
+        kept_sq = math.fsum(float((update[n].double()[m] ** 2).sum()) for n, m in res.masks.items())
+        results[method] = {"kept": res.kept, "predicted_j": res.predicted_j, "budget_j": res.budget_j,
+                           "norm_kept": kept_sq / total_sq,
+                           "kept_by_layer": {n: int(m.sum()) for n, m in res.masks.items()}}
+        say(f"  {method:<5} kept {res.kept:>7} entries, predicted {res.predicted_j:.4e} J of {res.budget_j:.4e} J, "
+            f"{kept_sq / total_sq:.1%} of the update's squared norm{tag}")
+    say(f"\nprofile:  {profile_path}\nreport:   {result.report}  (summary.md, CSV, plots)")
+    return {"meter": spec, "simulated": profile.simulated, "profile": str(profile_path),
+            "report": str(result.report), "validation": result.summary, "update": how, **results}
