@@ -4,8 +4,8 @@ For each simulated preset and seed, run ``energyprof calibrate`` (the real comma
 protocol, CSV, scikit-learn fit, profile) on ``sim:preset=P,seed=S`` and compare with the truth:
 
 * every global coefficient: relative error and whether its 95 % interval covers the truth;
-* every measured layer: fixed_j, joules_per_update and joules_per_line against the truth of the
-  update phase (the cost model with the preset's true coefficients), with coverage;
+* every measured layer: its four per-layer costs against what the model represents of the truth
+  (the truth of the same replays, projected on the per-layer curve by the same fit), with coverage;
 * the prediction for held-out replays (random masks at 0.3 %, 2 %, 20 % and 60 %) of every layer, measured
   or predicted: relative error against the truth.
 
@@ -29,7 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from calibrate.calibration import calibrate  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from calibrate.calibration import _standard_error, calibrate  # noqa: E402
+from calibrate.fit import LayerCostFit  # noqa: E402
 from energyprof.costmodel import layer_costs_from_global, lines_touched, predict_joules  # noqa: E402
 from energyprof.meters.sim import PRESETS  # noqa: E402
 from energyprof.workloads import UpdatePhase, itemsize_of  # noqa: E402
@@ -74,17 +77,25 @@ def run(preset_name: str, seed: int, model: str, quick: bool, folder: Path) -> d
         coef_rows.append((name, v, tv, (v - tv) / tv, lo <= tv <= hi))
     layer_rows, pred_errors = [], []
     gen = torch.Generator().manual_seed(seed)
+    table = pd.read_csv(out.with_name(out.name + ".measurements.csv"))
     for layer in profile.models[model].layers:
-        true_layer = layer_costs_from_global(preset.truth, layer.numel, layer.dtype)
-        if layer.method == "measured":
+        if layer.method == "measured" and layer.name == layer.measured_as:
+            # what the model represents: the truth projected on the per-layer curve, at the same replays
+            rows = table[(table["model"] == model) & (table["size"] == layer.numel)]
+            s = itemsize_of(layer.dtype)
+            y = [predict_joules(UpdatePhase.counts_for(layer.numel, int(k), int(n), s), preset.truth)
+                 for k, n in zip(rows["kept"], rows["lines"])]
+            t = LayerCostFit(n_bootstrap=10).fit(rows["kept"], rows["lines"], y, _standard_error(rows), layer.numel)
             for what, v, lo, hi, tv in (
-                ("fixed_j", layer.fixed_j, layer.fixed_ci_low, layer.fixed_ci_high, true_layer.fixed_j),
-                ("joules_per_update", layer.joules_per_update, layer.ci_low, layer.ci_high, true_layer.joules_per_update),
-                ("joules_per_line", layer.joules_per_line, layer.line_ci_low, layer.line_ci_high, true_layer.joules_per_line),
+                ("fixed_j", layer.fixed_j, layer.fixed_ci_low, layer.fixed_ci_high, t.fixed_j_),
+                ("joules_per_update", layer.joules_per_update, layer.ci_low, layer.ci_high, t.joules_per_update_),
+                ("joules_per_line", layer.joules_per_line, layer.line_ci_low, layer.line_ci_high, t.joules_per_line_),
+                ("joules_per_update_density", layer.joules_per_update_density, layer.density_ci_low,
+                 layer.density_ci_high, t.joules_per_update_density_),
             ):
-                if tv == 0:
-                    continue
-                layer_rows.append((layer.name, what, v, tv, (v - tv) / tv, lo <= tv <= hi))
+                if tv > 0 or v > 0:
+                    layer_rows.append((layer.name, what, v, tv, (v - tv) / tv if tv > 0 else float("nan"),
+                                       lo <= tv <= hi))
         s = itemsize_of(layer.dtype)
         for d in HELD_OUT:
             k = max(1, round(d * layer.numel))
@@ -119,13 +130,14 @@ def main(argv: list[str]) -> int:
                 print(f"  {name:<16} {rows[0][2]:>11.4g} {np.mean([row[1] for row in rows]):>11.4g} "
                       f"{np.mean([abs(row[3]) for row in rows]):>10.2%} {cov:>5}/{len(rows)}")
             layer_rows = [row for r in results for row in r["layers"]]
-            for what in ("fixed_j", "joules_per_update", "joules_per_line"):
+            for what in ("fixed_j", "joules_per_update", "joules_per_line", "joules_per_update_density"):
                 rows = [row for row in layer_rows if row[1] == what]
                 if rows:
                     cov = sum(row[5] for row in rows)
                     cov_all, n_all = cov_all + cov, n_all + len(rows)
-                    print(f"  layers {what:<17} mean |err| {np.mean([abs(row[4]) for row in rows]):.2%}, "
-                          f"worst {max(abs(row[4]) for row in rows):.2%}, covered {cov}/{len(rows)}")
+                    errs = np.abs([row[4] for row in rows])
+                    print(f"  layers {what:<25} mean |err| {np.nanmean(errs):.2%}, "
+                          f"worst {np.nanmax(errs):.2%}, covered {cov}/{len(rows)}")
             pred = [e for r in results for e in r["pred"]]
             for method in ("measured", "predicted"):
                 errs = [abs(e) for m, e in pred if m == method]

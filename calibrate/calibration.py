@@ -420,7 +420,7 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
     if len(group) < 5:
         return _predicted_entry(glob, numel, dtype, "fewer than five replays measured; predicted from the "
                                 "global coefficients")
-    fit = LayerCostFit().fit(group["kept"], group["lines"], group["joules_per_call"], group["se_j"], numel)
+    fit = LayerCostFit().fit(group["kept"], group["lines"], group["joules_per_call"], _standard_error(group), numel)
     if not fit.resolved():
         return _predicted_entry(glob, numel, dtype, (
             f"the meter did not resolve its cost curve (95 % band +-{fit.band_:.1%}, fit error "
@@ -438,6 +438,13 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
         densities=sorted(float(d) for d in group["density"]),
         measured_as=str(group["tensors"].iloc[0]).split(";")[0],
     )
+
+
+def _standard_error(rows: pd.DataFrame) -> np.ndarray:
+    """Each replay's standard error: the protocol's 95 % interval read as +-1.96 sigma (it already
+    holds the t quantile of few trials and the idle baseline's share), or the trials' own spread."""
+    from_ci = (rows["ci_high_j"] - rows["ci_low_j"]).to_numpy(float) / (2 * 1.96)
+    return np.maximum(from_ci, rows["se_j"].to_numpy(float))
 
 
 def _predicted_entry(glob: GlobalCostFit, numel: int, dtype: str, reason: str) -> dict[str, Any]:

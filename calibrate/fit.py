@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import KFold
@@ -131,12 +132,23 @@ class GlobalCostFit:
             idx = rng.integers(0, len(y), len(y))
             boots[b] = _nnls(x[idx], y[idx], w[idx])
         self.bootstrap_coef_ = boots
-        self.coef_low_, self.coef_high_ = _interval(boots, self.confidence)
-        self.coef_low_ = np.minimum(self.coef_low_, self.coef_)
-        self.coef_high_ = np.maximum(self.coef_high_, self.coef_)
-        idle = table["idle_power_w"].to_numpy(float)
-        self.static_power_w_ = float(idle.mean())
-        half = 1.96 * float(idle.std(ddof=1)) / math.sqrt(len(idle)) if len(idle) > 1 else 0.0
+        low, high = _interval(boots, self.confidence)
+        # small-sample correction of the percentile interval: Student t with n - p degrees of freedom
+        # and the n / (n - p) variance inflation of a fit with p parameters
+        n, p = len(y), len(FEATURES)
+        widen = float(stats.t.ppf(0.5 + self.confidence / 2, n - p) / stats.norm.ppf(0.5 + self.confidence / 2)
+                      * math.sqrt(n / (n - p)))
+        self.coef_low_ = np.maximum(0.0, np.minimum(self.coef_ - widen * (self.coef_ - low), self.coef_))
+        self.coef_high_ = np.maximum(self.coef_ + widen * (high - self.coef_), self.coef_)
+        # the idle baseline is shared by many measurements: one value per baseline, not per row
+        idle = pd.unique(table["idle_power_w"].to_numpy(float))
+        self.static_power_w_ = float(np.mean(idle))
+        if "idle_se_w" in table and len(idle) == 1:
+            half = 1.96 * float(table["idle_se_w"].iloc[0])
+        elif len(idle) > 1:
+            half = float(stats.t.ppf(0.5 + self.confidence / 2, len(idle) - 1)) * float(np.std(idle, ddof=1)) / math.sqrt(len(idle))
+        else:
+            half = 0.0
         self.static_power_ci_ = (self.static_power_w_ - half, self.static_power_w_ + half)
         self.n_measurements_ = len(y)
         return self

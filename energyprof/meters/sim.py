@@ -43,7 +43,9 @@ class SimPreset:
 
     Energy truth (joules above idle, through the one cost model, :mod:`energyprof.costmodel`):
 
-    * a fixed ``j_per_call`` per kernel launch (launch and dispatch);
+    * a fixed ``j_per_call`` per kernel launch (launch and dispatch: the power a device draws above
+      idle while it runs back-to-back tiny kernels, times ``launch_s``: 50 W on the GPU, 10 W on the
+      desktop CPU, 1 W on the board);
     * bytes read and written at two memory levels, with a smooth cache-to-DRAM transition of
       ``transition_octaves`` around ``cache_bytes`` (not a step);
     * scattered writes paid in whole 64-byte lines: a line touched by a scattered write costs
@@ -124,7 +126,7 @@ PRESETS: dict[str, SimPreset] = {
             description="H100-like GPU: NVML-style counter, 100 ms period averaging 25 ms, 1 mJ steps",
             scope="gpu",
             static_power_w=70.0,
-            j_per_call=2e-6,
+            j_per_call=2e-4,
             j_per_byte_written_cache=6e-12,
             j_per_byte_written_dram=40e-12,
             j_per_byte_read_cache=4e-12,
@@ -147,7 +149,7 @@ PRESETS: dict[str, SimPreset] = {
             description="desktop CPU package: RAPL-style counter, 1 ms updates, 15.3 uJ steps, wraps at 262 kJ",
             scope="package",
             static_power_w=15.0,
-            j_per_call=3e-6,
+            j_per_call=3e-5,
             j_per_byte_written_cache=15e-12,
             j_per_byte_written_dram=150e-12,
             j_per_byte_read_cache=10e-12,
@@ -170,7 +172,7 @@ PRESETS: dict[str, SimPreset] = {
             description="Raspberry-Pi-4-like board on an INA219-style supply meter, 10 ms samples",
             scope="board",
             static_power_w=2.7,
-            j_per_call=2e-6,
+            j_per_call=1e-5,
             j_per_byte_written_cache=30e-12,
             j_per_byte_written_dram=400e-12,
             j_per_byte_read_cache=20e-12,
