@@ -168,7 +168,8 @@ def resolve_meter_spec(spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------- the run
-def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int, wall_s: float) -> dict[str, Any]:
+def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int, wall_s: float,
+         idle: Any = None) -> dict[str, Any]:
     kern = result.table[result.table.role == "kernel"]
     per_trial = kern.joules_per_call.to_numpy(float)
     se = float(per_trial.std(ddof=1) / math.sqrt(len(per_trial))) if len(per_trial) > 1 else 0.0
@@ -181,7 +182,8 @@ def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int, wall
     row.update({
         "joules_per_call": result.joules_per_call, "ci_low_j": result.ci_low_j, "ci_high_j": result.ci_high_j,
         "se_j": se, "total_joules_per_call": result.total_joules_per_call,
-        "seconds_per_call": result.seconds_per_call, "idle_power_w": result.idle_power_w, "calls": result.calls,
+        "seconds_per_call": result.seconds_per_call, "idle_power_w": result.idle_power_w,
+        "idle_se_w": idle.se_w if idle is not None else math.nan, "calls": result.calls,
         "windows": result.windows, "backend": result.meter.backend, "simulated": result.simulated,
         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 3),
     })
@@ -327,7 +329,7 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
                 lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
                 run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
                 result = protocol.measure(run, meter, idle=idle)
-                row = _row(item, workload, result, kept, lines, time.monotonic() - t0)
+                row = _row(item, workload, result, kept, lines, time.monotonic() - t0, idle)
                 _append(csv_path, row)
                 done[item.id] = row
                 del workload, run

@@ -141,10 +141,13 @@ class GlobalCostFit:
         self.coef_low_ = np.maximum(0.0, np.minimum(self.coef_ - widen * (self.coef_ - low), self.coef_))
         self.coef_high_ = np.maximum(self.coef_ + widen * (high - self.coef_), self.coef_)
         # the idle baseline is shared by many measurements: one value per baseline, not per row
-        idle = pd.unique(table["idle_power_w"].to_numpy(float))
+        baselines = table.drop_duplicates("idle_power_w")
+        idle = baselines["idle_power_w"].to_numpy(float)
         self.static_power_w_ = float(np.mean(idle))
-        if "idle_se_w" in table and len(idle) == 1:
-            half = 1.96 * float(table["idle_se_w"].iloc[0])
+        z = float(stats.norm.ppf(0.5 + self.confidence / 2))
+        if "idle_se_w" in baselines and baselines["idle_se_w"].notna().all():
+            # each baseline's own standard error (its windows), for the mean of the baselines
+            half = z * float(np.sqrt((baselines["idle_se_w"].to_numpy(float) ** 2).sum())) / len(idle)
         elif len(idle) > 1:
             half = float(stats.t.ppf(0.5 + self.confidence / 2, len(idle) - 1)) * float(np.std(idle, ddof=1)) / math.sqrt(len(idle))
         else:
