@@ -80,8 +80,8 @@ def protocol_settings(quick: bool) -> dict[str, Any]:
     """The measurement protocol's parameters for a calibration (recorded in the profile). The idle
     baseline is shared: measured at the start and again every ``IDLE_EVERY_S`` of meter time."""
     if quick:  # fewer measurements (see the plan), each with longer windows
-        return dict(min_window_s=0.5, min_periods=5, min_calls=32, trials=3, idle_windows=4, warmup_s=0.05)
-    return dict(min_window_s=0.3, min_periods=3, min_calls=32, trials=3, idle_windows=4, warmup_s=0.05)
+        return dict(min_window_s=0.5, min_periods=5, min_calls=32, trials=3, idle_windows=10, warmup_s=0.05)
+    return dict(min_window_s=0.3, min_periods=3, min_calls=32, trials=3, idle_windows=10, warmup_s=0.05)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -183,7 +183,8 @@ def _row(item: PlanItem, workload: Any, result: Any, kept: int, lines: int, wall
         "joules_per_call": result.joules_per_call, "ci_low_j": result.ci_low_j, "ci_high_j": result.ci_high_j,
         "se_j": se, "total_joules_per_call": result.total_joules_per_call,
         "seconds_per_call": result.seconds_per_call, "idle_power_w": result.idle_power_w,
-        "idle_se_w": idle.se_w if idle is not None else math.nan, "calls": result.calls,
+        "idle_se_w": idle.se_w if idle is not None else math.nan,
+        "idle_windows": idle.windows if idle is not None else result.idle_windows, "calls": result.calls,
         "windows": result.windows, "backend": result.meter.backend, "simulated": result.simulated,
         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 3),
     })

@@ -146,8 +146,11 @@ class GlobalCostFit:
         self.static_power_w_ = float(np.mean(idle))
         z = float(stats.norm.ppf(0.5 + self.confidence / 2))
         if "idle_se_w" in baselines and baselines["idle_se_w"].notna().all():
-            # each baseline's own standard error (its windows), for the mean of the baselines
-            half = z * float(np.sqrt((baselines["idle_se_w"].to_numpy(float) ** 2).sum())) / len(idle)
+            # each baseline's own standard error (its windows), for the mean of the baselines; Student t
+            # with the windows' degrees of freedom (few windows estimate their spread poorly)
+            dof = float((baselines["idle_windows"] - 1).sum()) if "idle_windows" in baselines else math.inf
+            q = float(stats.t.ppf(0.5 + self.confidence / 2, dof)) if math.isfinite(dof) and dof > 0 else z
+            half = q * float(np.sqrt((baselines["idle_se_w"].to_numpy(float) ** 2).sum())) / len(idle)
         elif len(idle) > 1:
             half = float(stats.t.ppf(0.5 + self.confidence / 2, len(idle) - 1)) * float(np.std(idle, ddof=1)) / math.sqrt(len(idle))
         else:
