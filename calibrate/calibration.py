@@ -457,7 +457,7 @@ def _predicted_entry(glob: GlobalCostFit, numel: int, dtype: str, reason: str) -
         for c in (layer_costs_from_global(glob.coefficients(v), numel, dtype) for v in glob.bootstrap_coef_[:100])
     ])
     lo, hi = np.quantile(samples, 0.025, axis=0), np.quantile(samples, 0.975, axis=0)
-    jpu = max(point.joules_per_update, 1e-30)
+    jpu = point.joules_per_update
     values = (point.fixed_j, jpu, point.joules_per_line, point.joules_per_update_density)
     lo, hi = np.minimum(lo, values), np.maximum(hi, values)
     return dict(

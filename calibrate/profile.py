@@ -165,7 +165,7 @@ class LayerCost(_Strict):
     fixed_j: float = Field(ge=0)
     fixed_ci_low: float
     fixed_ci_high: float
-    joules_per_update: float = Field(gt=0)
+    joules_per_update: float = Field(ge=0)
     ci_low: float
     ci_high: float
     joules_per_line: float = Field(default=0.0, ge=0)
@@ -185,6 +185,8 @@ class LayerCost(_Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> "LayerCost":
+        if not self.joules_per_update + self.joules_per_line > 0:
+            raise ValueError("keeping an entry must cost something: joules_per_update + joules_per_line must be > 0")
         if math.prod(self.shape) != self.numel:
             raise ValueError(f"numel {self.numel} is not the product of shape {self.shape}")
         for low, value, high, what in (

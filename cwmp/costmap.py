@@ -77,8 +77,11 @@ class CostMap:
     ) -> None:
         for name, price in prices.items():
             j = price.joules_per_update
-            if not (isinstance(j, (int, float)) and math.isfinite(j) and j > 0):
-                raise CostMapError(f"layer {name!r}: joules_per_update must be finite and > 0, got {j!r}")
+            if not (isinstance(j, (int, float)) and math.isfinite(j) and j >= 0):
+                raise CostMapError(f"layer {name!r}: joules_per_update must be finite and >= 0, got {j!r}")
+            if not j + price.joules_per_line > 0:
+                raise CostMapError(f"layer {name!r}: keeping an entry must cost something "
+                                   f"(joules_per_update {j!r}, joules_per_line {price.joules_per_line!r})")
             for what in ("fixed_j", "joules_per_line", "joules_per_update_density"):
                 v = getattr(price, what)
                 if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):

@@ -66,7 +66,7 @@ def test_a_profile_for_another_device_or_without_the_models_table_is_warned_abou
                       ratios=(0.1,), updates="random", progress=False, protocol_kwargs=FAST, say=lambda s: None)
     text = " ".join(result.warnings)
     assert "no per-layer table" in text and "global coefficients" in text
-    assert "preset h100" in text and "rpi4" in text
+    assert "calibrated with meter sim (gpu)" in text and "sim (board)" in text
     assert result.summary["predicted_layers"] == ["0.weight", "0.bias"]
 
 
