@@ -1,4 +1,8 @@
-"""Cost maps: joules per kept update entry for every named tensor of one model on one device.
+"""Cost maps: what keeping update entries costs, for every named tensor of one model on one device.
+
+A layer's cost for keeping k of its entries is ``fixed_j + joules_per_update * k`` when k > 0 and
+nothing when k = 0 (``CostMap.layer_joules``); the pruner selects with the fixed and the marginal
+(per-entry) parts, and checks every mask it returns with ``layer_joules``.
 
 A device profile prices the layers it was calibrated on. A layer it lacks is an error by default,
 because a guessed cost silently changes which entries CWMP keeps; ``allow_predicted=True`` prices it
@@ -41,11 +45,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class LayerPrice:
-    """What keeping one entry of one tensor costs, and where that number came from: the profile's
-    per-layer table ('measured' or 'predicted' there) or a prediction made here ('predicted')."""
+    """What keeping entries of one tensor costs: ``joules_per_update`` per kept entry plus
+    ``fixed_j`` once if any entry is kept, and where the numbers came from: the profile's per-layer
+    table ('measured' or 'predicted' there) or a prediction made here ('predicted')."""
 
     joules_per_update: float
     method: Literal["measured", "predicted"]
+    fixed_j: float = 0.0
 
 
 class CostMap:
@@ -58,6 +64,9 @@ class CostMap:
             j = price.joules_per_update
             if not (isinstance(j, (int, float)) and math.isfinite(j) and j > 0):
                 raise CostMapError(f"layer {name!r}: joules_per_update must be finite and > 0, got {j!r}")
+            f = price.fixed_j
+            if not (isinstance(f, (int, float)) and math.isfinite(f) and f >= 0):
+                raise CostMapError(f"layer {name!r}: fixed_j must be finite and >= 0, got {f!r}")
         self.prices = dict(prices)
         self.simulated, self.profile, self.model = simulated, profile, model
 
@@ -79,6 +88,7 @@ class CostMap:
             layer = table.get(name)
             if layer is None:
                 if allow_predicted:
+                    # TODO(cost model): predicted layers get no fixed part until the cost model prices it
                     prices[name] = LayerPrice(profile.predict_joules_per_update(tensor.numel(), dtype), "predicted")
                 else:
                     missing.append(name)
@@ -89,7 +99,7 @@ class CostMap:
                     f"{layer.dtype}{list(layer.shape)}, but the tensor is {dtype}{list(tensor.shape)}; "
                     "calibrate this model as it is, or pass the tensors of the model the profile describes"
                 )
-            prices[name] = LayerPrice(layer.joules_per_update, layer.method)
+            prices[name] = LayerPrice(layer.joules_per_update, layer.method, getattr(layer, "fixed_j", 0.0))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CostMapError(
@@ -100,13 +110,25 @@ class CostMap:
         return cls(prices, simulated=profile.simulated, profile=profile.name, model=model)
 
     # ------------------------------------------------------------------------------ lookups
-    def __getitem__(self, name: str) -> float:
+    def price(self, name: str) -> LayerPrice:
         try:
-            return self.prices[name].joules_per_update
+            return self.prices[name]
         except KeyError:
             raise CostMapError(
                 f"the cost map ({self._source()}) has no layer {name!r}; it prices {len(self.prices)} layers"
             ) from None
+
+    def marginal_j(self, name: str) -> float:
+        """Joules per kept entry of the layer: what the pruner ranks and selects by."""
+        return self.price(name).joules_per_update
+
+    def fixed_j(self, name: str) -> float:
+        """Joules the layer costs once any of its entries is kept."""
+        return self.price(name).fixed_j
+
+    def __getitem__(self, name: str) -> float:
+        """The marginal cost (``marginal_j``)."""
+        return self.marginal_j(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self.prices
@@ -115,9 +137,23 @@ class CostMap:
     def predicted_layers(self) -> list[str]:
         return [name for name, price in self.prices.items() if price.method == "predicted"]
 
+    def layer_joules(self, name: str, mask: Tensor, kept: int | None = None) -> float:
+        """Predicted joules of keeping the entries ``mask`` keeps in layer ``name``: nothing if it
+        keeps none, else ``fixed_j + joules_per_update * k``. ``kept`` is the mask's count when the
+        caller has it (``joules_by_layer`` counts all layers with one host round trip)."""
+        k = int(torch.count_nonzero(mask)) if kept is None else kept
+        if k == 0:
+            return 0.0
+        price = self.price(name)
+        return price.fixed_j + price.joules_per_update * k
+
     def joules_by_layer(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
-        """Predicted joules of keeping the entries each mask keeps."""
-        return {name: int(torch.count_nonzero(mask)) * self[name] for name, mask in masks.items()}
+        """Predicted joules of keeping the entries each mask keeps (``layer_joules`` per layer)."""
+        names = list(masks)
+        counts = [torch.count_nonzero(masks[n]) for n in names]
+        if len({c.device for c in counts}) == 1:  # one host round trip for all layers
+            counts = torch.stack(counts).tolist()
+        return {name: self.layer_joules(name, masks[name], kept=int(k)) for name, k in zip(names, counts)}
 
     def predicted_joules(self, masks: Mapping[str, Tensor]) -> float:
         return math.fsum(self.joules_by_layer(masks).values())
