@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -150,9 +151,12 @@ class CostMap:
     def joules_by_layer(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
         """Predicted joules of keeping the entries each mask keeps (``layer_joules`` per layer)."""
         names = list(masks)
-        counts = [torch.count_nonzero(masks[n]) for n in names]
-        if len({c.device for c in counts}) == 1:  # one host round trip for all layers
-            counts = torch.stack(counts).tolist()
+        if all(masks[n].device.type == "cpu" and masks[n].dtype == torch.bool for n in names):
+            counts = [int(np.count_nonzero(masks[n].numpy())) for n in names]  # many times faster than torch's
+        else:
+            counts = [torch.count_nonzero(masks[n]) for n in names]
+            if len({c.device for c in counts}) == 1:  # one host round trip for all layers
+                counts = torch.stack(counts).tolist()
         return {name: self.layer_joules(name, masks[name], kept=int(k)) for name, k in zip(names, counts)}
 
     def predicted_joules(self, masks: Mapping[str, Tensor]) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -82,11 +83,21 @@ class ErrorFeedback:
         for name, update in corrected.items():
             keep = masks[name]
             zero = torch.zeros((), dtype=update.dtype, device=update.device)
-            sent[name] = torch.where(keep, update, zero)
             residual = self.residuals.get(name)
-            if self._open.get(name) is update:  # the residual holds the update: drop the sent entries
-                update.masked_fill_(keep, 0)
-            elif residual is not None and residual.shape == update.shape and residual.dtype == update.dtype \
+            if self._open.get(name) is update:  # the residual holds the update: move the kept entries out
+                if update.device.type == "cpu" and update.is_contiguous() and keep.is_contiguous():
+                    # by index: two passes over the mask and the kept entries instead of two full passes
+                    kept = np.flatnonzero(keep.numpy().reshape(-1))
+                    sent[name] = out = torch.zeros_like(update)
+                    values = update.numpy().reshape(-1)
+                    out.numpy().reshape(-1)[kept] = values[kept]
+                    values[kept] = 0
+                else:  # no host round trip on a device
+                    sent[name] = torch.where(keep, update, zero)
+                    update.masked_fill_(keep, 0)
+                continue
+            sent[name] = torch.where(keep, update, zero)
+            if residual is not None and residual.shape == update.shape and residual.dtype == update.dtype \
                     and residual.device == update.device and residual is not update:
                 torch.where(keep, zero, update, out=residual)  # reuse the buffer
             else:

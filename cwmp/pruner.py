@@ -32,7 +32,7 @@ from torch import Tensor
 from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import MaskInputError
 from cwmp.feedback import ErrorFeedback
-from cwmp.masks import layer_counts, layers_budget_mask, layers_topk_mask
+from cwmp.masks import check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
 
 __all__ = ["METHODS", "Budget", "PruneResult", "Pruner"]
 
@@ -116,11 +116,15 @@ class Pruner:
 
     def masks(self, updates: NamedTensors) -> PruneResult:
         named = named_tensors(updates)
+        with single_threaded(_device_of(list(named.values()))):
+            return self._masks(named)
+
+    def _masks(self, named: dict[str, Tensor]) -> PruneResult:
         names = list(named)
         marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
         fixed = [self.cost_map.fixed_j(name) for name in names]
-        tensors = [named[name].detach() for name in names]
-        sizes = [t.numel() for t in tensors]
+        tensors = check_layers([named[name] for name in names])  # once, for both selections
+        sizes = [t.numel() for t in tensors.flats]
         total = sum(sizes)
         top = None
         if self.budget.keep_ratio is not None:
@@ -165,7 +169,7 @@ class Pruner:
                 return mask, by_layer
             selection_j = min(selection_j * (budget_j / spent_j), math.nextafter(selection_j, 0.0))
         low_j, high_j = 0.0, selection_j
-        best = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.bool, device=_device_of(tensors))
+        best = torch.zeros(sum(t.numel() for t in tensors.flats), dtype=torch.bool, device=tensors.device)
         best_by_layer = self.cost_map.joules_by_layer(_views(best, named))
         if math.fsum(best_by_layer.values()) > budget_j:
             raise MaskInputError(
@@ -191,6 +195,10 @@ class Pruner:
         With feedback the step works in place: the update is added into the residual it holds,
         and what the masks drop stays there; the only new tensors are the ones sent and the masks."""
         named = named_tensors(updates)
+        with single_threaded(_device_of(list(named.values()))):
+            return self._compress(named, feedback)
+
+    def _compress(self, named: dict[str, Tensor], feedback: ErrorFeedback | None):
         if feedback is None:
             result = self.masks(named)
             return {n: torch.where(result.masks[n], u.detach(), 0) for n, u in named.items()}, result
