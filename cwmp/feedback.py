@@ -86,12 +86,12 @@ class ErrorFeedback:
             residual = self.residuals.get(name)
             if self._open.get(name) is update:  # the residual holds the update: move the kept entries out
                 if update.device.type == "cpu" and update.is_contiguous() and keep.is_contiguous():
-                    # by index: two passes over the mask and the kept entries instead of two full passes
-                    kept = np.flatnonzero(keep.numpy().reshape(-1))
-                    sent[name] = out = torch.zeros_like(update)
-                    values = update.numpy().reshape(-1)
-                    out.numpy().reshape(-1)[kept] = values[kept]
-                    values[kept] = 0
+                    # numpy's kernels: the kept entries out, then residual - sent (x - x = +0 exactly,
+                    # x - 0 = x), faster on the CPU than torch's where and masked_fill
+                    values = update.numpy()
+                    out = np.where(keep.numpy(), values, values.dtype.type(0))
+                    np.subtract(values, out, out=values)
+                    sent[name] = torch.from_numpy(out)
                 else:  # no host round trip on a device
                     sent[name] = torch.where(keep, update, zero)
                     update.masked_fill_(keep, 0)
