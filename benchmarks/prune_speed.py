@@ -23,7 +23,9 @@ memory during one call minus the resident memory before it, outputs included (ma
 also the sent tensors, one update's size): on Linux the peak is reset through
 ``/proc/self/clear_refs`` and read as ``VmHWM``, with glibc told (``mallopt``) to return every
 allocation of 128 KiB or more to the system when it is freed, so that a reused free block cannot
-hide. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the memory allocated before.
+hide. While timing, glibc is set as a long-running process ends up by itself (blocks up to 32 MiB
+from the heap, reused), for every row alike. On CUDA it is ``torch.cuda.max_memory_allocated``
+minus the memory allocated before.
 
     python benchmarks/prune_speed.py                 # ResNet-18 and 100 M entries, 1 % and 10 %
     python benchmarks/prune_speed.py --quick         # small and fast (the smoke test)
@@ -169,12 +171,21 @@ def _status_kib(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TIMING_MMAP_THRESHOLD = 32 * 2**20  # what glibc's dynamic threshold grows to in a long-running process
+
+
+def mallopt(mmap_threshold: int) -> bool:
+    """glibc: allocations of ``mmap_threshold`` bytes or more are mapped and unmapped on free;
+    the heap is trimmed past twice that."""
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
+
+
 def memory_probe_ready() -> str:
-    """'' when peak RSS can be measured per call, else why not."""
+    """'' when peak RSS can be measured per call, else why not. Leaves glibc in its timing mode."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        if not (libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024) and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)):
+        if not mallopt(TIMING_MMAP_THRESHOLD):
             return "mallopt refused"
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -195,12 +206,18 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
         peak = torch.cuda.max_memory_allocated(device)
         del out
         return float(peak - before)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    out = fn()
-    peak = _status_kib("VmHWM")
-    del out
+    mallopt(128 * 1024)  # every block of 128 KiB or more returns to the system when freed
+    try:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # and what the heap kept from the timing goes back
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        out = fn()
+        peak = _status_kib("VmHWM")
+        del out
+    finally:
+        mallopt(TIMING_MMAP_THRESHOLD)
     return (peak - before) * 1024.0
 
 
