@@ -392,14 +392,10 @@ class _Split:
     n_upto: int
     upto_amount: float
     between: _GatheredPool
-    upto: bool = False  # ``above`` holds score >= lo instead (the bracketed entries included)
 
     def mask_with(self, inner: Tensor) -> Tensor:
         """The pool's mask: the entries above the bracket and the bracketed ones ``inner`` keeps."""
-        if self.upto:
-            self.above[self.between.index[~inner]] = False
-        else:
-            self.above[self.between.index[inner]] = True
+        self.above[self.between.index[inner]] = True
         return self.above
 
 
@@ -408,11 +404,8 @@ def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
-def _split(pool: _Pool, lo: float, hi: float, few_upto: bool = False) -> _Split:
-    """``few_upto``: the sample says few entries score >= lo (a quarter of the pool at most)."""
+def _split(pool: _Pool, lo: float, hi: float) -> _Split:
     if isinstance(pool, _LayeredPool) and pool.numpy_pass:
-        if few_upto and lo > -math.inf:
-            return _split_layers_numpy_upto(pool, lo, hi)
         return _split_layers_numpy(pool, lo, hi)
     chunks = pool.chunks()
     width = max(stop - start for start, stop in chunks)
@@ -493,46 +486,6 @@ def _split_layers_numpy(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
     return _Split(above_t, n_above, above_amount, n_above + index.numel(), upto_amount, between_pool)
 
 
-def _split_layers_numpy_upto(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
-    """``_split_layers_numpy`` when few entries score >= lo: one comparison per entry writes the
-    mask of score >= lo, and only the entries it keeps are split at hi (no second comparison, no
-    xor, no count over the whole chunk)."""
-    chunks = pool.chunk_info
-    width = max(stop - start for start, stop, _, _ in chunks)
-    upto_t = torch.empty(pool.n, dtype=torch.bool)
-    upto = upto_t.numpy()
-    buffer = np.empty(width, dtype=pool.numpy_dtype)
-    counts = np.zeros(len(pool.flats), dtype=np.int64)
-    index_parts, score_parts = [], []
-    for start, stop, layer, local in chunks:
-        m = stop - start
-        s = buffer[:m]
-        np.abs(pool.numpy_flats[layer][local : local + m], out=s)
-        if pool.power == 2:
-            np.multiply(s, s, out=s)
-        if pool.numpy_divisors is not None:
-            np.divide(s, pool.numpy_divisors[layer], out=s)
-        np.greater_equal(s, lo, out=upto[start:stop])
-        at_least = np.flatnonzero(upto[start:stop])
-        if at_least.size:
-            values = s[at_least]
-            inside = values <= hi
-            n_inside = int(np.count_nonzero(inside))
-            counts[layer] += at_least.size - n_inside
-            if n_inside:
-                index_parts.append(at_least[inside] + start)
-                score_parts.append(values[inside])
-    index = torch.from_numpy(np.concatenate(index_parts)) if index_parts else torch.empty(0, dtype=torch.int64)
-    stored = (
-        torch.from_numpy(np.concatenate(score_parts)) if score_parts else torch.empty(0, dtype=pool.score_dtype)
-    )
-    between_pool = _GatheredPool(index, stored, pool.cost.gather(index))
-    n_above = int(counts.sum())
-    above_amount = torch.from_numpy(counts) if isinstance(pool.cost, _LayerCosts) else torch.tensor(n_above)
-    upto_amount = above_amount + between_pool.cost.amount_of_all(index.numel())
-    return _Split(upto_t, n_above, above_amount, n_above + index.numel(), upto_amount, between_pool, upto=True)
-
-
 def _bracket(s: Tensor, lo: float, hi: float, above: Tensor, between: Tensor) -> tuple[Tensor, Tensor]:
     """Write s > hi into ``above`` and lo <= s <= hi into ``between``; return the count above and
     the indices between. On the CPU numpy's comparison and nonzero kernels do this about twice as
@@ -607,8 +560,7 @@ def _select(pool: _Pool, budget_j: float, base: float, narrow: bool = False, tie
             p_lo, p_hi = lo, hi
         else:
             p_lo, p_hi = sample.pivots(lo, hi, base + kept_amount, budget_j, narrow)
-        few_upto = _count_up_to(-sample.scores, -p_lo) <= sample.scores.numel() // 4
-        split = _split(pool, p_lo, p_hi, few_upto)
+        split = _split(pool, p_lo, p_hi)
         if cost.to_joules(base + split.above_amount) > budget_j:  # the boundary lies above p_hi
             lo = _next_float(p_hi, up=True, dtype=pool.score_dtype)
             n_left = split.n_above - n_kept
