@@ -105,7 +105,8 @@ def topk_mask(update: Tensor, k: int) -> Tensor:
     """The ``k`` entries of largest magnitude, ties by lower flat index (``torch.topk`` alone does
     not promise which of several equal values it returns). Found by the same sort-free selection as
     CWMP: it is ``magnitude_budget_mask(update, 1.0, k)``."""
-    _check_update(update)
+    if not isinstance(update, Tensor):
+        _check_update(update)  # the error for a non-tensor
     n = update.numel()
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
         raise MaskInputError(f"k must be an int in [0, {n}] (the update's numel), got {k!r}")

@@ -172,6 +172,19 @@ def test_large_layers_match_a_sorted_reference():
         assert torch.equal(layers_budget_mask(tensors, marginal, fixed, budget), expected)
 
 
+def test_mixed_dtypes_and_empty_updates():
+    g = torch.Generator().manual_seed(8)
+    tensors = [torch.randn(500, generator=g).half(), torch.randn(20, 30, generator=g), torch.zeros(0)]
+    marginal, fixed = [2.0**-3, 2.0**-1, 1.0], [4.0, 0.0, 1.0]
+    for tuning_name in TUNINGS:
+        with tuning(tuning_name):
+            for budget in (0.0, 10.0, 60.0, 400.0):
+                got = layers_budget_mask(tensors, marginal, fixed, budget)
+                assert torch.equal(got, reference_mask(tensors, marginal, fixed, budget))
+    empty = Pruner(cost_map([], [], []), Budget.topk_keep_ratio(0.5)).masks({})
+    assert empty.masks == {} and empty.kept == empty.total == 0 and empty.predicted_j == 0.0
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
