@@ -28,7 +28,7 @@ from the heap, reused), for every row alike. On CUDA it is ``torch.cuda.max_memo
 minus the memory allocated before.
 
     python benchmarks/prune_speed.py                 # ResNet-18 and 100 M entries, 1 % and 10 %
-    python benchmarks/prune_speed.py --quick         # small and fast (the smoke test)
+    python benchmarks/prune_speed.py --quick         # the CNN's shapes and 1 M entries (the smoke test)
     python benchmarks/prune_speed.py --device cuda
 
 The 100 M case needs about 6 GiB of memory (most of it the references' sorts) and a few minutes on
@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -63,8 +64,9 @@ GOAL_TIME, GOAL_MEMORY = 0.3, 1.0
 
 
 # ------------------------------------------------------------------------------------ workloads
-def resnet18_shapes() -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in build_model("resnet18").named_parameters()}
+def builtin_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a built-in model (``resnet18``: the CIFAR ResNet-18)."""
+    return {n: tuple(p.shape) for n, p in build_model(name).named_parameters()}
 
 
 def large_shapes(entries: int) -> dict[str, tuple[int, ...]]:
@@ -116,17 +118,17 @@ class Reference:
         self.bounds = torch.tensor(self.sizes).cumsum(0)
 
     def topk(self, k: int) -> torch.Tensor:
-        order = torch.sort(self.magnitudes, descending=True, stable=True).indices[:k]
+        order = torch.from_numpy(np.argsort(-self.magnitudes.numpy(), kind="stable")[:k])
         mask = torch.zeros(self.magnitudes.numel(), dtype=torch.bool)
         mask[order] = True
         return mask
 
     def joules(self, mask: torch.Tensor) -> float:
-        counts = [int(c) for c in torch.stack([p.sum() for p in torch.split(mask, self.sizes)])]
+        counts = [int(np.count_nonzero(p.numpy())) for p in torch.split(mask, self.sizes)]
         return math.fsum(f + m * k for f, m, k in zip(self.fixed, self.marginal, counts) if k)
 
     def cwmp(self, budget_j: float) -> torch.Tensor:
-        order = torch.sort(self.scores, descending=True, stable=True).indices
+        order = torch.from_numpy(np.argsort(-self.scores.numpy(), kind="stable"))  # ties: lower position first
         layer = torch.bucketize(order, self.bounds, right=True, out_int32=True)
         step = torch.tensor(self.marginal, dtype=torch.float64)[layer]
         first = torch.full((len(self.sizes),), len(order), dtype=torch.int64)
@@ -254,7 +256,6 @@ def bench(model: str, shapes, ratio: float, repeats: int, device: torch.device, 
         for name in update
     )
     del ref, expected, corrected, sent, result
-    gc.collect()
 
     calls: dict[str, Callable[[], object]] = {
         "torch.topk": lambda: torch.topk(magnitudes, k, sorted=False),
@@ -272,16 +273,18 @@ def bench(model: str, shapes, ratio: float, repeats: int, device: torch.device, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "large"], choices=["resnet18", "large"])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "large"], choices=["resnet18", "cnn", "large"],
+                        help="built-in model shapes (resnet18, cnn) and/or the few-large-layers model")
     parser.add_argument("--large-entries", type=float, default=1e8, help="entries of the few-large-layers model")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.01, 0.1], help="keep ratios")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case (median reported)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="ResNet-18 and 2 M entries, 1 repeat (smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the small CNN's shapes and 1 M entries, 1 repeat (the smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.large_entries, args.repeats = min(args.large_entries, 2e6), 1
+        args.models, args.large_entries, args.repeats = ["cnn", "large"], min(args.large_entries, 1e6), 1
     device = torch.device(args.device)
     why_no_memory = "" if device.type == "cuda" else memory_probe_ready()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     worst_time = worst_memory = 0.0
     all_same = True
     for model in args.models:
-        shapes = resnet18_shapes() if model == "resnet18" else large_shapes(int(args.large_entries))
+        shapes = large_shapes(int(args.large_entries)) if model == "large" else builtin_shapes(model)
         for ratio in args.keep:
             n, times, extra, update_bytes, same = bench(
                 model, shapes, ratio, args.repeats, device, not why_no_memory, args.seed
@@ -308,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model:<9} {n:>10} {ratio:>5.0%} {name:<12} {seconds * 1e3:>9.1f} {share:>7.3f}x "
                       f"{extra[name] / 2**20:>10.1f} {extra[name] / update_bytes:>8.2f}x "
                       f"{'yes' if same[name] else 'NO':>9}", flush=True)
-            gc.collect()
     print(f"# worst pruner / torch.topk: {worst_time:.3f}x (goal <= {GOAL_TIME}x); worst extra memory: "
           f"{worst_memory:.2f}x the update (goal <= {GOAL_MEMORY}x; ef-step's includes the sent update)")
     return 0 if all_same else 1

@@ -907,7 +907,10 @@ class _LayeredPool(_Pool):
         return self.scores_at(index)
 
     def sample_index(self, size: int, generator: torch.Generator) -> Tensor:
-        return torch.sort(super().sample_index(size, generator)).values  # ascending, for scores_at
+        index = super().sample_index(size, generator)  # ascending, for scores_at
+        if self._numpy:
+            return torch.from_numpy(np.sort(index.numpy()))
+        return torch.sort(index).values
 
 
 class _LayerCosts(_CostModel):
