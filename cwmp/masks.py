@@ -809,7 +809,8 @@ def _power_over(magnitude: float, power: float, divisor: float) -> float:
 
 
 def _layer_cost(j: float, i: int, what: str, positive: bool = False) -> float:
-    ok = isinstance(j, (int, float)) and not isinstance(j, bool) and math.isfinite(j) and (j > 0 if positive else j >= 0)
+    number = isinstance(j, (int, float)) and not isinstance(j, bool)
+    ok = number and math.isfinite(j) and (j > 0 if positive else j >= 0)
     if not ok:
         raise MaskInputError(
             f"layer {i}: {what} must be a finite number {'> 0' if positive else '>= 0'} of joules, got {j!r}"
