@@ -1,8 +1,9 @@
 """How long a mask takes: cwmp_mask (exact budget) against torch.topk, in one run.
 
 For each size and keep ratio r, the update is N(0, 1) float32 and k = round(r N). cwmp_mask gets
-one cost per entry-of-the-layer and the budget k * c, so it must keep exactly Top-K's entries (the
-script checks that it does). Times are medians over interleaved repeats, so that a noisy
+one cost per entry-of-the-layer and the budget k * c, so it must keep exactly Top-K's entries; the
+script checks that it does, and that ``topk_mask`` (the project's Top-K, the same sort-free selection)
+does, against a reference built on ``torch.topk`` with ties settled by lower index. Times are medians over interleaved repeats, so that a noisy
 neighbour slows all three alike. The goal: cwmp_mask at most 0.33x the torch.topk time.
 
     python benchmarks/mask_speed.py                      # 1 M, 10 M, 100 M entries; 1 % and 10 %
@@ -41,6 +42,18 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def reference_topk(update: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-K from torch.topk's k-th value, equal values by lower flat index (independent of cwmp)."""
+    magnitude = update.reshape(-1).abs()
+    mask = torch.zeros(magnitude.numel(), dtype=torch.bool, device=update.device)
+    if k > 0:
+        kth = torch.topk(magnitude, k, sorted=False).values.min()
+        torch.gt(magnitude, kth, out=mask)
+        ties = torch.nonzero(magnitude == kth).squeeze(1)
+        mask[ties[: k - int(torch.count_nonzero(mask))]] = True
+    return mask
+
+
 def bench(n: int, ratio: float, repeats: int, device: torch.device, generator: torch.Generator) -> dict[str, float]:
     update = torch.randn(n, generator=generator).to(device)
     k = int(round(ratio * n))
@@ -50,7 +63,10 @@ def bench(n: int, ratio: float, repeats: int, device: torch.device, generator: t
         "topk_mask": lambda: topk_mask(update, k),
         "cwmp_mask": lambda: cwmp_mask(update, JOULES_PER_UPDATE, budget_j),
     }
-    same = torch.equal(cwmp_mask(update, JOULES_PER_UPDATE, budget_j), topk_mask(update, k))  # also a warm-up
+    expected = reference_topk(update, k)  # also a warm-up
+    same = torch.equal(cwmp_mask(update, JOULES_PER_UPDATE, budget_j), expected) and torch.equal(
+        topk_mask(update, k), expected
+    )
     candidates["torch.topk"]()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):

@@ -7,7 +7,14 @@ Pure torch; no dependency on Flower or on the meters.
 from cwmp.costmap import CostMap, LayerPrice, named_tensors
 from cwmp.errors import CostMapError, FeedbackStateError, MaskInputError
 from cwmp.feedback import ErrorFeedback
-from cwmp.masks import cwmp_mask, cwmp_scores, magnitude_budget_mask, topk_mask
+from cwmp.masks import (
+    cwmp_mask,
+    cwmp_scores,
+    layers_budget_mask,
+    layers_topk_mask,
+    magnitude_budget_mask,
+    topk_mask,
+)
 from cwmp.pruner import METHODS, Budget, Pruner, PruneResult
 
 __all__ = [
@@ -23,6 +30,8 @@ __all__ = [
     "Pruner",
     "cwmp_mask",
     "cwmp_scores",
+    "layers_budget_mask",
+    "layers_topk_mask",
     "magnitude_budget_mask",
     "named_tensors",
     "topk_mask",

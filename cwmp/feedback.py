@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,27 +22,56 @@ __all__ = ["ErrorFeedback"]
 
 
 class ErrorFeedback:
-    """Residuals per tensor name, in float32 or wider so that small entries can accumulate."""
+    """Residuals per tensor name, in float32 or wider so that small entries can accumulate.
+
+    ``compensate(updates, in_place=True)`` adds each update into the residual held for it and
+    returns those very tensors; ``remember`` then writes the sent entries into new tensors and
+    zeroes them in the residual, so a step makes no copy of the update beyond what it sends (this
+    is what ``Pruner.compress`` does). Without ``in_place`` compensation returns new tensors and
+    leaves the state alone until ``remember``.
+    """
 
     def __init__(self) -> None:
         self.residuals: dict[str, Tensor] = {}
+        self._open: dict[str, Tensor] = {}  # residuals that hold an update added in place
 
-    def compensate(self, updates: NamedTensors) -> dict[str, Tensor]:
+    def compensate(self, updates: NamedTensors, *, in_place: bool = False) -> dict[str, Tensor]:
         """The update plus what earlier masks dropped (the update itself where nothing was dropped)."""
-        corrected = {}
-        for name, update in named_tensors(updates).items():
-            update = update.detach().to(torch.promote_types(update.dtype, torch.float32))
+        named = named_tensors(updates)
+        for name, update in named.items():  # check everything before changing anything
             residual = self.residuals.get(name)
-            if residual is not None:
-                if residual.shape != update.shape:
-                    raise FeedbackStateError(
-                        f"residual {name!r} has shape {tuple(residual.shape)} but the update has "
-                        f"{tuple(update.shape)}; the feedback state belongs to another model: reset() it "
-                        "or load the matching state"
-                    )
-                update = update + residual.to(update.device)
-            corrected[name] = update
+            if residual is not None and residual.shape != update.shape:
+                raise FeedbackStateError(
+                    f"residual {name!r} has shape {tuple(residual.shape)} but the update has "
+                    f"{tuple(update.shape)}; the feedback state belongs to another model: reset() it "
+                    "or load the matching state"
+                )
+        if in_place and self._open:
+            raise FeedbackStateError(
+                f"compensate(in_place=True) was called twice without remember(); the residuals of "
+                f"{sorted(self._open)} already hold an update: call remember() (or undo()) first"
+            )
+        corrected = {}
+        for name, update in named.items():
+            dtype = torch.promote_types(update.dtype, torch.float32)
+            update = update.detach()
+            residual = self.residuals.get(name)
+            if residual is None:
+                corrected[name] = update.to(dtype)  # no copy if it already is; never written to
+            elif in_place and residual.dtype == dtype and residual.device == update.device:
+                corrected[name] = residual.add_(update)
+                self._open[name] = residual
+            else:
+                corrected[name] = update.to(dtype) + residual.to(update.device)
         return corrected
+
+    def undo(self, updates: NamedTensors) -> None:
+        """Take back an in-place ``compensate`` whose step failed (the residual is restored up to
+        the rounding of one addition and one subtraction)."""
+        named = named_tensors(updates)
+        for name, residual in self._open.items():
+            residual.sub_(named[name].detach())
+        self._open.clear()
 
     def remember(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Keep what the masks drop as the new residuals and return what they keep (what is sent)."""
@@ -52,12 +82,32 @@ class ErrorFeedback:
         sent = {}
         for name, update in corrected.items():
             keep = masks[name]
-            sent[name] = torch.where(keep, update, torch.zeros((), dtype=update.dtype, device=update.device))
-            self.residuals[name] = torch.where(keep, torch.zeros((), dtype=update.dtype, device=update.device), update)
+            zero = torch.zeros((), dtype=update.dtype, device=update.device)
+            residual = self.residuals.get(name)
+            if self._open.get(name) is update:  # the residual holds the update: move the kept entries out
+                if update.device.type == "cpu" and update.is_contiguous() and keep.is_contiguous():
+                    # numpy's kernels: the kept entries out, then residual - sent (x - x = +0 exactly,
+                    # x - 0 = x), faster on the CPU than torch's where and masked_fill
+                    values = update.numpy()
+                    out = np.where(keep.numpy(), values, values.dtype.type(0))
+                    np.subtract(values, out, out=values)
+                    sent[name] = torch.from_numpy(out)
+                else:  # no host round trip on a device
+                    sent[name] = torch.where(keep, update, zero)
+                    update.masked_fill_(keep, 0)
+                continue
+            sent[name] = torch.where(keep, update, zero)
+            if residual is not None and residual.shape == update.shape and residual.dtype == update.dtype \
+                    and residual.device == update.device and residual is not update:
+                torch.where(keep, zero, update, out=residual)  # reuse the buffer
+            else:
+                self.residuals[name] = torch.where(keep, zero, update)
+        self._open.clear()
         return sent
 
     def reset(self) -> None:
         self.residuals.clear()
+        self._open.clear()
 
     # ------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
@@ -83,3 +133,4 @@ class ErrorFeedback:
                     "load the checkpoint of this model, or start with an empty ErrorFeedback()"
                 )
         self.residuals = {name: r.detach().clone() for name, r in residuals.items()}
+        self._open.clear()

@@ -23,8 +23,11 @@ The same code runs on CPU and CUDA tensors.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -34,7 +37,14 @@ from torch import Tensor
 
 from cwmp.errors import MaskInputError
 
-__all__ = ["cwmp_mask", "cwmp_scores", "magnitude_budget_mask", "topk_mask"]
+__all__ = [
+    "cwmp_mask",
+    "cwmp_scores",
+    "layers_budget_mask",
+    "layers_topk_mask",
+    "magnitude_budget_mask",
+    "topk_mask",
+]
 
 Costs = Union[Tensor, float, int]
 
@@ -44,6 +54,31 @@ _SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the boun
 _CHUNK_CPU, _CHUNK_CUDA = 1 << 20, 1 << 26  # CPU: 4 MB of float32 stays in cache; CUDA: few launches
 _SEED = 20240917  # the sample decides only the speed, never the mask; fixed for repeatable timings
 _NUMPY_ON_CPU = True  # CPU tensors: numpy kernels on views (faster there); False runs the torch ones
+
+
+# ------------------------------------------------------------------------------ CPU threading
+@contextlib.contextmanager
+def single_threaded(device: torch.device | str | None):
+    """On the CPU, run torch with one intra-op thread for the duration (restored after).
+
+    The selection's long loops are numpy's (single-threaded) or chunks that stay in cache; between
+    them are dozens of small torch operations per call. Each of those above torch's grain size
+    wakes the intra-op thread pool, and on a busy machine a wake-up can take tens of milliseconds
+    (measured: a 64 Ki-entry torch.sort, 0.3 ms alone, took 200 to 500 ms while other processes
+    kept both cores busy). One thread avoids that; the work is the same. Nested uses are free.
+    """
+    if device is None or torch.device(device).type != "cpu" or not _NUMPY_ON_CPU:
+        yield
+        return
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -68,19 +103,14 @@ def magnitude_budget_mask(update: Tensor, costs: Costs, budget_j: float, *, fill
 
 def topk_mask(update: Tensor, k: int) -> Tensor:
     """The ``k`` entries of largest magnitude, ties by lower flat index (``torch.topk`` alone does
-    not promise which of several equal values it returns)."""
-    _check_update(update)
+    not promise which of several equal values it returns). Found by the same sort-free selection as
+    CWMP: it is ``magnitude_budget_mask(update, 1.0, k)``."""
+    if not isinstance(update, Tensor):
+        _check_update(update)  # the error for a non-tensor
     n = update.numel()
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
         raise MaskInputError(f"k must be an int in [0, {n}] (the update's numel), got {k!r}")
-    magnitude = update.detach().reshape(-1).abs()
-    mask = torch.zeros(n, dtype=torch.bool, device=update.device)
-    if k > 0:
-        kth = torch.topk(magnitude, k, sorted=False).values.min()
-        torch.gt(magnitude, kth, out=mask)
-        ties = torch.nonzero(magnitude == kth).squeeze(1)
-        mask[ties[: k - int(torch.count_nonzero(mask))]] = True
-    return mask.view(update.shape)
+    return _budget_mask(update, 1.0, float(k), 1.0, rank_by_cost=False, fill=False)
 
 
 def cwmp_scores(update: Tensor, costs: Costs, power: float = 1.0) -> Tensor:
@@ -210,6 +240,12 @@ class _UniformCost(_CostModel):
     def amounts_at(self, index: Tensor) -> Tensor:
         return torch.ones(index.shape, dtype=torch.int64, device=index.device)
 
+    def estimate(self, amount, sample: "_Sample", first: int, end: int) -> Tensor:
+        """Estimated joules of ``amount`` plus the pool's entries down to each sample point in
+        [first, end): for pivots only, so rounding and sampling error cost speed, never exactness."""
+        before = sample.cumulative[first - 1] if first else 0.0
+        return self.to_joules(amount) + sample.scale * (sample.cumulative[first:end] - before)
+
     def sorted_sample(self, scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """Sample scores, largest first, and the cumulative joules along them (no order needed:
         every entry costs the same)."""
@@ -230,6 +266,8 @@ class _EntryCosts(_CostModel):
 
     def to_joules(self, amount: float) -> float:
         return amount
+
+    estimate = _UniformCost.estimate
 
     def affordable_prefix(self, base: float, n: int, budget_j: float) -> int:
         return _count_up_to(self.joules[:n].double().cumsum(0) + base, budget_j)
@@ -278,6 +316,15 @@ class _Pool(ABC):
     cost: _CostModel
     device: torch.device
     score_dtype: torch.dtype
+    defer_gather = False  # gather the bracketed entries once per pass, not once per chunk
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """The [start, stop) ranges a pass walks, each computed as one piece."""
+        return _chunks(self.n, self.device)
+
+    def sample_index(self, size: int, generator: torch.Generator) -> Tensor:
+        """Uniform sample positions (with replacement)."""
+        return torch.randint(self.n, (size,), generator=generator, device=self.device)
 
     @abstractmethod
     def scores(self, start: int, stop: int, out: Tensor | None) -> Tensor:
@@ -294,6 +341,8 @@ class _Pool(ABC):
 
 
 class _UpdatePool(_Pool):
+    computes_scores = True
+
     def __init__(self, flat: Tensor, cost: _CostModel, power: float, rank_by_cost: bool) -> None:
         self.flat, self.cost, self.power, self.rank_by_cost = flat, cost, power, rank_by_cost
         self.n, self.device = flat.numel(), flat.device
@@ -316,6 +365,8 @@ class _UpdatePool(_Pool):
 
 
 class _GatheredPool(_Pool):
+    computes_scores = False
+
     def __init__(self, index: Tensor, stored: Tensor, cost: _CostModel) -> None:
         self.index, self.stored, self.cost = index, stored, cost
         self.n, self.device, self.score_dtype = stored.numel(), stored.device, stored.dtype
@@ -343,6 +394,11 @@ class _Split:
     upto_amount: float
     between: _GatheredPool
 
+    def mask_with(self, inner: Tensor) -> Tensor:
+        """The pool's mask: the entries above the bracket and the bracketed ones ``inner`` keeps."""
+        self.above[self.between.index[inner]] = True
+        return self.above
+
 
 def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
     chunk = _CHUNK_CUDA if device.type == "cuda" else _CHUNK_CPU
@@ -350,11 +406,15 @@ def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
 
 
 def _split(pool: _Pool, lo: float, hi: float) -> _Split:
-    chunks = _chunks(pool.n, pool.device)
-    width = chunks[0][1]
+    if isinstance(pool, _LayeredPool) and pool.numpy_pass:
+        return _split_layers_numpy(pool, lo, hi)
+    chunks = pool.chunks()
+    width = max(stop - start for start, stop in chunks)
     above = torch.empty(pool.n, dtype=torch.bool, device=pool.device)
-    between_buffer = torch.empty(width, dtype=torch.bool, device=pool.device)
-    buffer = torch.empty(width, dtype=pool.score_dtype, device=pool.device) if isinstance(pool, _UpdatePool) else None
+    deferred = pool.defer_gather
+    between_all = torch.empty(pool.n, dtype=torch.bool, device=pool.device) if deferred else None
+    between_buffer = None if deferred else torch.empty(width, dtype=torch.bool, device=pool.device)
+    buffer = torch.empty(width, dtype=pool.score_dtype, device=pool.device) if pool.computes_scores else None
     counts: list[Tensor] = []
     amounts: list[Tensor] = []
     index_parts: list[Tensor] = []
@@ -362,17 +422,69 @@ def _split(pool: _Pool, lo: float, hi: float) -> _Split:
     for start, stop in chunks:
         s = pool.scores(start, stop, None if buffer is None else buffer[: stop - start])
         a = above[start:stop]
-        count, local = _bracket(s, lo, hi, a, between_buffer[: stop - start])
+        if deferred:  # no host round trip here: the bracketed entries are gathered after the pass
+            b = between_all[start:stop]
+            torch.gt(s, hi, out=a)
+            torch.ge(s, lo, out=b)
+            b ^= a
+            count = torch.count_nonzero(a)
+        else:
+            count, local = _bracket(s, lo, hi, a, between_buffer[: stop - start])
+            index_parts.append(local + start)
+            score_parts.append(s[local])
         counts.append(count)
         amounts.append(pool.cost.amount(a, count, start, stop))
-        index_parts.append(local + start)
-        score_parts.append(s[local])
-    index = torch.cat(index_parts)
-    between = _GatheredPool(index, torch.cat(score_parts), pool.cost.gather(index))
+    if deferred:
+        index = torch.nonzero(between_all).squeeze(1)
+        del between_all
+        stored = pool.scores_at(index)
+    else:
+        index = torch.cat(index_parts)
+        stored = torch.cat(score_parts)
+    between = _GatheredPool(index, stored, pool.cost.gather(index))
     n_above = int(torch.stack(counts).sum())
     above_amount = pool.cost.total(amounts)
     upto_amount = above_amount + between.cost.amount_of_all(index.numel())
     return _Split(above, n_above, above_amount, n_above + index.numel(), upto_amount, between)
+
+
+def _split_layers_numpy(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
+    """``_split`` of a layered pool on the CPU, all in numpy: the same scores and comparisons,
+    without a torch call per chunk (ResNet-18 has 62 tensors, so that overhead adds up)."""
+    chunks = pool.chunk_info
+    width = max(stop - start for start, stop, _, _ in chunks)
+    above_t = torch.empty(pool.n, dtype=torch.bool)
+    above = above_t.numpy()
+    between = np.empty(width, dtype=np.bool_)
+    buffer = np.empty(width, dtype=pool.numpy_dtype)
+    counts = np.zeros(len(pool.flats), dtype=np.int64)
+    index_parts, score_parts = [], []
+    for start, stop, layer, local in chunks:
+        m = stop - start
+        s = buffer[:m]
+        np.abs(pool.numpy_flats[layer][local : local + m], out=s)
+        if pool.power == 2:
+            np.multiply(s, s, out=s)
+        if pool.numpy_divisors is not None:
+            np.divide(s, pool.numpy_divisors[layer], out=s)
+        a, b = above[start:stop], between[:m]
+        np.greater(s, hi, out=a)
+        np.greater_equal(s, lo, out=b)
+        b ^= a
+        counts[layer] += np.count_nonzero(a)
+        inside = np.flatnonzero(b)
+        if inside.size:
+            index_parts.append(inside + start)
+            score_parts.append(s[inside])
+    index = torch.from_numpy(np.concatenate(index_parts)) if index_parts else torch.empty(0, dtype=torch.int64)
+    stored = (
+        torch.from_numpy(np.concatenate(score_parts)) if score_parts else torch.empty(0, dtype=pool.score_dtype)
+    )
+    between_pool = _GatheredPool(index, stored, pool.cost.gather(index))
+    n_above = int(counts.sum())
+    above_amount = torch.from_numpy(counts) if isinstance(pool.cost, _LayerCosts) else torch.tensor(n_above)
+    upto_amount = above_amount + between_pool.cost.amount_of_all(index.numel())
+    return _Split(above_t, n_above, above_amount, n_above + index.numel(), upto_amount, between_pool)
 
 
 def _bracket(s: Tensor, lo: float, hi: float, above: Tensor, between: Tensor) -> tuple[Tensor, Tensor]:
@@ -405,21 +517,22 @@ class _Sample:
         else:
             self.size = max(_SAMPLE_MIN, min(_SAMPLE_MAX, int(16 * math.sqrt(pool.n))))
             generator = torch.Generator(device=pool.device).manual_seed(_SEED)
-            index = torch.randint(pool.n, (self.size,), generator=generator, device=pool.device)
+            index = pool.sample_index(self.size, generator)
             scores = pool.sample_scores(index)
+        self.cost = pool.cost
         self.scores, self.cumulative = pool.cost.sorted_sample(scores, index)
         self.scale = pool.n / self.size
 
-    def pivots(self, lo: float, hi: float, above_joules: float, budget_j: float, narrow: bool) -> tuple[float, float]:
+    def pivots(self, lo: float, hi: float, above, budget_j: float, narrow: bool) -> tuple[float, float]:
         """Pivots lo <= p_lo <= p_hi <= hi that bracket where the budget runs out, estimated from
-        the sample points in [lo, hi]; ``narrow`` asks for a single pivot (a tie-breaking step)."""
+        the sample points in [lo, hi] after the ``above`` amount is spent; ``narrow`` asks for a
+        single pivot (a tie-breaking step)."""
         scores = self.scores
         first = _count_up_to(-scores, -hi, inclusive=False)  # sample points above hi
         end = _count_up_to(-scores, -lo)  # ... and at or above lo
         if first >= end:
             return lo, hi
-        before = self.cumulative[first - 1] if first else 0.0
-        estimate = above_joules + self.scale * (self.cumulative[first:end] - before)
+        estimate = self.cost.estimate(above, self, first, end)
         fits = first + _count_up_to(estimate, budget_j)
         if narrow or self.exhaustive:  # one pivot: the score of the first entry that does not fit
             pivot = float(scores[min(fits, end - 1)])
@@ -447,7 +560,7 @@ def _select(pool: _Pool, budget_j: float, base: float, narrow: bool = False, tie
         if stalled:
             p_lo, p_hi = lo, hi
         else:
-            p_lo, p_hi = sample.pivots(lo, hi, cost.to_joules(base + kept_amount), budget_j, narrow)
+            p_lo, p_hi = sample.pivots(lo, hi, base + kept_amount, budget_j, narrow)
         split = _split(pool, p_lo, p_hi)
         if cost.to_joules(base + split.above_amount) > budget_j:  # the boundary lies above p_hi
             lo = _next_float(p_hi, up=True, dtype=pool.score_dtype)
@@ -462,9 +575,7 @@ def _select(pool: _Pool, budget_j: float, base: float, narrow: bool = False, tie
             between = split.between
             inner = _select(between, budget_j, base + split.above_amount,
                             narrow=between.n == pool.n, tied=p_lo == p_hi)
-            mask = split.above
-            mask[between.index[inner]] = True
-            return mask
+            return split.mask_with(inner)
         stalled = n_left == n_open  # possible only when pow() rounds differently in the sample
         n_open = n_left
 
@@ -506,15 +617,16 @@ def _next_float(value: float, up: bool, dtype: torch.dtype) -> float:
 def _budget_mask(
     update: Tensor, costs: Costs, budget_j: float, power: float, rank_by_cost: bool, fill: bool
 ) -> Tensor:
-    flat, cost = _validated(update, costs, budget_j, power)
-    budget_j = float(budget_j)
-    pool = _UpdatePool(flat, cost, power, rank_by_cost)
-    if pool.n == 0:
-        return torch.zeros(update.shape, dtype=torch.bool, device=update.device)
-    mask = _select(pool, budget_j, 0)
-    if fill:
-        _fill(pool, mask, budget_j)
-    return mask.view(update.shape)
+    with single_threaded(update.device if isinstance(update, Tensor) else None):
+        flat, cost = _validated(update, costs, budget_j, power)
+        budget_j = float(budget_j)
+        pool = _UpdatePool(flat, cost, power, rank_by_cost)
+        if pool.n == 0:
+            return torch.zeros(update.shape, dtype=torch.bool, device=update.device)
+        mask = _select(pool, budget_j, 0)
+        if fill:
+            _fill(pool, mask, budget_j)
+        return mask.view(update.shape)
 
 
 def _fill(pool: _UpdatePool, mask: Tensor, budget_j: float) -> None:
@@ -543,3 +655,439 @@ def _fill(pool: _UpdatePool, mask: Tensor, budget_j: float) -> None:
             stopper = outside[torch.argmax(candidates.stored[outside])]  # first maximum: lowest index
             outside = outside[outside != stopper]
         rest = rest[outside]
+
+
+# ------------------------------------------------------------------------ many tensors, one budget
+# The pruner's case: one budget over all tensors of a model update, one cost per tensor (a layer).
+# The contract is the single-tensor one read over the concatenation of the tensors, in their order,
+# without making it: score = |u|**power / marginal_j of the entry's layer, ties by position in the
+# concatenation, and the longest prefix of that order whose cost is <= the budget, where a prefix
+# costs, per layer it keeps k > 0 entries of, ``fixed_j + marginal_j * k`` (summed with math.fsum;
+# a layer it keeps nothing of costs nothing). The scores are computed layer by layer, chunk by
+# chunk, each layer's scaled by one number; no concatenated copy and no per-entry cost tensor exist.
+
+
+def layers_budget_mask(
+    tensors: Sequence[Tensor] | Layers,
+    marginal_j: Sequence[float],
+    fixed_j: Sequence[float] | None,
+    budget_j: float,
+    power: float = 1.0,
+    *,
+    rank_by_cost: bool = True,
+    fill: bool = False,
+) -> Tensor:
+    """One bool mask over the (virtual) concatenation of ``tensors``, flat, in their order: the
+    longest prefix of the score order (``|u|**power / marginal_j[layer]`` when ``rank_by_cost``,
+    else ``|u|``; ties by concatenated position) whose cost is ``<= budget_j``, a layer with k > 0
+    kept entries costing ``fixed_j[layer] + marginal_j[layer] * k``. With ``fill=True`` the budget
+    left is spent on later entries that still fit, in score order (the greedy walk)."""
+    with single_threaded(_device_of(tensors)):
+        return _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill)
+
+
+def _device_of(tensors: Sequence[Tensor]) -> torch.device | None:
+    if isinstance(tensors, Layers):
+        return tensors.device
+    first = next(iter(tensors), None)
+    return first.device if isinstance(first, Tensor) else None
+
+
+def _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill) -> Tensor:
+    layers = tensors if isinstance(tensors, Layers) else check_layers(tensors)
+    n_layers = len(layers.flats)
+    if len(marginal_j) != n_layers or (fixed_j is not None and len(fixed_j) != n_layers):
+        raise MaskInputError(
+            f"give one marginal and one fixed cost per tensor: {n_layers} tensors, {len(marginal_j)} "
+            f"marginal costs, {'no' if fixed_j is None else len(fixed_j)} fixed costs"
+        )
+    marginal = [_layer_cost(j, i, "marginal_j", positive=True) for i, j in enumerate(marginal_j)]
+    fixed = [0.0] * n_layers if fixed_j is None else [_layer_cost(j, i, "fixed_j") for i, j in enumerate(fixed_j)]
+    _check_power_and_budget(power, budget_j)
+    divisors = marginal if rank_by_cost else None
+    top = [_power_over(m, power, c if divisors else 1.0) for m, c in zip(layers.max_magnitudes, marginal)]
+    if top and max(top) > torch.finfo(layers.score_dtype).max:
+        raise MaskInputError(
+            f"scores overflow {layers.score_dtype}: max |update|**{power} / marginal cost = {max(top):.3g}; "
+            "express the costs in larger units (they only need to be proportional) or use float64 updates"
+        )
+    pool = _LayeredPool(layers, divisors, power)
+    if pool.n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=pool.device)
+    pool.cost = _LayerCosts(marginal, fixed, pool.offsets, top, pool.device)
+    mask = _select(pool, float(budget_j), 0)
+    if fill:
+        _fill_layers(pool, mask, float(budget_j))
+    return mask
+
+
+def layers_topk_mask(tensors: Sequence[Tensor] | Layers, k: int) -> Tensor:
+    """Global Top-K over several tensors without concatenating them: one flat bool mask over their
+    concatenation keeping the ``k`` entries of largest magnitude, ties by concatenated position."""
+    with single_threaded(_device_of(tensors)):
+        return _layers_topk_mask(tensors, k)
+
+
+def _layers_topk_mask(tensors: Sequence[Tensor], k: int) -> Tensor:
+    layers = tensors if isinstance(tensors, Layers) else check_layers(tensors)
+    n = sum(f.numel() for f in layers.flats)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise MaskInputError(f"k must be an int in [0, {n}] (the entries of all tensors), got {k!r}")
+    pool = _LayeredPool(layers, None, 1.0)
+    if pool.n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=pool.device)
+    pool.cost = _UniformCost(1.0)
+    return _select(pool, float(k), 0)
+
+
+def layer_counts(mask: Tensor, sizes: Sequence[int]) -> list[int]:
+    """Kept entries per layer of a flat mask over concatenated layers of ``sizes`` entries (one
+    host round trip in all, not one per layer)."""
+    if not sizes:
+        return []
+    parts = torch.split(mask, list(sizes))
+    if _NUMPY_ON_CPU and mask.device.type == "cpu":
+        return [int(np.count_nonzero(p.numpy())) for p in parts]  # many times faster than torch's
+    return [int(c) for c in torch.stack([torch.count_nonzero(p) for p in parts]).tolist()]
+
+
+@dataclass
+class Layers:
+    """Tensors checked once (``check_layers``), to be given to several selections in place of
+    the tensors: their flat views, largest magnitudes, score dtype and device."""
+
+    flats: list[Tensor]
+    max_magnitudes: list[float]
+    score_dtype: torch.dtype
+    device: torch.device
+
+
+def check_layers(tensors: Sequence[Tensor]) -> Layers:
+    """Flat views of the tensors, checked as ``_check_update`` checks one, with one host round trip
+    for all of them (their min and max are reduced on their device and fetched together)."""
+    flats: list[Tensor] = []
+    devices = set()
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise MaskInputError(f"tensor {i} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise MaskInputError(f"tensor {i} must be floating-point, got dtype {t.dtype}")
+        flats.append(t.detach().reshape(-1))
+        devices.add(t.device)
+    if len(devices) > 1:
+        raise MaskInputError(f"all tensors must be on one device, got {sorted(map(str, devices))}; move them first")
+    device = devices.pop() if devices else torch.device("cpu")
+    score_dtype = torch.float32
+    for f in flats:
+        score_dtype = torch.promote_types(score_dtype, f.dtype)
+    filled = [f for f in flats if f.numel()]
+    if isinstance(tensors, Layers):
+        raise AssertionError("already checked")
+    extremes = (
+        torch.stack([torch.stack(torch.aminmax(f)).to(torch.float64) for f in filled]).tolist() if filled else []
+    )
+    max_magnitudes, it = [], iter(extremes)
+    for i, f in enumerate(flats):
+        if not f.numel():
+            max_magnitudes.append(0.0)
+            continue
+        low, high = next(it)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            try:
+                _check_update(f)
+            except MaskInputError as exc:
+                raise MaskInputError(f"tensor {i}: {exc}") from None
+        max_magnitudes.append(max(-low, high))
+    return Layers(flats, max_magnitudes, score_dtype, device)
+
+
+def _power_over(magnitude: float, power: float, divisor: float) -> float:
+    try:
+        return magnitude**power / divisor
+    except OverflowError:
+        return math.inf
+
+
+def _layer_cost(j: float, i: int, what: str, positive: bool = False) -> float:
+    number = isinstance(j, (int, float)) and not isinstance(j, bool)
+    ok = number and math.isfinite(j) and (j > 0 if positive else j >= 0)
+    if not ok:
+        raise MaskInputError(
+            f"layer {i}: {what} must be a finite number {'> 0' if positive else '>= 0'} of joules, got {j!r}"
+        )
+    return float(j)
+
+
+def _check_power_and_budget(power: float, budget_j: float) -> None:
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not (0 < power < math.inf):
+        raise MaskInputError(f"power must be a finite number > 0 (1: magnitude / cost, 2: squared), got {power!r}")
+    if isinstance(budget_j, bool) or not isinstance(budget_j, (int, float)) or math.isnan(budget_j) or budget_j < 0:
+        raise MaskInputError(f"budget_j must be a number of joules >= 0, got {budget_j!r}")
+
+
+class _LayeredPool(_Pool):
+    """The concatenation of several tensors, never made: chunks never cross a layer, and each
+    layer's scores are its magnitudes (to the power) divided by the layer's one divisor."""
+
+    computes_scores = True
+
+    def __init__(self, layers: Layers, divisors: Sequence[float] | None, power: float) -> None:
+        self.flats, self.power = layers.flats, power
+        self.device, self.score_dtype = layers.device, layers.score_dtype
+        self.sizes = [f.numel() for f in self.flats]
+        self.offsets = [0]
+        for size in self.sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.n = self.offsets[-1]
+        # a device tensor, so that CPU and CUDA both divide (CUDA multiplies by the reciprocal of a
+        # Python number, which can differ in the last bit)
+        self.divisors = (
+            None if divisors is None else torch.tensor(list(divisors), dtype=self.score_dtype, device=self.device)
+        )
+        self._bounds = torch.tensor(self.offsets, dtype=torch.int64, device=self.device)
+        width = _CHUNK_CUDA if self.device.type == "cuda" else _CHUNK_CPU
+        self._chunks: list[tuple[int, int]] = []
+        self._where: dict[int, tuple[int, int]] = {}
+        for layer, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
+            for local in range(0, size, width):
+                self._chunks.append((offset + local, offset + min(local + width, size)))
+                self._where[offset + local] = (layer, local)
+        self.defer_gather = not (_NUMPY_ON_CPU and self.device.type == "cpu")
+        self._numpy = not self.defer_gather
+        self._divisors_np = None if self.divisors is None or not self._numpy else self.divisors.numpy()
+        # the all-numpy pass: float32 or float64 layers of the score dtype, power 1 or 2
+        self.numpy_pass = (
+            self._numpy and power in (1, 2) and all(f.dtype == self.score_dtype for f in self.flats)
+            and self.score_dtype in (torch.float32, torch.float64)
+        )
+        if self.numpy_pass:
+            self.numpy_flats = [f.numpy() for f in self.flats]
+            self.numpy_divisors = self._divisors_np
+            self.numpy_dtype = self.numpy_flats[0].dtype if self.flats else np.float32
+            self.chunk_info = [(start, stop) + self._where[start] for start, stop in self._chunks]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return self._chunks
+
+    def _divisor(self, layer: int) -> Tensor | None:
+        return None if self.divisors is None else self.divisors[layer]
+
+    def scores(self, start: int, stop: int, out: Tensor | None) -> Tensor:
+        layer, local = self._where[start]
+        piece = self.flats[layer][local : local + stop - start]
+        if self._numpy and out is not None and self.power in (1, 2) and piece.dtype == out.dtype:
+            o = out.numpy()  # numpy's kernels, on views of the same memory: faster on the CPU
+            np.abs(piece.numpy(), out=o)
+            if self.power == 2:
+                np.multiply(o, o, out=o)
+            if self._divisors_np is not None:
+                np.divide(o, self._divisors_np[layer], out=o)  # IEEE division, as torch's
+            return out
+        return _score(piece, self._divisor(layer), self.power, out)
+
+    def all_scores(self) -> Tensor:
+        out = torch.empty(self.n, dtype=self.score_dtype, device=self.device)
+        for start, stop in self._chunks:
+            self.scores(start, stop, out[start:stop])
+        return out
+
+    def scores_at(self, index: Tensor) -> Tensor:
+        """Scores at ascending concatenated positions: one host round trip for the layer bounds,
+        then one gather per layer."""
+        bounds = torch.searchsorted(index, self._bounds).tolist()
+        parts = []
+        for layer in range(len(self.flats)):
+            a, b = bounds[layer], bounds[layer + 1]
+            if b > a:
+                local = index[a:b] - self.offsets[layer]
+                magnitudes = self.flats[layer][local].to(self.score_dtype)
+                parts.append(_score(magnitudes, self._divisor(layer), self.power))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=self.score_dtype, device=self.device)
+
+    def sample_scores(self, index: Tensor) -> Tensor:
+        return self.scores_at(index)
+
+    def sample_index(self, size: int, generator: torch.Generator) -> Tensor:
+        index = super().sample_index(size, generator)  # ascending, for scores_at
+        if self._numpy:
+            return torch.from_numpy(np.sort(index.numpy()))
+        return torch.sort(index).values
+
+
+class _LayerCosts(_CostModel):
+    """Per-layer accounting: an amount is a tensor of kept entries per layer (int64, on the
+    device), and its joules are ``fsum(fixed_j + marginal_j * k for each layer with k > 0)``: the
+    cost map's linear layer cost, evaluated exactly as the cost map evaluates it."""
+
+    def __init__(
+        self, marginal: list[float], fixed: list[float], offsets: list[int], max_scores: list[float], device
+    ) -> None:
+        self.marginal, self.fixed, self.offsets = marginal, fixed, offsets
+        self.n_layers = len(marginal)
+        self.device = device
+        self.min_joules = min(marginal) if marginal else 1.0
+        self.marginal_t = torch.tensor(marginal, dtype=torch.float64, device=device)
+        self._eye = torch.eye(self.n_layers, dtype=torch.int64, device=device)
+        self._starts = torch.tensor(offsets[:-1], dtype=torch.int64, device=device)
+        self._layer_ids = torch.arange(self.n_layers, device=device)
+        self.has_fixed = any(f > 0 for f in fixed)
+        # for the pivots' estimate of fixed costs: each layer's largest score
+        self._top = torch.tensor(max_scores, dtype=torch.float64, device=device)
+        self._fixed_t = torch.tensor(fixed, dtype=torch.float64, device=device)
+
+    # exact accounting
+    def to_joules(self, amount) -> float:
+        if not isinstance(amount, Tensor):
+            if amount != 0:
+                raise AssertionError(f"a layer amount is a per-layer count tensor, got {amount!r}")
+            return 0.0
+        return self.joules_of_counts(amount.tolist())
+
+    def joules_of_counts(self, counts: Sequence[int]) -> float:
+        return math.fsum(self.fixed[l] + self.marginal[l] * k for l, k in enumerate(counts) if k)
+
+    def zero(self) -> Tensor:
+        return torch.zeros(self.n_layers, dtype=torch.int64, device=self.device)
+
+    def amount(self, mask: Tensor, count: Tensor, start: int, stop: int) -> Tensor:
+        """A chunk of the layered pool lies in one layer."""
+        layer = bisect.bisect_right(self.offsets, start) - 1
+        return self._eye[layer] * count.to(self.device)
+
+    def total(self, amounts: list[Tensor]) -> Tensor:
+        return torch.stack(amounts).sum(0)
+
+    def amount_of_all(self, n: int) -> Tensor:
+        raise AssertionError("the whole layered pool is never counted at once")
+
+    def gather(self, index: Tensor) -> "_GatheredLayerCosts":
+        return _GatheredLayerCosts(self, self.layer_of(index))
+
+    def layer_of(self, index: Tensor) -> Tensor:
+        """The layer of each of ascending concatenated positions: O(n) and no host round trip
+        (torch's searchsorted of many values is slow on the CPU)."""
+        end = torch.full((1,), index.numel(), dtype=torch.int64, device=index.device)
+        per_layer = torch.diff(torch.searchsorted(index, self._starts), append=end)
+        return torch.repeat_interleave(self._layer_ids, per_layer, output_size=index.numel())
+
+    # estimates, for pivots only
+    def sorted_sample(self, scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self._sorted_sample(scores, self.layer_of(index))
+
+    def _sorted_sample(self, scores: Tensor, layers: Tensor) -> tuple[Tensor, Tensor]:
+        descending, order = _sort_descending(scores, order=True)
+        return descending, self.marginal_t[layers[order.to(layers.device)]].cumsum(0)
+
+    def estimate(self, amount, sample: "_Sample", first: int, end: int) -> Tensor:
+        """Marginal joules as for one shared cost, plus the fixed joules of each layer not yet
+        touched whose largest score is at or above the sample point (it is then kept too)."""
+        base = _UniformCost.estimate(self, amount, sample, first, end)
+        if not self.has_fixed:
+            return base
+        if isinstance(amount, Tensor):
+            fixed = torch.where(amount == 0, self._fixed_t, 0.0)
+        else:
+            fixed = self._fixed_t
+        points = sample.scores[first:end].to(self.device)  # descending
+        # a layer's fixed cost counts from the first sample point at or below its largest score
+        start = torch.searchsorted(-points, -self._top.to(points.dtype))  # points above the top
+        extra = torch.zeros(points.numel() + 1, dtype=torch.float64, device=self.device)
+        extra.scatter_add_(0, start, fixed)
+        return base + extra.cumsum(0)[:-1].to(base.device)
+
+
+class _GatheredLayerCosts(_CostModel):
+    """Per-layer accounting for a gathered set: the layer of each entry, ascending (gathered sets
+    keep the concatenated order)."""
+
+    def __init__(self, parent: _LayerCosts, layers: Tensor) -> None:
+        self.parent, self.layers = parent, layers
+        self.min_joules = parent.min_joules
+
+    def to_joules(self, amount) -> float:
+        return self.parent.to_joules(amount)
+
+    estimate = _LayerCosts.estimate
+
+    def __getattr__(self, name: str):  # the parent's tables (marginal_t, fixed, ...) for estimate
+        return getattr(self.parent, name)
+
+    def amount(self, mask: Tensor, count: Tensor, start: int, stop: int) -> Tensor:
+        return self.parent.zero().scatter_add_(0, self.layers[start:stop], mask.to(torch.int64))
+
+    def total(self, amounts: list[Tensor]) -> Tensor:
+        return torch.stack(amounts).sum(0)
+
+    def amount_of_all(self, n: int) -> Tensor:
+        return self.parent.zero().scatter_add_(0, self.layers, torch.ones_like(self.layers))
+
+    def gather(self, index: Tensor) -> "_GatheredLayerCosts":
+        return _GatheredLayerCosts(self.parent, self.layers[index])
+
+    def sorted_sample(self, scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.parent._sorted_sample(scores, self.layers[index])
+
+    def affordable_prefix(self, base, n: int, budget_j: float) -> int:
+        """The largest j <= n with joules(base + the first j entries) <= budget: estimated from a
+        cumulative sum, then corrected by exact evaluation (the cost only grows with j)."""
+        if n == 0:
+            return 0
+        parent = self.parent
+        base_counts = base if isinstance(base, Tensor) else parent.zero()
+        layers = self.layers[:n]
+        step = parent.marginal_t[layers]
+        if parent.has_fixed:
+            first = torch.ones(n, dtype=torch.bool, device=layers.device)
+            first[1:] = layers[1:] != layers[:-1]
+            fixed = torch.tensor(parent.fixed, dtype=torch.float64, device=layers.device)
+            step = step + torch.where(first & (base_counts[layers] == 0), fixed[layers], 0.0)
+        estimate = parent.to_joules(base) + step.cumsum(0)
+        j = _count_up_to(estimate, budget_j)
+
+        def exact(j: int) -> float:
+            counts = base_counts + parent.zero().scatter_add_(0, layers[:j], torch.ones_like(layers[:j]))
+            return parent.to_joules(counts)
+
+        while j < n and exact(j + 1) <= budget_j:
+            j += 1
+        while j > 0 and exact(j) > budget_j:
+            j -= 1
+        return j
+
+
+def _fill_layers(pool: _LayeredPool, mask: Tensor, budget_j: float) -> None:
+    """The greedy walk after the prefix, with per-layer costs: an entry fits if its layer's next
+    entry (fixed_j + marginal_j if the layer is untouched, else marginal_j) fits in what is left.
+    All entries of a layer cost the same next, and what is left only shrinks, so a layer whose next
+    entry does not fit never fits again: each round keeps the longest prefix of the entries of the
+    layers that still fit, then drops the layer of the entry that stopped it."""
+    cost: _LayerCosts = pool.cost
+    counts = layer_counts(mask, pool.sizes)
+    alive = set(range(len(pool.sizes)))
+    scores = None
+    while True:
+        fits = []
+        for layer in sorted(alive):
+            if counts[layer] < pool.sizes[layer]:
+                trial = list(counts)
+                trial[layer] += 1
+                if cost.joules_of_counts(trial) <= budget_j:
+                    fits.append(layer)
+        if not fits:
+            return
+        open_ = ~mask
+        for layer in set(range(len(pool.sizes))) - set(fits):
+            open_[pool.offsets[layer] : pool.offsets[layer + 1]] = False
+        rest = torch.nonzero(open_).squeeze(1)
+        if scores is None:
+            scores = pool.all_scores()
+        spent = torch.tensor(counts, dtype=torch.int64, device=pool.device)
+        candidates = _GatheredPool(rest, scores[rest], cost.gather(rest))
+        inner = _select(candidates, budget_j, spent)
+        mask[rest[inner]] = True
+        counts = layer_counts(mask, pool.sizes)
+        outside = torch.nonzero(~inner).squeeze(1)
+        if not outside.numel():
+            return
+        stopper = outside[torch.argmax(candidates.stored[outside])]  # first maximum: lowest index
+        alive = set(fits) - {int(candidates.cost.layers[stopper])}

@@ -1,10 +1,12 @@
 """The pruner: one budget across all tensors of an update, CWMP or Top-K chosen by name.
 
 The budget is global because the point of CWMP is to move entries between layers: a joule spent on
-an expensive layer's entry buys less than one spent on a cheap layer's. The masks are chosen over
-the concatenation of all tensors, each entry priced by its layer's cost, and every result states
-its predicted energy (kept entries x joules per update, from the cost map) and whether those costs
-came from a simulated profile.
+an expensive layer's entry buys less than one spent on a cheap layer's. The masks are chosen as if
+over the concatenation of all tensors (ties by position in it), each entry ranked by its layer's
+marginal cost, and a layer with any kept entry also pays its fixed cost once. The concatenation is
+never made: the selection walks the tensors as they are (``cwmp.masks.layers_budget_mask``). Every
+result states its predicted energy, computed by the cost map (``CostMap.joules_by_layer``), never
+above the budget, and whether those costs came from a simulated profile.
 
 Methods (``METHODS``):
 
@@ -14,7 +16,8 @@ Methods (``METHODS``):
   magnitude-ordered prefix that the budget pays for.
 
 A budget is joules per step, or ``Budget.topk_keep_ratio(r)``: the joules that Top-K at keep ratio
-r spends on this very update, so that both methods can be compared at equal energy.
+r spends on this very update (fixed costs of the layers it touches included), so that both methods
+can be compared at equal energy. Top-K's mask is found by the same sort-free selection.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import Tensor
 from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import MaskInputError
 from cwmp.feedback import ErrorFeedback
-from cwmp.masks import cwmp_mask, magnitude_budget_mask, topk_mask
+from cwmp.masks import check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
 
 __all__ = ["METHODS", "Budget", "PruneResult", "Pruner"]
 
@@ -95,6 +98,11 @@ class PruneResult:
 class Pruner:
     """Masks for named updates under an energy budget; ``method`` is ``'cwmp'`` or ``'topk'``."""
 
+    #: selection budgets tried when the cost map's exact energy of a mask exceeds the budget (a
+    #: cost map whose layer cost is not linear in k), before bisecting towards the empty mask
+    RESCALES = 4
+    BISECTIONS = 24
+
     def __init__(
         self, cost_map: CostMap, budget: Budget, method: str = "cwmp", power: float = 1.0, fill: bool = False
     ) -> None:
@@ -108,50 +116,101 @@ class Pruner:
 
     def masks(self, updates: NamedTensors) -> PruneResult:
         named = named_tensors(updates)
+        with single_threaded(_device_of(list(named.values()))):
+            return self._masks(named)
+
+    def _masks(self, named: dict[str, Tensor]) -> PruneResult:
         names = list(named)
-        costs = [self.cost_map[name] for name in names]  # a missing layer fails here, by name
-        flat = torch.cat([named[name].detach().reshape(-1) for name in names]) if names else torch.empty(0)
+        marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
+        fixed = [self.cost_map.fixed_j(name) for name in names]
+        tensors = check_layers([named[name] for name in names])  # once, for both selections
+        sizes = [t.numel() for t in tensors.flats]
+        total = sum(sizes)
         top = None
         if self.budget.keep_ratio is not None:
-            top = topk_mask(flat, _k_of(self.budget.keep_ratio, flat.numel()))
-            budget_j = self.cost_map.predicted_joules(_unflatten(top, named))
+            top = layers_topk_mask(tensors, _k_of(self.budget.keep_ratio, total))
+            by_layer = self.cost_map.joules_by_layer(_views(top, named))
+            budget_j = math.fsum(by_layer.values())
         else:
             budget_j = self.budget.joules
         if self.method == "topk" and top is not None:
             mask = top
         else:
-            per_entry = torch.repeat_interleave(
-                torch.tensor(costs, dtype=torch.float64, device=flat.device),
-                torch.tensor([named[name].numel() for name in names], device=flat.device),
-            )
-            if self.method == "cwmp":
-                mask = cwmp_mask(flat, per_entry, budget_j, self.power, fill=self.fill)
-            else:
-                mask = magnitude_budget_mask(flat, per_entry, budget_j, fill=self.fill)
-        masks = _unflatten(mask, named)
-        by_layer = self.cost_map.joules_by_layer(masks)
+            top = None  # free Top-K's mask before selecting
+            mask, by_layer = self._within(tensors, marginal, fixed, budget_j, named)
+        predicted_j = math.fsum(by_layer.values())
         return PruneResult(
             method=self.method,
-            masks=masks,
+            masks=_views(mask, named),
             budget_j=budget_j,
-            predicted_j=math.fsum(by_layer.values()),
+            predicted_j=predicted_j,
             joules_by_layer=by_layer,
-            kept=int(torch.count_nonzero(mask)),
-            total=flat.numel(),
+            kept=sum(layer_counts(mask, sizes)),
+            total=total,
             simulated=self.cost_map.simulated,
         )
+
+    def _select(self, tensors, marginal, fixed, budget_j: float) -> Tensor:
+        return layers_budget_mask(
+            tensors, marginal, fixed, budget_j, self.power, rank_by_cost=self.method == "cwmp", fill=self.fill
+        )
+
+    def _within(self, tensors, marginal, fixed, budget_j: float, named) -> tuple[Tensor, dict[str, float]]:
+        """Select with the linear accounting (fixed + marginal x k), then price the mask with the
+        cost map. If the cost map says it is over the budget (its layer cost is not linear), select
+        again with a smaller budget, a few times, then bisect between the empty mask (which costs
+        nothing) and the last budget that was too much; return the best mask that fits."""
+        selection_j = budget_j
+        for _ in range(self.RESCALES):
+            mask = self._select(tensors, marginal, fixed, selection_j)
+            by_layer = self.cost_map.joules_by_layer(_views(mask, named))
+            spent_j = math.fsum(by_layer.values())
+            if spent_j <= budget_j:
+                return mask, by_layer
+            selection_j = min(selection_j * (budget_j / spent_j), math.nextafter(selection_j, 0.0))
+        low_j, high_j = 0.0, selection_j
+        best = torch.zeros(sum(t.numel() for t in tensors.flats), dtype=torch.bool, device=tensors.device)
+        best_by_layer = self.cost_map.joules_by_layer(_views(best, named))
+        if math.fsum(best_by_layer.values()) > budget_j:
+            raise MaskInputError(
+                f"the cost map prices keeping nothing at {math.fsum(best_by_layer.values())} J, above the "
+                f"budget of {budget_j} J; a layer that keeps no entry must cost nothing (layer_joules)"
+            )
+        for _ in range(self.BISECTIONS):
+            middle_j = (low_j + high_j) / 2
+            mask = self._select(tensors, marginal, fixed, middle_j)
+            by_layer = self.cost_map.joules_by_layer(_views(mask, named))
+            if math.fsum(by_layer.values()) <= budget_j:
+                best, best_by_layer, low_j = mask, by_layer, middle_j
+            else:
+                high_j = middle_j
+        return best, best_by_layer
 
     def compress(
         self, updates: NamedTensors, feedback: ErrorFeedback | None = None
     ) -> tuple[dict[str, Tensor], PruneResult]:
         """One client step: add the residuals, choose the masks, keep what they drop for next time.
-        Returns the sparse updates to send (zeros where masked) and the result."""
+        Returns the sparse updates to send (zeros where masked) and the result.
+
+        With feedback the step works in place: the update is added into the residual it holds,
+        and what the masks drop stays there; the only new tensors are the ones sent and the masks."""
+        named = named_tensors(updates)
+        with single_threaded(_device_of(list(named.values()))):
+            return self._compress(named, feedback)
+
+    def _compress(self, named: dict[str, Tensor], feedback: ErrorFeedback | None):
         if feedback is None:
-            named = named_tensors(updates)
             result = self.masks(named)
             return {n: torch.where(result.masks[n], u.detach(), 0) for n, u in named.items()}, result
-        corrected = feedback.compensate(updates)
-        result = self.masks(corrected)
+        for name in named:
+            self.cost_map.marginal_j(name)  # a layer the cost map lacks fails before any state changes
+        _check_finite(named)
+        corrected = feedback.compensate(named, in_place=True)
+        try:
+            result = self.masks(corrected)
+        except BaseException:
+            feedback.undo(named)
+            raise
         return feedback.remember(corrected, result.masks), result
 
 
@@ -159,6 +218,27 @@ def _k_of(ratio: float, n: int) -> int:
     return min(n, int(math.floor(ratio * n + 0.5)))
 
 
-def _unflatten(mask: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+def _device_of(tensors: list[Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _views(mask: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-tensor views of a flat mask over the concatenation (no copy)."""
     parts = torch.split(mask, [t.numel() for t in like.values()]) if like else ()
     return {name: part.view(t.shape) for (name, t), part in zip(like.items(), parts)}
+
+
+def _check_finite(named: dict[str, Tensor]) -> None:
+    """NaN or inf in an update would poison the residual it is added into: refuse it first (one
+    host round trip for all tensors)."""
+    filled = [(n, t.detach()) for n, t in named.items() if t.numel() and t.is_floating_point()]
+    if not filled:
+        return
+    flags = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for _, t in filled]).tolist()
+    for (name, tensor), ok in zip(filled, flags):
+        if not ok:
+            bad = torch.nonzero(~torch.isfinite(tensor.reshape(-1))).squeeze(1)
+            raise MaskInputError(
+                f"update {name!r} has {bad.numel()} NaN or infinite entries (first at flat index {int(bad[0])}); "
+                "a mask of such an update would be meaningless: fix the training step or clip the update"
+            )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from calibrate.profile import DeviceProfile, ProfileError, load_profile
-from calibrate.simulated import profile_from_sim_preset
+from tests.profile_helpers import layer_entry, profile_with_layers
 from cwmp import (
     Budget,
     CostMap,
@@ -36,21 +36,8 @@ def small_model() -> nn.Module:
 def profile_with(model: nn.Module, costs: dict[str, float], name: str = "tiny") -> DeviceProfile:
     """The simulated H100 profile with a per-layer table for ``model`` (built here, validated by
     the profile schema like a file would be)."""
-    layers = [
-        {
-            "name": n,
-            "shape": list(p.shape),
-            "dtype": "float32",
-            "joules_per_update": costs[n],
-            "ci_low": costs[n],
-            "ci_high": costs[n],
-        }
-        for n, p in model.named_parameters()
-        if n in costs
-    ]
-    data = profile_from_sim_preset("h100").model_dump()
-    data["models"] = {name: {"description": "test model", "layers": layers}}
-    return DeviceProfile.model_validate(data)
+    layers = [layer_entry(n, list(p.shape), costs[n]) for n, p in model.named_parameters() if n in costs]
+    return profile_with_layers(name, layers)
 
 
 def updates_of(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -74,7 +61,11 @@ def test_a_missing_layer_is_an_error_unless_predicted_costs_are_allowed():
         CostMap.from_profile(profile, "tiny", model.named_parameters())
     cmap = CostMap.from_profile(profile, "tiny", model.named_parameters(), allow_predicted=True)
     assert cmap.predicted_layers == ["2.bias"]
-    assert cmap["2.bias"] == profile.predict_joules_per_update(8, "float32")
+    predicted = profile.predict_layer(8, "float32")
+    assert cmap.fixed_j("2.bias") == predicted.fixed_j
+    one = torch.zeros(8, dtype=torch.bool)
+    one[3] = True
+    assert cmap.layer_joules("2.bias", one) == pytest.approx(predicted.joules(1, 1))
     assert cmap["0.weight"] == COSTS["0.weight"]
 
 
@@ -99,8 +90,10 @@ def test_a_table_entry_for_another_tensor_is_an_error(change):
 
 
 def test_cost_map_rejects_bad_costs_and_unknown_names():
-    with pytest.raises(CostMapError, match="finite and > 0"):
+    with pytest.raises(CostMapError, match="must cost something"):
         CostMap({"w": LayerPrice(0.0, "measured")}, simulated=False)
+    with pytest.raises(CostMapError, match="finite and >= 0"):
+        CostMap({"w": LayerPrice(-1.0, "measured")}, simulated=False)
     cmap = CostMap({"w": LayerPrice(1e-9, "measured")}, simulated=False)
     with pytest.raises(CostMapError, match="no layer 'v'"):
         cmap["v"]
