@@ -152,6 +152,11 @@ class CostMap:
         return name in self.prices
 
     @property
+    def linear(self) -> bool:
+        """Is every layer's cost fixed + marginal x k (no line or density term)?"""
+        return all(p.joules_per_line == 0 and p.joules_per_update_density == 0 for p in self.prices.values())
+
+    @property
     def predicted_layers(self) -> list[str]:
         return [name for name, price in self.prices.items() if price.method == "predicted"]
 

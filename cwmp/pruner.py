@@ -102,6 +102,10 @@ class Pruner:
     #: cost map whose layer cost is not linear in k), before bisecting towards the empty mask
     RESCALES = 4
     BISECTIONS = 24
+    #: a non-linear cost map may price a selection below its linear estimate; when more than this
+    #: share of the budget is left, larger selection budgets are tried (GROWTHS bisection steps)
+    UNDERSPENT = 0.005
+    GROWTHS = 8
 
     def __init__(
         self, cost_map: CostMap, budget: Budget, method: str = "cwmp", power: float = 1.0, fill: bool = False
@@ -138,6 +142,13 @@ class Pruner:
         else:
             top = None  # free Top-K's mask before selecting
             mask, by_layer = self._within(tensors, marginal, fixed, budget_j, named)
+            if not self.cost_map.linear:
+                # a layer's cost per entry depends on how many of its entries are kept (shared cache
+                # lines, the density term): select again, priced at the densities just selected
+                counts = layer_counts(mask, sizes)
+                marginal = [self.cost_map.marginal_j(name, max(k, 1) / n)
+                            for name, k, n in zip(names, counts, sizes)]
+                mask, by_layer = self._within(tensors, marginal, fixed, budget_j, named)
         predicted_j = math.fsum(by_layer.values())
         return PruneResult(
             method=self.method,
@@ -161,11 +172,13 @@ class Pruner:
         again with a smaller budget, a few times, then bisect between the empty mask (which costs
         nothing) and the last budget that was too much; return the best mask that fits."""
         selection_j = budget_j
-        for _ in range(self.RESCALES):
+        for attempt in range(self.RESCALES):
             mask = self._select(tensors, marginal, fixed, selection_j)
             by_layer = self.cost_map.joules_by_layer(_views(mask, named))
             spent_j = math.fsum(by_layer.values())
             if spent_j <= budget_j:
+                if attempt == 0 and not self.cost_map.linear and 0 < spent_j < budget_j * (1 - self.UNDERSPENT):
+                    return self._grow(tensors, marginal, fixed, budget_j, named, selection_j, mask, by_layer)
                 return mask, by_layer
             selection_j = min(selection_j * (budget_j / spent_j), math.nextafter(selection_j, 0.0))
         low_j, high_j = 0.0, selection_j
@@ -182,6 +195,23 @@ class Pruner:
             by_layer = self.cost_map.joules_by_layer(_views(mask, named))
             if math.fsum(by_layer.values()) <= budget_j:
                 best, best_by_layer, low_j = mask, by_layer, middle_j
+            else:
+                high_j = middle_j
+        return best, best_by_layer
+
+    def _grow(self, tensors, marginal, fixed, budget_j: float, named, selection_j: float, mask: Tensor,
+              by_layer: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+        """Spend what the linear accounting left: bisect the selection budget upwards, keeping the
+        largest selection the cost map prices within the budget."""
+        low_j = selection_j
+        high_j = selection_j * max(2.0, 1.5 * budget_j / max(math.fsum(by_layer.values()), 1e-300))
+        best, best_by_layer = mask, by_layer
+        for _ in range(self.GROWTHS):
+            middle_j = (low_j + high_j) / 2
+            candidate = self._select(tensors, marginal, fixed, middle_j)
+            candidate_by_layer = self.cost_map.joules_by_layer(_views(candidate, named))
+            if math.fsum(candidate_by_layer.values()) <= budget_j:
+                best, best_by_layer, low_j = candidate, candidate_by_layer, middle_j
             else:
                 high_j = middle_j
         return best, best_by_layer

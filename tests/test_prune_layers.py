@@ -303,7 +303,8 @@ def test_cost_map_fixed_costs_from_a_profile():
     profile = profile_with_layers("m", [layer_entry("a.weight", [8, 16], 2e-9, fixed_j=3e-6, ci=(1e-9, 3e-9))])
     cmap = CostMap.from_profile(profile, "m", updates_of(0), allow_predicted=True)
     assert cmap.fixed_j("a.weight") == 3e-6 and cmap.marginal_j("a.weight") == cmap["a.weight"] == 2e-9
-    assert cmap.fixed_j("b.weight") == 0.0 and "b.weight" in cmap.predicted_layers
+    assert "b.weight" in cmap.predicted_layers  # predicted through the cost model, with its fixed part
+    assert cmap.fixed_j("b.weight") == pytest.approx(profile.predict_layer(updates_of(0)["b.weight"].numel(), "float32").fixed_j)
     mask = torch.zeros(8, 16, dtype=torch.bool)
     assert cmap.layer_joules("a.weight", mask) == 0.0
     mask[0, :3] = True
@@ -395,3 +396,24 @@ def test_the_prune_speed_benchmark_runs_and_checks_its_masks(capsys):
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line and not line.startswith("#")][1:]
     assert len(rows) >= 8 and all(row[-1] == "yes" for row in rows)
+
+
+def test_a_cost_map_with_shared_lines_is_priced_at_the_densities_selected_and_spends_its_budget():
+    """With line costs (scattered writes paid in whole lines), an entry's cost falls as its layer's
+    density rises: the pruner selects again at the densities it selected and spends what the first
+    (1 %) pricing left, within the budget by the cost map's exact energy."""
+    names_shapes = {"a": (4096,), "b": (256, 64)}
+    prices = {n: LayerPrice(1e-9, "measured", fixed_j=1e-6, joules_per_line=8e-9) for n in names_shapes}
+    cmap = CostMap(prices, simulated=True)
+    cmap.numel = {n: math.prod(s) for n, s in names_shapes.items()}
+    assert not cmap.linear
+    g = torch.Generator().manual_seed(0)
+    update = {n: torch.randn(s, generator=g) for n, s in names_shapes.items()}
+    everything = cmap.predicted_joules({n: torch.ones(s, dtype=torch.bool) for n, s in names_shapes.items()})
+    budget_j = everything / 3
+    result = Pruner(cmap, Budget.of_joules(budget_j), method="cwmp").masks(update)
+    assert result.predicted_j <= budget_j
+    assert result.predicted_j == pytest.approx(cmap.predicted_joules(result.masks))
+    assert result.predicted_j > 0.99 * budget_j  # the budget is spent, not left at the 1 % pricing's estimate
+    linear_guess = (budget_j - 2e-6) / (1e-9 + 8e-9)  # entries bought if every entry paid a whole line
+    assert result.kept > 1.2 * linear_guess
