@@ -427,7 +427,7 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
     if not fit.resolved():
         return _predicted_entry(glob, numel, dtype, (
             f"the meter did not resolve its cost curve (95 % band +-{fit.band_:.1%}, fit error "
-            f"{fit.rmse_rel_:.1%}; at most 5 % each); predicted from the global coefficients"))
+            f"{fit.rmse_rel_:.1%}; at most 10 % each); predicted from the global coefficients"))
     if fit.joules_per_update_ <= 0:
         return _predicted_entry(glob, numel, dtype, "the fit found no per-entry cost; predicted from the global "
                                 "coefficients")

@@ -233,7 +233,7 @@ class LayerCostFit:
                                       self.joules_per_update_density_, self.numel_)
                          for k, n in zip(np.atleast_1d(kept), np.atleast_1d(lines))])
 
-    def resolved(self, max_rel_error: float = 0.05) -> bool:
+    def resolved(self, max_rel_error: float = 0.10) -> bool:
         """Does the fitted curve pin the layer's cost down: across the measured densities, is the
         95 % band of its prediction within ``max_rel_error`` of it, and does it fit the replays to
         ``max_rel_error``?"""
