@@ -219,17 +219,21 @@ class _Session:
                         self._never_moved(role, now - waited)
             meter.begin(_WINDOW, sync=sync)
             t0 = last_edge = clock()
-            calls = updates = 0
+            calls = updates = steps = 0
+            # An aligned window stops after a fixed number of counter updates, never on the clock:
+            # stopping at "the first update after window_s" would pick windows by their edge lags
+            # (a late last update makes the window one period longer), a bias the trials cannot see.
+            needed_updates = max(1, math.ceil(window_s / self.period - 1e-9)) if aligned else 0
             while True:
                 calls += step()
+                steps += 1
                 now = clock()
-                long_enough = now - t0 >= window_s and calls >= min_calls
                 if not aligned:
-                    if long_enough:
+                    if now - t0 >= window_s and calls >= min_calls:
                         break
                 elif self._moved():
                     updates, last_edge = updates + 1, clock()  # after the poll: no stall can hide in between
-                    if long_enough:
+                    if updates >= needed_updates and calls >= min_calls:
                         break
                 elif now - last_edge > timeout:
                     self._never_moved(role, now - last_edge)
@@ -243,8 +247,17 @@ class _Session:
             "role": role, "trial": trial, "aligned": aligned, "calls": calls, "seconds": m.seconds,
             "energy_j": m.energy_j, "power_w": m.energy_j / m.seconds if m.seconds > 0 else math.nan,
             "counter_updates": updates if aligned else None, "t_start": t0, "t_end": t0 + m.seconds,
-            "started_at": m.started_at,
+            "started_at": m.started_at, "edge_s": self._edge_s(aligned, m.seconds, steps),
         })
+
+    def _edge_s(self, aligned: bool, seconds: float, steps: int) -> float:
+        """How far each edge of a window may lie from the counter reading that stands for it: an
+        aligned window's edge lags its counter update by up to one step (the poll follows a step);
+        an unaligned one reads the last update, up to one update period old. Sampled meters
+        interpolate their edges (0)."""
+        if self.info.kind != "counter" or not self.period:
+            return 0.0
+        return seconds / max(steps, 1) if aligned else float(self.period)
 
     def _never_moved(self, role: str, seconds: float) -> None:
         i = self.info
@@ -303,7 +316,7 @@ class _Session:
             return batch
 
         for trial in range(p.trials):
-            if short:  # shift the start phase against the counter's updates
+            if self.period:  # a random start phase against the counter's updates: independent edge errors
                 meter.sleep(float(self.rng.uniform(0.0, self.period)))
             self._window("kernel", trial, kernel, window_s, aligned, p.min_calls)
         return self._result(aligned)
@@ -314,16 +327,32 @@ class _Session:
         t = pd.DataFrame(self.rows)
         idle, kern = t[t.role == "idle"], t[t.role == "kernel"]
         idle_w = float(idle.power_w.mean())
-        se_idle_w = float(idle.power_w.std(ddof=1)) / math.sqrt(len(idle))
         t["total_joules_per_call"] = (t.energy_j / t.calls).where(t.role == "kernel")
         t["joules_per_call"] = ((t.energy_j - idle_w * t.seconds) / t.calls).where(t.role == "kernel")
         per_trial = t.joules_per_call[t.role == "kernel"]
         seconds_per_call = float((kern.seconds / kern.calls).mean())  # so total = above idle + idle share
-        var_trials = float(per_trial.var(ddof=1)) / len(kern)
+        # Each window's own error, from what the meter declares: each edge stands for a counter
+        # reading up to edge_s away (uniform lag, independent edges under a random phase: variance
+        # (P * edge_s)^2 / 6) and each reading is quantised to resolution_j (res^2 / 6). Under a fixed
+        # phase relation these errors take only two values, which a few trials can all draw alike,
+        # so the trials' scatter is used only where it is larger than this model says.
+        res = self.info.resolution_j or 0.0
+        edge_var_j2 = ((t.power_w * t.edge_s) ** 2 + res**2) / 6.0
+        # A variance taken from the model is known, not estimated: it adds no Student-t widening
+        # (infinite degrees of freedom in the Welch-Satterthwaite sum below).
+        s2_trials = float(per_trial.var(ddof=1))
+        m2_trials = float((edge_var_j2[t.role == "kernel"] / kern.calls**2).mean())
+        s2_idle = float(idle.power_w.var(ddof=1))
+        m2_idle = float((edge_var_j2[t.role == "idle"] / idle.seconds**2).mean())
+        dof_trials = len(kern) - 1 if s2_trials >= m2_trials else math.inf
+        dof_idle = len(idle) - 1 if s2_idle >= m2_idle else math.inf
+        se_idle_w = math.sqrt(max(s2_idle, m2_idle) / len(idle))
+        var_trials = max(s2_trials, m2_trials) / len(kern)
         var_idle = (se_idle_w * seconds_per_call) ** 2
         se = math.sqrt(var_trials + var_idle)
         if se > 0:  # Welch-Satterthwaite degrees of freedom
-            dof = se**4 / (var_trials**2 / (len(kern) - 1) + var_idle**2 / (len(idle) - 1))
+            denominator = var_trials**2 / dof_trials + var_idle**2 / dof_idle
+            dof = se**4 / denominator if denominator > 0 else math.inf
             half = float(stats.t.ppf(0.5 + self.p.confidence / 2, dof)) * se
         else:
             half = 0.0
