@@ -132,9 +132,12 @@ def test_a_meter_that_stalls_fails_at_the_window_end():
         stall.set()
         time.sleep(0.05)
         t = time.perf_counter()
-        with pytest.raises(MeterFailure, match=r"no power sample .* for 0.2 s"):
+        # the message names the read that hung (or, if the end comes first, the silence)
+        with pytest.raises(MeterFailure, match=r"the power read did not return within 0.2 s|no power sample .* for 0.2 s"):
             meter.end("w")
-        assert time.perf_counter() - t < 0.5  # waits max_gap_s, not forever
+        # bounded, not forever: the hung read only returns after 5 s (a loose bound a busy machine meets)
+        assert time.perf_counter() - t < 4.0
+        assert meter.open_windows == ()
         release.set()
 
 
@@ -216,7 +219,7 @@ def test_old_samples_are_pruned_but_an_open_window_keeps_its_start(monkeypatch):
 def test_close_stops_the_sampler():
     meter = make_meter(lambda: 1.0)
     meter.close()
-    assert not meter._thread.is_alive()
+    assert not meter._reader.alive
     meter.close()  # idempotent
 
 

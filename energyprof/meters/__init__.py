@@ -10,7 +10,6 @@ Every backend module provides ``open_from_spec(spec) -> Meter`` and ``probe(spec
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 from typing import Any
 
 from energyprof.errors import MeterSpecError, MeterUnavailable
@@ -19,6 +18,7 @@ from energyprof.meters.base import (
     Measurement,
     Meter,
     MeterInfo,
+    Probe,
     Window,
     WrapTracker,
     synchronize,
@@ -63,24 +63,6 @@ BACKENDS: dict[str, str] = {
 
 # real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)
 AUTO_ORDER: tuple[str, ...] = ("nvml", "rapl")
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Whether a backend is usable here, and why not."""
-
-    backend: str
-    available: bool
-    reason: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "available": self.available,
-            "reason": self.reason,
-            "details": dict(self.details),
-        }
 
 
 def _module(backend: str):

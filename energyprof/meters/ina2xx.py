@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from energyprof.errors import MeterFailure, MeterPermissionError, MeterSpecError, MeterUnavailable
-from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
+from energyprof.meters.base import CounterMeter, MeterInfo, Probe, WrapTracker
 from energyprof.meters.sampled import PolledSource, SampledMeter, SampledOptions
 from energyprof.meters.spec import MeterSpec
 
@@ -448,7 +448,6 @@ def open_from_spec(spec: MeterSpec, smbus_factory: Callable[[int], Any] = _defau
 
 
 def probe(spec: MeterSpec, smbus_factory: Callable[[int], Any] = _default_smbus) -> Any:
-    from energyprof.meters import Probe
 
     bus_number, address = _wiring(spec)
     device = f"/dev/i2c-{bus_number}"

@@ -36,8 +36,8 @@ from energyprof.errors import (
     MeterSpecError,
     MeterUnavailable,
 )
-from energyprof.meters.base import CounterMeter, MeterInfo
-from energyprof.meters.spec import MeterSpec
+from energyprof.meters.base import CounterMeter, MeterInfo, Probe
+from energyprof.meters.spec import MeterSpec, parse_spec
 
 __all__ = [
     "NvmlMeter",
@@ -646,7 +646,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> NvmlMeter:
 
 
 def probe(spec: MeterSpec | None = None, nvml: Any = None, environ: Mapping[str, str] | None = None) -> Any:
-    from energyprof.meters import Probe, parse_spec
 
     params = _params(spec if spec is not None else parse_spec("nvml"))
     try:

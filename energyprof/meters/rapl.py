@@ -39,8 +39,8 @@ from energyprof.errors import (
     MeterSpecError,
     MeterUnavailable,
 )
-from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
-from energyprof.meters.spec import MeterSpec
+from energyprof.meters.base import CounterMeter, MeterInfo, Probe, WrapTracker
+from energyprof.meters.spec import MeterSpec, parse_spec
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -502,7 +502,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> RaplMeter:
 
 
 def probe(spec: MeterSpec | None = None) -> Any:
-    from energyprof.meters import Probe, parse_spec
 
     spec = spec if spec is not None else parse_spec("rapl")
     params = _params(spec)

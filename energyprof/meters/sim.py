@@ -30,7 +30,7 @@ import numpy as np
 
 from energyprof.counts import WorkCounts
 from energyprof.errors import MeterSpecError
-from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
+from energyprof.meters.base import CounterMeter, MeterInfo, Probe, WrapTracker
 from energyprof.meters.spec import MeterSpec
 
 __all__ = ["SimPreset", "PRESETS", "SimMeter", "open_from_spec", "probe"]
@@ -335,7 +335,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SimMeter:
 
 
 def probe(spec: MeterSpec | None = None) -> Any:
-    from energyprof.meters import Probe
 
     return Probe(
         "sim",

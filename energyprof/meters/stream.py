@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator
 
 from energyprof.errors import MeterFailure, MeterSpecError, MeterUnavailable
-from energyprof.meters.base import MeterInfo
+from energyprof.meters.base import MeterInfo, Probe
 from energyprof.meters.sampled import SampledMeter, SampledOptions, SampleSource
 from energyprof.meters.spec import MeterSpec
 
@@ -366,7 +366,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SampledMeter:
 
 
 def probe(spec: MeterSpec) -> Any:
-    from energyprof.meters import Probe
 
     given = {key: spec.params[key] for key in _SOURCES if spec.params.get(key)}
     if len(given) != 1:
