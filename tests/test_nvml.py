@@ -86,9 +86,13 @@ class FakeNvml:
         self.inits = self.shutdowns = 0
         self.fail: dict = {}
         self.calls: dict[str, int] = {}
+        self.hang: set[str] = set()  # calls that block until ``unblock`` is set (a wedged driver)
+        self.unblock = threading.Event()
 
     def _enter(self, name, gpu=None):
         self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.hang:
+            self.unblock.wait()
         if name != "nvmlInit" and self.refs <= 0:
             raise E(pynvml.NVML_ERROR_UNINITIALIZED)
         code = self.fail.get(name)
@@ -376,7 +380,7 @@ def test_sampler_that_loses_the_gpu_briefly_voids_the_window():
         del fake.fail["nvmlDeviceGetPowerUsage"]  # ... and the GPU answers again at the window's end
         with pytest.raises(MeterFailure, match="GPU lost"):
             m.end("w")
-        assert m._thread is not None and not m._thread.is_alive()
+        assert m._reader is not None and not m._reader.alive
     assert fake.inits == fake.shutdowns == 1
 
 

@@ -428,7 +428,7 @@ class DeviceCaller:
                     "or the device is wedged); every window over it is void. Check the device (e.g. "
                     "'nvidia-smi', the kernel log, the cable) and open the meter again"
                 )
-                log.warning("%s", self._wedged)
+                log.info("%s", self._wedged)
                 raise MeterFailure(self._wedged)
             self._in_flight = None
         finally:
@@ -487,6 +487,7 @@ class BackgroundReader:
         on_stop: Callable[[], None] | None = None,
         on_end: Callable[[str | None], None] | None = None,
         name: str = "energyprof-reader",
+        in_flight: Callable[[], str | None] | None = None,
     ) -> None:
         self.description = description
         self._readings = readings
@@ -495,6 +496,7 @@ class BackgroundReader:
         self.gap_limit_s = gap_limit_s
         self._on_stop = on_stop
         self._on_end = on_end
+        self._in_flight = in_flight
         self.stop_event = threading.Event()
         self.failure: MeterFailure | None = None
         self.started_t = clock()
@@ -531,7 +533,7 @@ class BackgroundReader:
             reason = f"{self.description} failed: {type(exc).__name__}: {exc}"
         if reason is not None and not self.stop_event.is_set():
             self.failure = MeterFailure(reason)
-            log.warning("background reader stopped: %s", reason)
+            log.info("background reader stopped: %s", reason)
         else:
             reason = None
             log.debug("%s: background reader stopped", self.description)
@@ -552,9 +554,10 @@ class BackgroundReader:
         with self._lock:
             last = self.last_ok_t if self.last_ok_t is not None else self.started_t
         if now - last > max_silence_s:
+            pending = self._in_flight() if self._in_flight is not None else None
             raise MeterFailure(
                 f"no reading from {self.description} for {now - last:.2f} s (limit {max_silence_s:g} s); "
-                "the meter stopped answering and the window is void"
+                "the meter stopped answering and the window is void" + (f" ({pending})" if pending else "")
             )
 
     def longest_gap(self, t0: float, t1: float) -> float:
