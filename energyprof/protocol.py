@@ -10,15 +10,24 @@ meter, adapting to what the meter declares (``MeterInfo``: kind, update period, 
 3. ``trials`` **kernel windows**, each at least ``min_window_s``, ``min_periods`` update periods and
    ``min_calls`` calls long, with the kernel running back to back (in batches, synchronised with
    the device) from one averaging window before the window opens until it closes;
-4. when a call is shorter than the update period, each trial starts after a **random delay**
-   (a shifted phase), and when one period is not negligible against a window (more than
-   ``max_edge_error``), windows are **aligned to counter updates**: they open and close right
-   after the counter is seen to move, so that a window holds whole update periods, all of them
-   sampled while the kernel ran (this removes the up-to-one-period error at each window edge);
-5. result: joules per call above the idle baseline, with a ``confidence`` interval (Student t over
-   trials, the baseline's own uncertainty included), the number of calls and windows, and every
-   window as a row of a pandas DataFrame (``result.table``) carrying the meter's backend and the
-   ``simulated`` flag.
+4. each trial starts after a **random delay** of up to one update period (a shifted phase, so that
+   the trials' edge errors are independent), and when one period is not negligible against a
+   window (more than ``max_edge_error``), windows are **aligned to counter updates**: they open
+   right after the counter is seen to move and close after a fixed number of further moves
+   (``ceil(window / period)``; never "the first move after the window is long enough", which would
+   pick windows by their edge lags), so that a window holds whole update periods, all of them
+   sampled while the kernel ran;
+5. result: joules per call above the idle baseline, with a ``confidence`` interval, the number of
+   calls and windows, and every window as a row of a pandas DataFrame (``result.table``) carrying
+   the meter's backend and the ``simulated`` flag.
+
+The interval (docs/protocol.md) combines the error sources the protocol has: the trials' scatter
+(noise, phase), the edges (each edge stands for a counter reading up to ``edge_s`` away: one
+update period, or one step when aligned; variance (P * edge_s)^2 / 6 per window, plus the
+reading's resolution), used as a floor under the trials' scatter because under a fixed phase
+relation a few trials can all draw the same edge error, and the idle baseline's own uncertainty
+(same floor). Student t with Welch-Satterthwaite degrees of freedom; a variance taken from the
+model counts as known (no t widening).
 
 After each timed batch the protocol tells the meter what ran (``meter.report_work``): a no-op on
 physical meters, the ground truth of the simulator. A workload that reports its own work
@@ -32,6 +41,7 @@ it is never reported as zero joules.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -40,10 +50,12 @@ import numpy as np
 import pandas as pd
 
 from energyprof.counts import WorkCounts
-from energyprof.errors import EnergyprofError, NoEnergyObserved
+from energyprof.errors import EnergyprofError, MeterFailure, NoEnergyObserved
 from energyprof.meters.base import Meter, MeterInfo, synchronize
 
 __all__ = ["MeasurementProtocol", "ProtocolResult", "ProtocolError"]
+
+log = logging.getLogger(__name__)
 
 _WINDOW = "energyprof.protocol"
 _POLLS = ("energyprof.protocol.poll-a", "energyprof.protocol.poll-b")
@@ -301,8 +313,11 @@ class _Session:
             meter.sleep(idle_step_s)
             return 0
 
-        for i in range(p.idle_windows or p.trials):
-            self._window("idle", i, idle, idle_s, idle_aligned, 0)
+        n_idle = p.idle_windows or p.trials
+        log.info("protocol: %s on %s: %d idle windows of %.3g s (aligned to counter updates: %s)",
+                 self.workload.name, self.info.backend, n_idle, idle_s, idle_aligned)
+        for i in range(n_idle):
+            self._guarded("idle", i, n_idle, idle, idle_s, idle_aligned, 0)
 
         seconds_per_call = self._warm_up()
         window_s = self._window_s(seconds_per_call)
@@ -315,11 +330,47 @@ class _Session:
             self._batch(batch)
             return batch
 
+        log.info("protocol: %s: %.3g s per call, %d kernel windows of >= %.3g s in batches of %d calls "
+                 "(aligned to counter updates: %s)", self.workload.name, seconds_per_call, p.trials,
+                 window_s, batch, aligned)
         for trial in range(p.trials):
             if self.period:  # a random start phase against the counter's updates: independent edge errors
                 meter.sleep(float(self.rng.uniform(0.0, self.period)))
-            self._window("kernel", trial, kernel, window_s, aligned, p.min_calls)
-        return self._result(aligned)
+            self._guarded("kernel", trial, p.trials, kernel, window_s, aligned, p.min_calls)
+        result = self._result(aligned)
+        log.info("protocol: %s: %.6g J per call above idle (%g %% CI %.6g .. %.6g), idle %.4g W%s",
+                 self.workload.name, result.joules_per_call, 100 * p.confidence, result.ci_low_j,
+                 result.ci_high_j, result.idle_power_w, " [SIMULATED]" if result.simulated else "")
+        return result
+
+    def _guarded(self, role: str, index: int, count: int, *args: Any) -> None:
+        """One window; a meter failing in it is re-raised naming the workload and the window, with
+        the windows finished so far attached (``MeterFailure.finished``, a DataFrame)."""
+        try:
+            self._window(role, index, *args)
+        except MeterFailure as exc:
+            where = f"{role} window {index + 1} of {count}"
+            finished = self._finished_table()
+            log.info("protocol: %s failed in its %s after %d finished windows: %s",
+                     self.workload.name, where, len(finished), exc)
+            raise MeterFailure(
+                f"the {self.info.backend} meter failed while measuring {self.workload.name!r} in its "
+                f"{where} ({len(finished)} windows finished before it are kept in this error's "
+                f"'finished' table): {exc}",
+                workload=self.workload.name, window=where, finished=finished,
+            ) from exc
+        row = self.rows[-1]
+        log.debug("protocol: %s %s window %d: %.4g J in %.4g s, %d calls", self.workload.name, role,
+                  index + 1, row["energy_j"], row["seconds"], row["calls"])
+
+    def _finished_table(self) -> pd.DataFrame:
+        """The windows measured so far, labelled as in ``ProtocolResult.table``."""
+        t = pd.DataFrame(self.rows)
+        i = self.info
+        t["workload"] = self.workload.name
+        t["backend"], t["scope"], t["simulated"] = i.backend, i.scope, i.simulated
+        t.index.name = "window"
+        return t
 
     def _result(self, aligned: bool) -> ProtocolResult:
         from scipy import stats
