@@ -10,6 +10,7 @@ Every backend module provides ``open_from_spec(spec) -> Meter`` and ``probe(spec
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from energyprof.errors import MeterSpecError, MeterUnavailable
@@ -43,6 +44,8 @@ __all__ = [
     "probe_backend",
     "synchronize",
 ]
+
+log = logging.getLogger(__name__)
 
 # backend name -> module that implements it
 BACKENDS: dict[str, str] = {
@@ -118,4 +121,8 @@ def open_meter(spec: str | MeterSpec, **kwargs: Any) -> Meter:
         )
     mod = _module(s.backend)
     meter = mod.open_from_spec(s, **kwargs)
+    i = meter.info
+    log.info("opened meter %r: backend %s, scope %s, kind %s, update period %s s, resolution %s J%s",
+             s.text, i.backend, i.scope, i.kind, i.update_period_s, i.resolution_j,
+             " (SIMULATED)" if i.simulated else "")
     return meter

@@ -232,6 +232,8 @@ class Meter(ABC):
             raise
         with self._windows_lock:
             self._windows[name] = (snap, self.clock(), time.time())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s meter: window %r begun", self.info.backend, name)
 
     def end(self, name: str = "window", sync: Any = None) -> Measurement:
         """Close window ``name`` and measure it. Whatever happens (a failed read, a void window),
@@ -256,10 +258,14 @@ class Meter(ABC):
                 raise WindowError(f"window {name!r} was ended or discarded while this end() ran")
             start_snap, start_t, wall = self._windows.pop(name)
         domains = self._energy_between(start_snap, end_snap)
+        energy_j = self._total(domains)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s meter: window %r ended: %.6g J in %.6g s", self.info.backend, name, energy_j,
+                      max(0.0, end_t - start_t))
         return Measurement(
             name=name,
             seconds=max(0.0, end_t - start_t),
-            energy_j=self._total(domains),
+            energy_j=energy_j,
             domains=dict(domains),
             meter=self.info,
             started_at=wall,
