@@ -43,6 +43,11 @@ class MeterFailure(EnergyprofError):
         self.finished = finished
 
 
+class BadReading(EnergyprofError, ValueError):
+    """A line or record from an external meter that cannot be read (not a number, wrong field
+    count, corrupt bytes). Sources count and skip it; the message says what is wrong with it."""
+
+
 class WindowError(EnergyprofError):
     """Misuse of measurement windows: ending a window that was never begun, reusing an open name."""
 
