@@ -287,7 +287,10 @@ def test_cli_measure_sleep_6_on_20w_tree_wrapping_every_2_5s(tmp_path):
     r = json.loads(run.stdout)
     assert r["returncode"] == 0
     assert r["meter"]["backend"] == "rapl" and r["meter"]["simulated"] is False
-    assert abs(r["energy_j"] - 120.0) <= 0.03 * 120.0, r
+    # 120 J for sleep 6 at 20 W; the window also holds the child's start and exit, which a busy
+    # machine makes longer, so the check against 120 J is one-sided and the exact one is against
+    # the window's own length
+    assert r["energy_j"] >= 0.97 * 120.0, r
     assert _close(r["energy_j"], 20.0 * r["duration_s"], 0.02), r  # vs the window's own length
     assert r["details"]["wraps"]["package-0"] >= 2
     # core (12 W) and psys (30 W) were measured but are not added to the total
