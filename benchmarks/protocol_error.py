@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's energyprof, not an installed one
 
 from energyprof.counts import WorkCounts
 from energyprof.meters.sim import SimMeter
