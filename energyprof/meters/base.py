@@ -225,13 +225,16 @@ class Meter(ABC):
             # reserve the name before the (possibly slow) snapshot
             self._windows[name] = (None, float("nan"), float("nan"))
         try:
+            t0 = self.clock()
             snap = self._snapshot()
+            t1 = self.clock()
         except BaseException:
             with self._windows_lock:
                 self._windows.pop(name, None)
             raise
         with self._windows_lock:
-            self._windows[name] = (snap, self.clock(), time.time())
+            # an edge's time is the midpoint of its read (a read may wait for a device-call thread)
+            self._windows[name] = (snap, (t0 + t1) / 2, time.time())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s meter: window %r begun", self.info.backend, name)
 
@@ -247,8 +250,9 @@ class Meter(ABC):
                 )
         try:
             synchronize(sync if sync is not None else self.sync_device)
-            end_t = self.clock()
+            t0 = self.clock()
             end_snap = self._snapshot()
+            end_t = (t0 + self.clock()) / 2  # the midpoint of the read, as at begin
         except BaseException as exc:
             self.discard(name)
             log.info("%s meter: window %r failed at its end: %s", type(self).__name__, name, exc)
