@@ -178,6 +178,9 @@ class Meter(ABC):
         self._windows: dict[str, tuple[Any, float, float]] = {}
         self._windows_lock = threading.Lock()
         self._closed = False
+        # when the device was actually read (meter clock), set by a backend whose reads run on
+        # another thread (DeviceCaller); an edge is stamped with it, else with its read's midpoint
+        self._read_t: float | None = None
 
     # ----------------------------------------------------------------- to implement
     @property
@@ -225,16 +228,17 @@ class Meter(ABC):
             # reserve the name before the (possibly slow) snapshot
             self._windows[name] = (None, float("nan"), float("nan"))
         try:
+            self._read_t = None
             t0 = self.clock()
             snap = self._snapshot()
-            t1 = self.clock()
+            t1 = self._edge_time(t0, self.clock())
         except BaseException:
             with self._windows_lock:
                 self._windows.pop(name, None)
             raise
         with self._windows_lock:
             # an edge's time is the midpoint of its read (a read may wait for a device-call thread)
-            self._windows[name] = (snap, (t0 + t1) / 2, time.time())
+            self._windows[name] = (snap, t1, time.time())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s meter: window %r begun", self.info.backend, name)
 
@@ -250,9 +254,10 @@ class Meter(ABC):
                 )
         try:
             synchronize(sync if sync is not None else self.sync_device)
+            self._read_t = None
             t0 = self.clock()
             end_snap = self._snapshot()
-            end_t = (t0 + self.clock()) / 2  # the midpoint of the read, as at begin
+            end_t = self._edge_time(t0, self.clock())
         except BaseException as exc:
             self.discard(name)
             log.info("%s meter: window %r failed at its end: %s", type(self).__name__, name, exc)
@@ -275,6 +280,14 @@ class Meter(ABC):
             started_at=wall,
             details=self._window_details(start_snap, end_snap),
         )
+
+    def _edge_time(self, t0: float, t1: float) -> float:
+        """The time of an edge whose read ran between t0 and t1: when the device was read, if the
+        backend knows it (``_read_t``), else the midpoint."""
+        read_t = self._read_t
+        if read_t is not None and t0 <= read_t <= t1:
+            return read_t
+        return (t0 + t1) / 2
 
     def discard(self, name: str) -> None:
         """Forget an open window without measuring it (used when the measured code raised)."""
@@ -386,6 +399,7 @@ class DeviceCaller:
         self._wedged: str | None = None
         self._in_flight: tuple[str, float] | None = None
         self._thread: threading.Thread | None = None
+        self.last_span: tuple[float, float] | None = None  # perf_counter at the start and end of the last call
 
     @property
     def wedged(self) -> str | None:
@@ -406,10 +420,12 @@ class DeviceCaller:
             if job is None:
                 return
             fn, args, box, done = job
+            t0 = time.perf_counter()
             try:
                 box.append((True, fn(*args)))
             except BaseException as exc:  # handed to the caller, never lost
                 box.append((False, exc))
+            self.last_span = (t0, time.perf_counter())
             done.set()
 
     def call(self, fn: Callable[..., Any], *args: Any, what: str) -> Any:

@@ -364,6 +364,8 @@ class Ina228Meter(CounterMeter):
     def read_counters(self) -> dict[str, float]:
         try:
             raw = self._caller.call(self.chip.read_energy_raw, what="the ENERGY register read")
+            if self._caller.last_span is not None:  # the window edge is when the register was read
+                self._read_t = sum(self._caller.last_span) / 2
         except OSError as exc:
             raise MeterFailure(f"reading the INA228 at {self.chip.regs.where} failed: {exc}") from exc
         return {self._info.scope: self._tracker.update(raw) * self.chip.energy_lsb_j}

@@ -597,9 +597,14 @@ class NvmlMeter(CounterMeter):
         self._check_reader()
         out: dict[str, float] = {}
         sampled = [g for g in self.gpus if g.mode == "sampled"]
+        spans = []
         for g in self.gpus:
             if g.mode == "counter":
                 out[g.domain] = self._read_counter(g)
+                if self._caller.last_span is not None:
+                    spans.append(sum(self._caller.last_span) / 2)
+        if spans and not sampled:  # the window edge is when the counters were read
+            self._read_t = sum(spans) / len(spans)
         for domain, t, watts in self._read_power(sampled) if sampled else ():
             with self._lock:
                 out[domain] = self._integrators[domain].add(t, watts)
