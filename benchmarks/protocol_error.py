@@ -13,15 +13,20 @@ meter: a fresh counter phase and noise) the same session measures:
 * protocol without alignment (``max_edge_error=1``): the same, with windows that open and close
   anywhere in a counter period (what the alignment to counter updates buys).
 
-Every figure is SIMULATED. Run: python benchmarks/protocol_error.py [--seeds 200] [--kernel-ms 10]
+Every figure is SIMULATED. Run: python benchmarks/protocol_error.py [--seeds 400] [--kernel-ms 10] [--preset desktop-cpu] [--spread 0.3]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's energyprof, not an installed one
 
 from energyprof.counts import WorkCounts
 from energyprof.meters.sim import SimMeter
@@ -36,8 +41,18 @@ def kernel_counts(seconds: float) -> WorkCounts:
     return WorkCounts(bytes_read=half, bytes_written=half, working_set_bytes=4 * 2**30)
 
 
-def one_seed(seed: int, kernel_s: float, preset: str) -> dict[str, float]:
-    duration_s = kernel_s * np.random.default_rng(seed).uniform(0.9, 1.1)
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def one_seed(seed: int, kernel_s: float, preset: str, spread: float = 0.1) -> dict[str, float]:
+    duration_s = kernel_s * np.random.default_rng(seed).uniform(1 - spread, 1 + spread)
     counts = kernel_counts(duration_s)
     meter = SimMeter(preset, seed=seed, clock="virtual")
     static_w = meter.preset.static_power_w
@@ -73,17 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--kernel-ms", type=float, default=10.0)
     ap.add_argument("--preset", default="h100")
+    ap.add_argument("--spread", type=float, default=0.1,
+                    help="kernel durations are drawn in kernel-ms * (1 +- spread) (default 0.1)")
     args = ap.parse_args(argv)
 
     wall = time.perf_counter()
-    rows = [one_seed(seed, args.kernel_ms / 1e3, args.preset) for seed in range(args.seeds)]
+    rows = [one_seed(seed, args.kernel_ms / 1e3, args.preset, args.spread) for seed in range(args.seeds)]
     wall = time.perf_counter() - wall
     col = {k: np.array([r[k] for r in rows], dtype=float) for k in rows[0]}
 
     p = SimMeter(args.preset).preset
     print(f"SIMULATED: preset {p.name} (update every {p.update_period_s * 1e3:g} ms, averaging "
           f"{p.averaging_window_s * 1e3:g} ms, {p.resolution_j * 1e3:g} mJ steps, noise {p.noise_w:g} W), "
-          f"~{args.kernel_ms:g} ms kernel (+-10 %), "
+          f"~{args.kernel_ms:g} ms kernel (+-{100 * args.spread:g} %), "
           f"{SimMeter(args.preset).price(kernel_counts(args.kernel_ms / 1e3)):.4g} J above idle per call at "
           f"{args.kernel_ms:g} ms, {args.seeds} seeds")
     print(f"{'method':<44}{'mean error':>12}{'worst error':>13}")
@@ -96,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<44}{100 * col[key].mean():>11.2f}%{100 * col[key].max():>12.2f}%")
     print(f"naive windows in which the counter never moved: {100 * col['naive_zero'].mean():.0f} %")
     print(f"naive / protocol mean error (total per call): {col['naive'].mean() / col['protocol_total'].mean():.0f}x")
-    print(f"protocol 95 % interval holds the truth in {100 * col['covered'].mean():.0f} % of seeds")
+    covered = int(col["covered"].sum())
+    lo, hi = wilson(covered, args.seeds)
+    print(f"protocol 95 % interval holds the truth in {covered} of {args.seeds} seeds = "
+          f"{100 * covered / args.seeds:.1f} % (Wilson 95 % interval {100 * lo:.1f} .. {100 * hi:.1f} %)")
     print(f"protocol cost: {col['virtual_s'].mean():.1f} s of (virtual) device time, "
           f"{col['calls'].mean():.0f} calls in its kernel windows; benchmark wall time {wall:.1f} s")
 

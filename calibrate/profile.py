@@ -365,9 +365,15 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
     if not path.is_file():
         raise ProfileError(f"profile file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ProfileError(f"profile {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"profile {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a date that does not exist, nesting too deep
+        raise ProfileError(f"profile {path} is not valid YAML: {type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
     version = data.get("schema_version")

@@ -194,6 +194,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- logging (-v)
+_LOG_PACKAGES = ("energyprof", "calibrate", "cwmp")
+
+
+def setup_logging(verbosity: int) -> None:
+    """Module loggers of energyprof, calibrate and cwmp to stderr: warnings only by default, info
+    with -v, debug with -vv. Calling it again replaces the handler (no duplicated lines)."""
+    import logging
+
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    for name in _LOG_PACKAGES:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if getattr(handler, "_energyprof_cli", False):
+                logger.removeHandler(handler)
+        handler = logging.StreamHandler(sys.stderr)
+        handler._energyprof_cli = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("energyprof: %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -201,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure joules on real hardware, calibrate per-layer update costs, prune with CWMP.",
     )
     parser.add_argument("--version", action="version", version=f"energyprof {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="say what meters and the protocol do, on stderr (-v: info, -vv: debug); "
+                        "give it before the subcommand: energyprof -v measure ...")
     sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     sub.required = True
 
@@ -322,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

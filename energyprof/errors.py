@@ -3,6 +3,8 @@ errors) are mapped to these with a message that names the problem and the fix.""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EnergyprofError(Exception):
     """Base class of every error energyprof raises on purpose."""
@@ -25,7 +27,25 @@ class MeterPermissionError(MeterUnavailable):
 
 
 class MeterFailure(EnergyprofError):
-    """A meter that was working stopped answering or lost its device during a measurement."""
+    """A meter that was working stopped answering or lost its device during a measurement.
+
+    Raised by the measurement protocol, it also says where: ``workload`` (its name), ``window``
+    (e.g. ``"kernel window 3 of 4"``) and ``finished``, a pandas DataFrame of the windows that were
+    measured before the failure (the rows ``ProtocolResult.table`` would have started with), so a
+    caller can keep them. All three are None when the failure came from a meter directly.
+    """
+
+    def __init__(self, message: str, *, workload: str | None = None, window: str | None = None,
+                 finished: Any = None) -> None:
+        super().__init__(message)
+        self.workload = workload
+        self.window = window
+        self.finished = finished
+
+
+class BadReading(EnergyprofError, ValueError):
+    """A line or record from an external meter that cannot be read (not a number, wrong field
+    count, corrupt bytes). Sources count and skip it; the message says what is wrong with it."""
 
 
 class WindowError(EnergyprofError):

@@ -10,15 +10,24 @@ meter, adapting to what the meter declares (``MeterInfo``: kind, update period, 
 3. ``trials`` **kernel windows**, each at least ``min_window_s``, ``min_periods`` update periods and
    ``min_calls`` calls long, with the kernel running back to back (in batches, synchronised with
    the device) from one averaging window before the window opens until it closes;
-4. when a call is shorter than the update period, each trial starts after a **random delay**
-   (a shifted phase), and when one period is not negligible against a window (more than
-   ``max_edge_error``), windows are **aligned to counter updates**: they open and close right
-   after the counter is seen to move, so that a window holds whole update periods, all of them
-   sampled while the kernel ran (this removes the up-to-one-period error at each window edge);
-5. result: joules per call above the idle baseline, with a ``confidence`` interval (Student t over
-   trials, the baseline's own uncertainty included), the number of calls and windows, and every
-   window as a row of a pandas DataFrame (``result.table``) carrying the meter's backend and the
-   ``simulated`` flag.
+4. each trial starts after a **random delay** of up to one update period (a shifted phase, so that
+   the trials' edge errors are independent), and when one period is not negligible against a
+   window (more than ``max_edge_error``), windows are **aligned to counter updates**: they open
+   right after the counter is seen to move and close after a fixed number of further moves
+   (``ceil(window / period)``; never "the first move after the window is long enough", which would
+   pick windows by their edge lags), so that a window holds whole update periods, all of them
+   sampled while the kernel ran;
+5. result: joules per call above the idle baseline, with a ``confidence`` interval, the number of
+   calls and windows, and every window as a row of a pandas DataFrame (``result.table``) carrying
+   the meter's backend and the ``simulated`` flag.
+
+The interval (docs/protocol.md) combines the error sources the protocol has: the trials' scatter
+(noise, phase), the edges (each edge stands for a counter reading up to ``edge_s`` away: one
+update period, or one step when aligned; variance (P * edge_s)^2 / 6 per window, plus the
+reading's resolution), used as a floor under the trials' scatter because under a fixed phase
+relation a few trials can all draw the same edge error, and the idle baseline's own uncertainty
+(same floor). Student t with Welch-Satterthwaite degrees of freedom; a variance taken from the
+model counts as known (no t widening).
 
 After each timed batch the protocol tells the meter what ran (``meter.report_work``): a no-op on
 physical meters, the ground truth of the simulator. A workload that reports its own work
@@ -32,6 +41,7 @@ it is never reported as zero joules.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -40,10 +50,12 @@ import numpy as np
 import pandas as pd
 
 from energyprof.counts import WorkCounts
-from energyprof.errors import EnergyprofError, NoEnergyObserved
+from energyprof.errors import EnergyprofError, MeterFailure, NoEnergyObserved
 from energyprof.meters.base import Meter, MeterInfo, synchronize
 
 __all__ = ["MeasurementProtocol", "ProtocolResult", "ProtocolError", "IdleBaseline"]
+
+log = logging.getLogger(__name__)
 
 _WINDOW = "energyprof.protocol"
 _POLLS = ("energyprof.protocol.poll-a", "energyprof.protocol.poll-b")
@@ -113,6 +125,7 @@ class IdleBaseline:
     se_w: float
     windows: int
     measured_at: float  # meter clock
+    dof: float = math.inf  # degrees of freedom of se_w (inf: from the meter's declared error model)
 
 
 class MeasurementProtocol:
@@ -163,9 +176,8 @@ class MeasurementProtocol:
         session = _Session(self, None, meter)
         session.idle_windows()
         t = pd.DataFrame(session.rows)
-        return IdleBaseline(power_w=float(t.power_w.mean()),
-                            se_w=float(t.power_w.std(ddof=1)) / math.sqrt(len(t)), windows=len(t),
-                            measured_at=float(t.t_end.max()))
+        power, se, dof = _idle_stats(t, meter.info.resolution_j or 0.0)
+        return IdleBaseline(power_w=power, se_w=se, windows=len(t), measured_at=float(t.t_end.max()), dof=dof)
 
     def _validate(self) -> None:
         if self.trials < 2 or (self.idle_windows is not None and self.idle_windows < 2):
@@ -178,6 +190,17 @@ class MeasurementProtocol:
             raise ValueError("warmup_s and cooldown_s must be >= 0, max_edge_error > 0, edge_timeout_periods > 1")
 
 
+def _idle_stats(idle: pd.DataFrame, resolution_j: float) -> tuple[float, float, float]:
+    """Idle power, its standard error and degrees of freedom from idle windows: the windows'
+    scatter, or the meter's declared edge and resolution error where that is larger (then known,
+    not estimated: infinite degrees of freedom)."""
+    power = float(idle.power_w.mean())
+    edge_var_j2 = ((idle.power_w * idle.edge_s) ** 2 + resolution_j**2) / 6.0
+    s2 = float(idle.power_w.var(ddof=1))
+    m2 = float((edge_var_j2 / idle.seconds**2).mean())
+    return power, math.sqrt(max(s2, m2) / len(idle)), (len(idle) - 1 if s2 >= m2 else math.inf)
+
+
 class _Session:
     """State of one ``measure`` call."""
 
@@ -185,6 +208,7 @@ class _Session:
                  idle: IdleBaseline | None = None) -> None:
         self.p = protocol
         self.idle = idle
+        self.name = getattr(workload, "name", None) or "idle baseline"
         self.workload = workload
         self.meter = meter
         self.info = meter.info
@@ -246,17 +270,21 @@ class _Session:
                         self._never_moved(role, now - waited)
             meter.begin(_WINDOW, sync=sync)
             t0 = last_edge = clock()
-            calls = updates = 0
+            calls = updates = steps = 0
+            # An aligned window stops after a fixed number of counter updates, never on the clock:
+            # stopping at "the first update after window_s" would pick windows by their edge lags
+            # (a late last update makes the window one period longer), a bias the trials cannot see.
+            needed_updates = max(1, math.ceil(window_s / self.period - 1e-9)) if aligned else 0
             while True:
                 calls += step()
+                steps += 1
                 now = clock()
-                long_enough = now - t0 >= window_s and calls >= min_calls
                 if not aligned:
-                    if long_enough:
+                    if now - t0 >= window_s and calls >= min_calls:
                         break
                 elif self._moved():
                     updates, last_edge = updates + 1, clock()  # after the poll: no stall can hide in between
-                    if long_enough:
+                    if updates >= needed_updates and calls >= min_calls:
                         break
                 elif now - last_edge > timeout:
                     self._never_moved(role, now - last_edge)
@@ -270,8 +298,17 @@ class _Session:
             "role": role, "trial": trial, "aligned": aligned, "calls": calls, "seconds": m.seconds,
             "energy_j": m.energy_j, "power_w": m.energy_j / m.seconds if m.seconds > 0 else math.nan,
             "counter_updates": updates if aligned else None, "t_start": t0, "t_end": t0 + m.seconds,
-            "started_at": m.started_at,
+            "started_at": m.started_at, "edge_s": self._edge_s(aligned, m.seconds, steps),
         })
+
+    def _edge_s(self, aligned: bool, seconds: float, steps: int) -> float:
+        """How far each edge of a window may lie from the counter reading that stands for it: an
+        aligned window's edge lags its counter update by up to one step (the poll follows a step);
+        an unaligned one reads the last update, up to one update period old. Sampled meters
+        interpolate their edges (0)."""
+        if self.info.kind != "counter" or not self.period:
+            return 0.0
+        return seconds / max(steps, 1) if aligned else float(self.period)
 
     def _never_moved(self, role: str, seconds: float) -> None:
         i = self.info
@@ -314,8 +351,11 @@ class _Session:
             meter.sleep(idle_step_s)
             return 0
 
-        for i in range(p.idle_windows or p.trials):
-            self._window("idle", i, idle, idle_s, idle_aligned, 0)
+        n_idle = p.idle_windows or p.trials
+        log.info("protocol: %s on %s: %d idle windows of %.3g s (aligned to counter updates: %s)",
+                 self.name, self.info.backend, n_idle, idle_s, idle_aligned)
+        for i in range(n_idle):
+            self._guarded("idle", i, n_idle, idle, idle_s, idle_aligned, 0)
 
     def run(self) -> ProtocolResult:
         p, meter = self.p, self.meter
@@ -333,38 +373,85 @@ class _Session:
             self._batch(batch)
             return batch
 
+        log.info("protocol: %s: %.3g s per call, %d kernel windows of >= %.3g s in batches of %d calls "
+                 "(aligned to counter updates: %s)", self.name, seconds_per_call, p.trials,
+                 window_s, batch, aligned)
         for trial in range(p.trials):
-            if short:  # shift the start phase against the counter's updates
+            if self.period:  # a random start phase against the counter's updates: independent edge errors
                 meter.sleep(float(self.rng.uniform(0.0, self.period)))
-            self._window("kernel", trial, kernel, window_s, aligned, p.min_calls)
-        return self._result(aligned)
+            self._guarded("kernel", trial, p.trials, kernel, window_s, aligned, p.min_calls)
+        result = self._result(aligned)
+        log.info("protocol: %s: %.6g J per call above idle (%g %% CI %.6g .. %.6g), idle %.4g W%s",
+                 self.name, result.joules_per_call, 100 * p.confidence, result.ci_low_j,
+                 result.ci_high_j, result.idle_power_w, " [SIMULATED]" if result.simulated else "")
+        return result
+
+    def _guarded(self, role: str, index: int, count: int, *args: Any) -> None:
+        """One window; a meter failing in it is re-raised naming the workload and the window, with
+        the windows finished so far attached (``MeterFailure.finished``, a DataFrame)."""
+        try:
+            self._window(role, index, *args)
+        except MeterFailure as exc:
+            where = f"{role} window {index + 1} of {count}"
+            finished = self._finished_table()
+            log.info("protocol: %s failed in its %s after %d finished windows: %s",
+                     self.name, where, len(finished), exc)
+            raise MeterFailure(
+                f"the {self.info.backend} meter failed while measuring {self.name!r} in its "
+                f"{where} ({len(finished)} windows finished before it are kept in this error's "
+                f"'finished' table): {exc}",
+                workload=self.name, window=where, finished=finished,
+            ) from exc
+        row = self.rows[-1]
+        log.debug("protocol: %s %s window %d: %.4g J in %.4g s, %d calls", self.name, role,
+                  index + 1, row["energy_j"], row["seconds"], row["calls"])
+
+    def _finished_table(self) -> pd.DataFrame:
+        """The windows measured so far, labelled as in ``ProtocolResult.table``."""
+        t = pd.DataFrame(self.rows)
+        i = self.info
+        t["workload"] = self.name
+        t["backend"], t["scope"], t["simulated"] = i.backend, i.scope, i.simulated
+        t.index.name = "window"
+        return t
 
     def _result(self, aligned: bool) -> ProtocolResult:
         from scipy import stats
 
         t = pd.DataFrame(self.rows)
         idle, kern = t[t.role == "idle"], t[t.role == "kernel"]
-        if self.idle is not None:
-            idle_w, se_idle_w, n_idle = self.idle.power_w, self.idle.se_w, self.idle.windows
+        if self.idle is not None:  # a baseline shared by the session's measurements
+            idle_w, se_idle_w, dof_idle = self.idle.power_w, self.idle.se_w, self.idle.dof
         else:
-            idle_w = float(idle.power_w.mean())
-            se_idle_w = float(idle.power_w.std(ddof=1)) / math.sqrt(len(idle))
-            n_idle = len(idle)
+            idle_w, se_idle_w, dof_idle = _idle_stats(idle, self.info.resolution_j or 0.0)
         t["total_joules_per_call"] = (t.energy_j / t.calls).where(t.role == "kernel")
         t["joules_per_call"] = ((t.energy_j - idle_w * t.seconds) / t.calls).where(t.role == "kernel")
         per_trial = t.joules_per_call[t.role == "kernel"]
         seconds_per_call = float((kern.seconds / kern.calls).mean())  # so total = above idle + idle share
-        var_trials = float(per_trial.var(ddof=1)) / len(kern)
+        # Each window's own error, from what the meter declares: each edge stands for a counter
+        # reading up to edge_s away (uniform lag, independent edges under a random phase: variance
+        # (P * edge_s)^2 / 6) and each reading is quantised to resolution_j (res^2 / 6). Under a fixed
+        # phase relation these errors take only two values, which a few trials can all draw alike,
+        # so the trials' scatter is used only where it is larger than this model says.
+        res = self.info.resolution_j or 0.0
+        edge_var_j2 = ((t.power_w * t.edge_s) ** 2 + res**2) / 6.0
+        # A variance taken from the model is known, not estimated: it adds no Student-t widening
+        # (infinite degrees of freedom in the Welch-Satterthwaite sum below).
+        s2_trials = float(per_trial.var(ddof=1))
+        m2_trials = float((edge_var_j2[t.role == "kernel"] / kern.calls**2).mean())
+        dof_trials = len(kern) - 1 if s2_trials >= m2_trials else math.inf
+        var_trials = max(s2_trials, m2_trials) / len(kern)
         var_idle = (se_idle_w * seconds_per_call) ** 2
         se = math.sqrt(var_trials + var_idle)
         if se > 0:  # Welch-Satterthwaite degrees of freedom
-            dof = se**4 / (var_trials**2 / (len(kern) - 1) + var_idle**2 / (n_idle - 1))
+            denominator = var_trials**2 / dof_trials + var_idle**2 / dof_idle
+            dof = se**4 / denominator if denominator > 0 else math.inf
             half = float(stats.t.ppf(0.5 + self.p.confidence / 2, dof)) * se
         else:
             half = 0.0
         mean = float(per_trial.mean())
         i = self.info
-        t["workload"] = self.workload.name
+        t["workload"] = self.name
         t["backend"], t["scope"], t["simulated"] = i.backend, i.scope, i.simulated
         t.index.name = "window"
         return ProtocolResult(
@@ -378,7 +465,7 @@ class _Session:
             idle_power_w=idle_w,
             calls=int(kern.calls.sum()),
             windows=len(kern),
-            idle_windows=n_idle,
+            idle_windows=self.idle.windows if self.idle is not None else len(idle),
             aligned=aligned,
             counts=self.workload.counts_,
             meter=i,

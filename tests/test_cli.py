@@ -79,3 +79,34 @@ def test_window_shorter_than_the_update_period_warns_instead_of_claiming_zero():
     assert out["energy_j"] == 0.0
     assert "did not move" in out["warning"] and "not zero" in out["warning"]
     assert "warning" in r.stderr
+
+
+def test_verbose_flag_shows_what_the_meter_does(capsys):
+    """-v: info lines (the meter opened); -vv: debug lines (each window); nothing extra without it."""
+    from energyprof.cli import main as cli_main
+
+    assert cli_main(["measure", "--meter", "sim", "--json", "--", "true"]) == 0
+    assert "INFO" not in capsys.readouterr().err
+    assert cli_main(["-v", "measure", "--meter", "sim", "--json", "--", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "INFO energyprof.meters: opened meter 'sim'" in err and "SIMULATED" in err and "DEBUG" not in err
+    assert cli_main(["-vv", "measure", "--meter", "sim", "--json", "--", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "window 'command' begun" in err and "window 'command' ended" in err
+    assert cli_main(["measure", "--meter", "sim", "--json", "--", "true"]) == 0  # back to quiet
+    assert "DEBUG" not in capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handlers():
+    """main() installs stderr handlers on the package loggers; later tests get clean loggers."""
+    import logging
+
+    yield
+    for name in ("energyprof", "calibrate", "cwmp"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if getattr(handler, "_energyprof_cli", False):
+                logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True

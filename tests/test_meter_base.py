@@ -86,3 +86,83 @@ def test_wrap_tracker_without_range_refuses_backwards_counter():
     with pytest.raises(ValueError, match="went backwards"):
         t.update(5.0)
 
+
+
+# ------------------------------------------------------------------------------ failures release windows
+class FailingCounter(StepCounter):
+    """The counter read raises on the reads listed in ``fail_on`` (1-based), as a lost device does."""
+
+    def __init__(self, fail_on):
+        super().__init__()
+        self.reads = 0
+        self.fail_on = set(fail_on)
+
+    def read_counters(self):
+        self.reads += 1
+        if self.reads in self.fail_on:
+            from energyprof.errors import MeterFailure
+
+            raise MeterFailure(f"read {self.reads} failed")
+        return super().read_counters()
+
+
+@pytest.mark.parametrize("fail_on, where", [({1}, "begin"), ({2}, "end")])
+def test_a_read_failing_at_either_edge_leaves_the_name_free(fail_on, where):
+    from energyprof.errors import MeterFailure
+
+    m = FailingCounter(fail_on)
+    if where == "begin":
+        with pytest.raises(MeterFailure, match="read 1 failed"):
+            m.begin("w")
+    else:
+        m.begin("w")
+        with pytest.raises(MeterFailure, match="read 2 failed"):
+            m.end("w")
+    assert m.open_windows == ()
+    m.begin("w")  # the same name works again
+    assert m.end("w").domains["a"] == 1.0
+
+
+def test_a_window_that_fails_in_between_is_released_by_end():
+    """A failure found when the energy is computed (a gap, a starved poller) also frees the name."""
+    from energyprof.errors import MeterFailure
+
+    class VoidsWindows(StepCounter):
+        def _energy_between(self, start, end):
+            raise MeterFailure("the samples stopped in the middle of the window")
+
+    m = VoidsWindows()
+    m.begin("w")
+    with pytest.raises(MeterFailure, match="middle"):
+        m.end("w")
+    assert m.open_windows == ()
+
+
+def test_probe_lives_with_the_meter_base_and_is_reexported():
+    from energyprof import meters
+    from energyprof.meters import base
+
+    assert meters.Probe is base.Probe
+    assert base.Probe("x", False, "why").to_dict() == {"backend": "x", "available": False, "reason": "why", "details": {}}
+
+
+def test_device_caller_bounds_a_call_that_never_returns():
+    import threading
+    import time
+
+    from energyprof.errors import MeterFailure
+    from energyprof.meters.base import DeviceCaller
+
+    caller = DeviceCaller("test device", timeout_s=0.2)
+    assert caller.call(lambda x: x + 1, 1, what="a quick read") == 2
+    with pytest.raises(OSError, match="bus error"):  # a call's own exception comes back as is
+        caller.call(lambda: (_ for _ in ()).throw(OSError(5, "bus error")), what="a failing read")
+    never = threading.Event()
+    t = time.perf_counter()
+    with pytest.raises(MeterFailure, match="a stuck read did not return within 0.2 s"):
+        caller.call(never.wait, what="a stuck read")
+    assert time.perf_counter() - t < 10.0  # bounded (loosely, for a busy machine)
+    with pytest.raises(MeterFailure, match="a stuck read"):  # wedged: later calls fail at once
+        caller.call(lambda: 1, what="another read")
+    assert caller.wedged is not None
+    never.set()

@@ -287,7 +287,10 @@ def test_cli_measure_sleep_6_on_20w_tree_wrapping_every_2_5s(tmp_path):
     r = json.loads(run.stdout)
     assert r["returncode"] == 0
     assert r["meter"]["backend"] == "rapl" and r["meter"]["simulated"] is False
-    assert abs(r["energy_j"] - 120.0) <= 0.03 * 120.0, r
+    # 120 J for sleep 6 at 20 W; the window also holds the child's start and exit, which a busy
+    # machine makes longer, so the check against 120 J is one-sided and the exact one is against
+    # the window's own length
+    assert r["energy_j"] >= 0.97 * 120.0, r
     assert _close(r["energy_j"], 20.0 * r["duration_s"], 0.02), r  # vs the window's own length
     assert r["details"]["wraps"]["package-0"] >= 2
     # core (12 W) and psys (30 W) were measured but are not added to the total
@@ -306,3 +309,43 @@ def test_pyrapl_absent_says_how_to_install(monkeypatch):
         open_meter("pyrapl")
     with pytest.raises(MeterSpecError, match="sockets"):
         open_meter("pyrapl:sockets=a")
+
+
+# ------------------------------------------------------------------------------ file identity, starvation
+def test_zones_seen_by_two_paths_count_once(tmp_path):
+    """A bind mount shows the same sysfs files under another path: real paths differ, the files
+    (device, inode) are the same. Emulated by a second view of the zone folders whose files are
+    hard links of the originals; every zone must still count once."""
+    tree = FakePowercap(tmp_path, server_zones())
+    control = tree.root / "intel-rapl"
+    target = (tree.root / os.readlink(control)).resolve()
+    control.unlink()
+    shutil.copytree(target, tmp_path / "bind-view", symlinks=True, copy_function=os.link)
+    os.symlink(tmp_path / "bind-view", control)  # nested zones now reached through the second view
+    zones = discover_zones(str(tree.root))
+    assert [z.domain for z in zones] == ["package-0", "core-0", "dram-0", "package-1", "core-1", "dram-1"]
+    assert total_domains(zones) == ["package-0", "dram-0", "package-1", "dram-1"]
+
+
+def test_a_starved_poller_names_the_zone_that_may_have_wrapped(tmp_path):
+    """package-0 (20 W) wraps every 0.25 s; dram (1 W, 2 J range) is read after it, so its gap is
+    the longer one, but it cannot have filled its range: the refusal must lead with package-0."""
+    zones = [
+        FakeZone("intel-rapl:0", "package-0", 20.0, wrap_range_uj(20.0, 0.25)),
+        FakeZone("intel-rapl:0:1", "dram", 1.0, 2_000_000),
+    ]
+    with FakePowercap(tmp_path, zones) as tree:
+        meter = open_meter(f"rapl:root={tree.root}")
+        try:
+            meter.begin("w")
+            with meter._lock:  # starve the poller (and every reader) as a suspended process would be
+                time.sleep(0.6)
+            with pytest.raises(MeterFailure, match="starved") as info:
+                meter.end("w")
+            msg = str(info.value)
+            assert "package-0 (intel-rapl:0," in msg
+            if "dram" in msg:
+                assert msg.index("package-0") < msg.index("dram")
+            assert meter.open_windows == ()
+        finally:
+            meter.close()

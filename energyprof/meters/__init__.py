@@ -10,7 +10,7 @@ Every backend module provides ``open_from_spec(spec) -> Meter`` and ``probe(spec
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import logging
 from typing import Any
 
 from energyprof.errors import MeterSpecError, MeterUnavailable
@@ -19,6 +19,7 @@ from energyprof.meters.base import (
     Measurement,
     Meter,
     MeterInfo,
+    Probe,
     Window,
     WrapTracker,
     synchronize,
@@ -44,6 +45,8 @@ __all__ = [
     "synchronize",
 ]
 
+log = logging.getLogger(__name__)
+
 # backend name -> module that implements it
 BACKENDS: dict[str, str] = {
     "nvml": "energyprof.meters.nvml",
@@ -64,24 +67,6 @@ BACKENDS: dict[str, str] = {
 
 # real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)
 AUTO_ORDER: tuple[str, ...] = ("nvml", "rapl")
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Whether a backend is usable here, and why not."""
-
-    backend: str
-    available: bool
-    reason: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "available": self.available,
-            "reason": self.reason,
-            "details": dict(self.details),
-        }
 
 
 def _module(backend: str):
@@ -137,4 +122,8 @@ def open_meter(spec: str | MeterSpec, **kwargs: Any) -> Meter:
         )
     mod = _module(s.backend)
     meter = mod.open_from_spec(s, **kwargs)
+    i = meter.info
+    log.info("opened meter %r: backend %s, scope %s, kind %s, update period %s s, resolution %s J%s",
+             s.text, i.backend, i.scope, i.kind, i.update_period_s, i.resolution_j,
+             " (SIMULATED)" if i.simulated else "")
     return meter

@@ -36,7 +36,7 @@ from fractions import Fraction
 from typing import Any, Callable
 
 from energyprof.errors import MeterFailure, MeterPermissionError, MeterSpecError, MeterUnavailable
-from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
+from energyprof.meters.base import DEVICE_CALL_TIMEOUT_S, CounterMeter, DeviceCaller, MeterInfo, Probe, WrapTracker
 from energyprof.meters.sampled import PolledSource, SampledMeter, SampledOptions
 from energyprof.meters.spec import MeterSpec
 
@@ -438,12 +438,15 @@ class Ina228(_Ina2xx):
 class Ina228Meter(CounterMeter):
     """The INA228's energy accumulator as a counter meter (read at window edges, unwrapped)."""
 
-    def __init__(self, chip: Ina228, info: MeterInfo, close_bus: Callable[[], None], sync_device: Any = None) -> None:
+    def __init__(self, chip: Ina228, info: MeterInfo, close_bus: Callable[[], None], sync_device: Any = None,
+                 call_timeout_s: float = DEVICE_CALL_TIMEOUT_S) -> None:
         super().__init__(sync_device=sync_device)
         self.chip = chip
         self._info = info
         self._close_bus = close_bus
         self._tracker = WrapTracker(Ina228.ENERGY_WRAP)
+        # an I2C transfer that never returns (a wedged bus) fails the window within call_timeout_s
+        self._caller = DeviceCaller(f"INA228 at {chip.regs.where}", timeout_s=call_timeout_s)
         self.read_counters()
 
     @property
@@ -452,7 +455,9 @@ class Ina228Meter(CounterMeter):
 
     def read_counters(self) -> dict[str, float]:
         try:
-            raw = self.chip.read_energy_raw()
+            raw = self._caller.call(self.chip.read_energy_raw, what="the ENERGY register read")
+            if self._caller.last_span is not None:  # the window edge is when the register was read
+                self._read_t = sum(self._caller.last_span) / 2
         except OSError as exc:
             raise MeterFailure(f"reading the INA228 at {self.chip.regs.where} failed: {exc}") from exc
         return {self._info.scope: self._tracker.update(raw) * self.chip.energy_lsb_j}
@@ -460,7 +465,9 @@ class Ina228Meter(CounterMeter):
     def close(self) -> None:
         if not self._closed:
             super().close()
-            self._close_bus()
+            if self._caller.wedged is None:  # closing a wedged bus would hang too
+                self._close_bus()
+            self._caller.close()
 
 
 # --------------------------------------------------------------------------- spec
@@ -495,6 +502,9 @@ _PARTS: dict[str, tuple[type[_Ina2xx], float | None]] = {
 def open_from_spec(spec: MeterSpec, smbus_factory: Callable[[int], Any] = _default_smbus, **kwargs: Any):
     part, default_ohms = _PARTS[spec.backend]
     bus_number, address = _wiring(spec)
+    call_timeout = spec.get_float("call_timeout", DEVICE_CALL_TIMEOUT_S) if part is Ina228 else None
+    if call_timeout is not None and not (0 < call_timeout < math.inf):
+        raise MeterSpecError(f"meter spec {spec.text!r}: call_timeout must be a positive number of seconds")
     if part is Ina228:
         rate_hz = spec.get_float("rate_hz", DEFAULT_RATE_HZ)
         scope = spec.get_str("scope", "board")
@@ -529,7 +539,7 @@ def open_from_spec(spec: MeterSpec, smbus_factory: Callable[[int], Any] = _defau
     if isinstance(chip, Ina228):
         info = MeterInfo(backend=spec.backend, kind="counter", update_period_s=chip.timing.cycle_s,
                          resolution_j=chip.energy_lsb_j, **common)
-        return Ina228Meter(chip, info, bus.close, **kwargs)
+        return Ina228Meter(chip, info, bus.close, call_timeout_s=call_timeout, **kwargs)
     info = MeterInfo(backend=spec.backend, kind="sampled", update_period_s=max(period_s, chip.timing.cycle_s),
                      resolution_j=None, **common)
     source = PolledSource(
@@ -540,7 +550,6 @@ def open_from_spec(spec: MeterSpec, smbus_factory: Callable[[int], Any] = _defau
 
 
 def probe(spec: MeterSpec, smbus_factory: Callable[[int], Any] = _default_smbus) -> Any:
-    from energyprof.meters import Probe
 
     bus_number, address = _wiring(spec)
     device = f"/dev/i2c-{bus_number}"

@@ -19,6 +19,7 @@ MeterPermissionError, GPU lost or NVML failing during a measurement -> MeterFail
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import statistics
@@ -36,8 +37,16 @@ from energyprof.errors import (
     MeterSpecError,
     MeterUnavailable,
 )
-from energyprof.meters.base import CounterMeter, MeterInfo
-from energyprof.meters.spec import MeterSpec
+from energyprof.meters.base import (
+    DEVICE_CALL_TIMEOUT_S,
+    BackgroundReader,
+    CounterMeter,
+    DeviceCaller,
+    MeterInfo,
+    Probe,
+    periodic,
+)
+from energyprof.meters.spec import MeterSpec, parse_spec
 
 __all__ = [
     "NvmlMeter",
@@ -73,6 +82,8 @@ PUBLISHED_TIMING: dict[str, tuple[float, float]] = {
     "Hopper": (0.100, 0.025),
 }
 TIMING_SOURCE = "Yang et al., SC'24 (arXiv 2312.02741)"
+
+log = logging.getLogger(__name__)
 
 MIN_SAMPLE_S = 0.002
 MAX_SAMPLE_S = 0.25
@@ -405,6 +416,9 @@ class _Integrator:
         self.max_gap_s = 0.0
 
     def add(self, t: float, watts: float) -> float:
+        """Add a sample; one not after the last (a read that finished late) is not integrated."""
+        if self.last_t is not None and t <= self.last_t:
+            return self.energy_j
         if self.last_t is not None:
             dt = t - self.last_t
             self.max_gap_s = max(self.max_gap_s, dt)
@@ -421,6 +435,11 @@ class NvmlMeter(CounterMeter):
     ``mode``: ``auto`` (counter on Volta+, else sampled), ``counter`` or ``sampled``.
     ``period``: ``auto`` (measure the update period by polling when opening), ``table`` (published
     figures), or seconds. ``nvml``: the pynvml function table (tests pass a fake one).
+    ``call_timeout_s``: bound on any one NVML call; a call that does not return in time (a wedged
+    driver) fails the window and the meter with :class:`MeterFailure` naming the call.
+
+    Every NVML call runs through one :class:`DeviceCaller`; the power path's sampler is the common
+    :class:`BackgroundReader`, and no lock is held while a device call runs.
     """
 
     def __init__(
@@ -431,41 +450,72 @@ class NvmlMeter(CounterMeter):
         sync_device: Any = None,
         nvml: Any = None,
         environ: Mapping[str, str] | None = None,
+        call_timeout_s: float = DEVICE_CALL_TIMEOUT_S,
     ) -> None:
         super().__init__(sync_device=sync_device)
         if mode not in ("auto", "counter", "sampled"):
             raise MeterSpecError(f"nvml: mode={mode!r}; use auto, counter or sampled")
+        if not (call_timeout_s > 0 and call_timeout_s < float("inf")):
+            raise MeterSpecError(f"nvml: call_timeout must be a positive number of seconds, got {call_timeout_s}")
         self._env = os.environ if environ is None else environ
         self._nv = nvml if nvml is not None else _pynvml()
         nv = self._nv
-        _call(nv.nvmlInit, doing="initialising NVML")
+        self._caller = DeviceCaller("NVML", timeout_s=call_timeout_s)
+        self._lock = threading.Lock()  # integrator and counter state; never held across a device call
+        self._reader: BackgroundReader | None = None
+        self._initialised = False
+        self._dev(nv.nvmlInit, doing="initialising NVML")
         self._initialised = True
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._sampler_error: EnergyprofError | None = None
         try:
-            self.gpus = discover_gpus(nv, indices, mode, environ)
+            self.gpus = self._caller.call(discover_gpus, nv, indices, mode, environ, what="NVML device discovery")
             self.driver_version = self._driver_version()
             self._counter_origin: dict[str, int] = {}
             self._counter_last: dict[str, int] = {}
             self._integrators = {g.domain: _Integrator() for g in self.gpus if g.mode == "sampled"}
             self._set_periods(period)
             self.sample_interval_s = self._sample_interval()
+            self.max_gap_s = max(1.0, 5 * self.sample_interval_s) if self.sample_interval_s else None
             self.read_counters()  # first reading: origin of the counters, first power sample
             self._info = self._make_info()
             if self._integrators:
-                self._thread = threading.Thread(target=self._sample_loop, name="energyprof-nvml-sampler",
-                                                daemon=True)
-                self._thread.start()
+                sampled = [g for g in self.gpus if g.mode == "sampled"]
+                interval = self.sample_interval_s or DEFAULT_SAMPLE_S
+                self._reader = BackgroundReader(
+                    "NVML power sampler",
+                    lambda stop: periodic(lambda: self._read_power(sampled), interval, stop, self.clock),
+                    self._on_power,
+                    clock=self.clock,
+                    gap_limit_s=self.max_gap_s or float("inf"),
+                    name="energyprof-nvml-sampler",
+                    in_flight=self._caller.in_flight,
+                ).start()
+            log.info("nvml: %s", "; ".join(f"{g.domain} {g.name} ({g.arch}) {g.mode}, update period "
+                                            f"{g.update_period_s} s ({g.period_source})" for g in self.gpus))
         except BaseException:
             self._shutdown()
+            raise
+
+    def _dev(self, fn: Callable[..., Any], *args: Any, doing: str, gpu: str | None = None,
+             measuring: bool = False) -> Any:
+        """One NVML call, bounded by the call timeout and mapped to energyprof's errors."""
+        name = getattr(fn, "__name__", "NVML call")
+        on = f" on {gpu}" if gpu else ""
+        try:
+            return self._caller.call(lambda: _call(fn, *args, doing=doing, gpu=gpu, measuring=measuring),
+                                     what=f"{name}() ({doing}{on})")
+        except MeterFailure:
+            raise
+        except MeterUnavailable as exc:
+            if measuring:
+                raise MeterFailure(str(exc)) from None
             raise
 
     # ------------------------------------------------------------------ opening helpers
     def _driver_version(self) -> str | None:
         try:
-            return _text(self._nv.nvmlSystemGetDriverVersion())
+            return _text(self._dev(self._nv.nvmlSystemGetDriverVersion, doing="reading the driver version"))
+        except MeterFailure:
+            raise
         except Exception:
             return None
 
@@ -476,7 +526,7 @@ class NvmlMeter(CounterMeter):
             except ValueError:
                 raise MeterSpecError(f"nvml: period={period!r}; use auto, table or a number of seconds") from None
         if not isinstance(period, str):
-            if period <= 0:
+            if not (period > 0 and period < float("inf")):
                 raise MeterSpecError(f"nvml: period must be > 0 s, got {period}")
             for g in self.gpus:
                 g.update_period_s, g.period_source = float(period), "given in the meter spec"
@@ -487,7 +537,7 @@ class NvmlMeter(CounterMeter):
             readers: dict[str, Callable[[], float]] = {}
             for g in self.gpus:
                 fn = nv.nvmlDeviceGetTotalEnergyConsumption if g.mode == "counter" else nv.nvmlDeviceGetPowerUsage
-                readers[g.domain] = (lambda fn=fn, g=g: _call(
+                readers[g.domain] = (lambda fn=fn, g=g: self._dev(
                     fn, g.handle, doing="measuring the update period", gpu=g.domain))
             measured = infer_update_period(readers)
         for g in self.gpus:
@@ -509,11 +559,10 @@ class NvmlMeter(CounterMeter):
         return min(MAX_SAMPLE_S, max(MIN_SAMPLE_S, min(known) / 2))
 
     # ------------------------------------------------------------------ reading
-    def _read_one(self, g: GpuInfo) -> float:
-        nv = self._nv
-        if g.mode == "counter":
-            mj = int(_call(nv.nvmlDeviceGetTotalEnergyConsumption, g.handle,
+    def _read_counter(self, g: GpuInfo) -> float:
+        mj = int(self._dev(self._nv.nvmlDeviceGetTotalEnergyConsumption, g.handle,
                            doing="reading the energy counter", gpu=g.domain, measuring=True))
+        with self._lock:
             last = self._counter_last.get(g.domain)
             if last is not None and mj < last:
                 raise MeterFailure(
@@ -522,31 +571,44 @@ class NvmlMeter(CounterMeter):
                 )
             self._counter_last[g.domain] = mj
             origin = self._counter_origin.setdefault(g.domain, mj)
-            return (mj - origin) * 1e-3
-        mw = _call(nv.nvmlDeviceGetPowerUsage, g.handle, doing="reading power", gpu=g.domain, measuring=True)
-        return self._integrators[g.domain].add(self.clock(), mw * 1e-3)
+        return (mj - origin) * 1e-3
+
+    def _read_power(self, gpus: list[GpuInfo]) -> list[tuple[str, float, float]]:
+        """(domain, t, watts) per GPU, ``t`` the midpoint of its read (no lock held)."""
+        out = []
+        for g in gpus:
+            t0 = self.clock()
+            mw = self._dev(self._nv.nvmlDeviceGetPowerUsage, g.handle, doing="reading power", gpu=g.domain,
+                           measuring=True)
+            out.append((g.domain, (t0 + self.clock()) / 2, mw * 1e-3))
+        return out
+
+    def _on_power(self, item: tuple[float, list[tuple[str, float, float]]]) -> None:
+        with self._lock:
+            for domain, t, watts in item[1]:
+                self._integrators[domain].add(t, watts)
+
+    def _check_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.check(self.clock(), self.max_gap_s)
 
     def read_counters(self) -> dict[str, float]:
         """Joules per GPU since the meter opened (counter, or integrated power)."""
-        if self._sampler_error is not None:
-            raise self._sampler_error
-        with self._lock:
-            return {g.domain: self._read_one(g) for g in self.gpus}
-
-    def _sample_loop(self) -> None:
+        self._check_reader()
+        out: dict[str, float] = {}
         sampled = [g for g in self.gpus if g.mode == "sampled"]
-        interval = self.sample_interval_s or DEFAULT_SAMPLE_S
-        while not self._stop.wait(interval):
-            try:
-                with self._lock:
-                    for g in sampled:
-                        self._read_one(g)
-            except EnergyprofError as exc:
-                self._sampler_error = exc
-                return
-            except Exception as exc:  # pragma: no cover - unexpected, still never silent
-                self._sampler_error = MeterFailure(f"NVML power sampler failed: {type(exc).__name__}: {exc}")
-                return
+        spans = []
+        for g in self.gpus:
+            if g.mode == "counter":
+                out[g.domain] = self._read_counter(g)
+                if self._caller.last_span is not None:
+                    spans.append(sum(self._caller.last_span) / 2)
+        if spans and not sampled:  # the window edge is when the counters were read
+            self._read_t = sum(spans) / len(spans)
+        for domain, t, watts in self._read_power(sampled) if sampled else ():
+            with self._lock:
+                out[domain] = self._integrators[domain].add(t, watts)
+        return {g.domain: out[g.domain] for g in self.gpus}
 
     # ------------------------------------------------------------------ windows
     def _snapshot(self) -> dict[str, Any]:
@@ -556,8 +618,14 @@ class NvmlMeter(CounterMeter):
         return {"t": self.clock(), "energy": energy, "samples": samples}
 
     def _energy_between(self, start: dict[str, Any], end: dict[str, Any]) -> dict[str, float]:
-        if self._sampler_error is not None:
-            raise self._sampler_error
+        if self._reader is not None:
+            self._reader.check()
+            gap = self._reader.longest_gap(start["t"], end["t"])
+            if gap > 0:
+                raise MeterFailure(
+                    f"the NVML power sampler got no reading for {gap:.2f} s in or around the window (limit "
+                    f"{self.max_gap_s:g} s); the energy over that stretch is unknown and the window is void"
+                )
         # 0 J (window inside one sensor update) is reported as read, with details.counter_moved
         # false; the measurement protocol raises NoEnergyObserved for such measurement windows.
         return {d: end["energy"][d] - start["energy"][d] for d in end["energy"]}
@@ -604,15 +672,16 @@ class NvmlMeter(CounterMeter):
 
     # ------------------------------------------------------------------ life cycle
     def _shutdown(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
+        if getattr(self, "_reader", None) is not None:
+            self._reader.stop()
         if getattr(self, "_initialised", False):
             self._initialised = False
-            try:
-                self._nv.nvmlShutdown()
-            except Exception:
-                pass  # shutting down a lost GPU's library must not hide the real error
+            if self._caller.wedged is None:  # a wedged driver would hang nvmlShutdown too
+                try:
+                    self._dev(self._nv.nvmlShutdown, doing="shutting NVML down")
+                except Exception:
+                    pass  # shutting down a lost GPU's library must not hide the real error
+        self._caller.close()
 
     def close(self) -> None:
         if not self._closed:
@@ -636,17 +705,17 @@ def _params(spec: MeterSpec) -> dict[str, Any]:
             raise MeterSpecError(f"meter spec {spec.text!r}: GPU indices are >= 0")
     mode = spec.get_str("mode", "auto")
     period = spec.get_str("period", "auto")
+    call_timeout = spec.get_float("call_timeout", DEVICE_CALL_TIMEOUT_S)
     spec.check_unused()
-    return {"indices": indices, "mode": mode, "period": period}
+    return {"indices": indices, "mode": mode, "period": period, "call_timeout_s": call_timeout}
 
 
 def open_from_spec(spec: MeterSpec, **kwargs: Any) -> NvmlMeter:
-    """``nvml[:index=N[+M...]][,mode=auto|counter|sampled][,period=auto|table|SECONDS]``."""
+    """``nvml[:index=N[+M...]][,mode=auto|counter|sampled][,period=auto|table|SECONDS][,call_timeout=SECONDS]``."""
     return NvmlMeter(**_params(spec), **kwargs)
 
 
 def probe(spec: MeterSpec | None = None, nvml: Any = None, environ: Mapping[str, str] | None = None) -> Any:
-    from energyprof.meters import Probe, parse_spec
 
     params = _params(spec if spec is not None else parse_spec("nvml"))
     try:
@@ -655,7 +724,8 @@ def probe(spec: MeterSpec | None = None, nvml: Any = None, environ: Mapping[str,
     except EnergyprofError as exc:
         return Probe("nvml", False, str(exc))
     try:
-        gpus = discover_gpus(nv, params["indices"], params["mode"] or "auto", environ)
+        gpus = DeviceCaller("NVML", timeout_s=params["call_timeout_s"]).call(
+            discover_gpus, nv, params["indices"], params["mode"] or "auto", environ, what="NVML device discovery")
         try:
             driver = _text(nv.nvmlSystemGetDriverVersion())
         except Exception:

@@ -19,7 +19,7 @@ import subprocess
 from typing import Any
 
 from energyprof.errors import MeterFailure, MeterUnavailable
-from energyprof.meters.base import MeterInfo
+from energyprof.meters.base import MeterInfo, Probe
 from energyprof.meters.sampled import PolledSource, SampledMeter, SampledOptions
 from energyprof.meters.spec import MeterSpec
 
@@ -96,7 +96,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SampledMeter:
 
 
 def probe(spec: MeterSpec) -> Any:
-    from energyprof.meters import Probe
 
     argv = _argv(spec)
     if shutil.which(argv[0]) is None:

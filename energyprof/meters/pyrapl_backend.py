@@ -23,8 +23,8 @@ from energyprof.errors import (
     MeterSpecError,
     MeterUnavailable,
 )
-from energyprof.meters.base import CounterMeter, MeterInfo
-from energyprof.meters.spec import MeterSpec
+from energyprof.meters.base import CounterMeter, MeterInfo, Probe
+from energyprof.meters.spec import MeterSpec, parse_spec
 
 __all__ = ["PyRaplMeter", "INSTALL_HINT", "open_from_spec", "probe"]
 
@@ -148,7 +148,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> PyRaplMeter:
 
 
 def probe(spec: MeterSpec | None = None) -> Any:
-    from energyprof.meters import Probe, parse_spec
 
     params = _params(spec if spec is not None else parse_spec("pyrapl"))
     try:

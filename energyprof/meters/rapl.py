@@ -11,12 +11,14 @@ folder per RAPL zone under ``/sys/class/powercap``::
     intel-rapl:1      name=psys        (whole platform, on some client parts)
 
 Zones appear twice in a real tree: as flat symlinks in the class folder and nested inside their
-parent's folder. Each zone is counted once (by its real path).
+parent's folder, and a bind mount can show the same files under yet another path. Each zone is
+counted once, told apart by file identity (device and inode of its ``name`` attribute), not by path.
 
-``energy_uj`` wraps at ``max_energy_range_uj``. A background thread reads every zone more often
-than the shortest possible wrap time (range / ``max_power``), so windows of any length are
-unwrapped correctly; if the reader is ever starved for longer than that (a suspended process),
-the affected windows raise :class:`MeterFailure` instead of returning a wrong number.
+``energy_uj`` wraps at ``max_energy_range_uj``. A background reader (the common
+:class:`~energyprof.meters.base.BackgroundReader`) reads every zone more often than the shortest
+possible wrap time (range / ``max_power``), so windows of any length are unwrapped correctly; if
+the reader is ever starved for longer than that (a suspended process), the affected windows raise
+:class:`MeterFailure` naming the zones that may have wrapped unseen, instead of a wrong number.
 
 The total never double counts: packages + dram, core/uncore are inside their package, psys only
 when no package is selected (psys covers the whole platform). Device units (uJ) stay here;
@@ -26,6 +28,7 @@ everything public is joules and seconds.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 import threading
@@ -39,8 +42,8 @@ from energyprof.errors import (
     MeterSpecError,
     MeterUnavailable,
 )
-from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
-from energyprof.meters.spec import MeterSpec
+from energyprof.meters.base import BackgroundReader, CounterMeter, MeterInfo, Probe, WrapTracker, periodic
+from energyprof.meters.spec import MeterSpec, parse_spec
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -52,6 +55,8 @@ __all__ = [
     "open_from_spec",
     "probe",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/sys/class/powercap"
 DEFAULT_MAX_POWER_W = 1000.0  # generous bound on one zone's power; sets the wrap-safe poll interval
@@ -117,6 +122,16 @@ def _read_int_or_none(path: str) -> int | None:
         return None
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what ``path`` leads to: the same file seen by two paths (a symlink, a
+    bind mount) has one identity."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def discover_zones(root: str = DEFAULT_ROOT) -> list[RaplZone]:
     """Every RAPL zone under ``root``, each once, sorted by zone id.
 
@@ -126,16 +141,16 @@ def discover_zones(root: str = DEFAULT_ROOT) -> list[RaplZone]:
     """
     if not os.path.isdir(root):
         raise MeterUnavailable(f"no intel-rapl zones: {root} does not exist ({_NO_ZONES_HINT})")
-    found: dict[str, tuple[str, str]] = {}  # realpath -> (zone_id, folder as seen)
+    found: dict[tuple[int, int], tuple[str, str]] = {}  # zone identity -> (zone_id, folder as seen)
     mmio: list[str] = []
     queue: list[str] = [root]
-    seen_dirs: set[str] = set()
+    seen_dirs: set[tuple[int, int]] = set()
     while queue:
         folder = queue.pop()
-        real = os.path.realpath(folder)
-        if real in seen_dirs:
+        ident = _identity(folder)
+        if ident is None or ident in seen_dirs:
             continue
-        seen_dirs.add(real)
+        seen_dirs.add(ident)
         try:
             entries = sorted(os.listdir(folder))
         except OSError:
@@ -150,13 +165,16 @@ def discover_zones(root: str = DEFAULT_ROOT) -> list[RaplZone]:
                 continue
             if not _ZONE_RE.match(entry) or not os.path.isdir(path):
                 continue
-            zreal = os.path.realpath(path)
-            if zreal not in found:
-                found[zreal] = (entry, path)
+            # sysfs attributes keep their inode for the zone's lifetime, and a bind mount shows the
+            # same inode: the zone's ``name`` attribute identifies it (its folder when it has none)
+            zident = _identity(os.path.join(path, "name")) or _identity(path)
+            if zident is not None and zident not in found:
+                found[zident] = (entry, path)
             queue.append(path)
 
     zones_raw: list[tuple[str, str, str]] = []  # (zone_id, name, realpath)
-    for zreal, (zone_id, path) in found.items():
+    for zone_id, path in found.values():
+        zreal = os.path.realpath(path)
         try:
             name = _read_text(os.path.join(path, "name"))
         except OSError:
@@ -292,8 +310,8 @@ class RaplMeter(CounterMeter):
         self._lock = threading.Lock()
         self._states = [_ZoneState(z, self.max_power_w) for z in zones]
         self._unsafe_gaps: list[tuple[str, float]] = []  # (domain, gap seconds)
-        self._poll_error: BaseException | None = None
         self._polls = 0
+        self._reader: BackgroundReader | None = None
         self._total_of = total_domains(zones)
 
         # first read: proves the counters are readable (root-only since Linux 5.10)
@@ -314,10 +332,26 @@ class RaplMeter(CounterMeter):
                 stacklevel=2,
             )
         self.poll_s = float(poll_s) if poll_s is not None else auto_poll
+        # Gather MIN_POWER_SPAN_S of history before the first window: with it, a late poll on a busy
+        # machine is told apart from a possible unseen wrap (_gap_plausible); without it, a single
+        # scheduling delay just after opening would void the first windows.
+        first_t = self._states[0].last_t or 0.0
+        while self.clock() - first_t < MIN_POWER_SPAN_S and self.poll_s < MIN_POWER_SPAN_S:
+            self.sleep(self.poll_s)
+            try:
+                self._poll()
+            except (OSError, ValueError) as exc:
+                raise MeterUnavailable(f"cannot read RAPL counters under {root}: {exc}") from None
         self._info = self._make_info()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="energyprof-rapl-poller", daemon=True)
-        self._thread.start()
+        self._reader = BackgroundReader(
+            f"RAPL wrap poller under {root}",
+            lambda stop: periodic(self._poll, self.poll_s, stop, self.clock),
+            lambda item: None,  # _poll did the work
+            clock=self.clock,
+            name="energyprof-rapl-poller",
+        ).start()
+        log.info("rapl: zones %s under %s, total of %s, polling every %.3g s",
+                 ", ".join(f"{z.domain} ({z.zone_id})" for z in zones), root, "+".join(self._total_of), self.poll_s)
 
     # ------------------------------------------------------------------ reading
     def _poll(self) -> dict[str, float]:
@@ -347,18 +381,13 @@ class RaplMeter(CounterMeter):
         rng = st.zone.max_energy_range_uj
         return p is not None and rng is not None and 4.0 * max(p, 0.0) * gap < rng * 1e-6
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self._poll()
-            except BaseException as exc:  # stored and raised by the next window edge
-                self._poll_error = exc
-                return
+    def _check_reader(self) -> None:
+        if self._reader is not None and self._reader.failure is not None:
+            raise self._failure(self._reader.failure)
 
     def read_counters(self) -> dict[str, float]:
         """Joules per domain since the meter opened, unwrapped."""
-        if self._poll_error is not None:
-            raise self._failure(self._poll_error)
+        self._check_reader()
         try:
             return self._poll()
         except PermissionError as exc:
@@ -388,21 +417,42 @@ class RaplMeter(CounterMeter):
             }
 
     def _energy_between(self, start: dict[str, Any], end: dict[str, Any]) -> dict[str, float]:
-        if self._poll_error is not None:
-            raise self._failure(self._poll_error)
+        self._check_reader()
         if end["unsafe"] > start["unsafe"]:
             with self._lock:
                 gaps = self._unsafe_gaps[start["unsafe"]:end["unsafe"]]
-            domain, gap = max(gaps, key=lambda g: g[1])
-            raise MeterFailure(
-                f"RAPL reader was starved for {gap:.3g} s during this window ({domain}); the counter "
-                "may have wrapped more than once unseen, so the window is void (was the process "
-                "suspended or the machine overloaded?)"
-            )
+            raise MeterFailure(self._starved_message(gaps, start, end))
         # A window in which no counter moved reads 0 J with details.counter_moved false; the
         # measurement protocol turns such windows into NoEnergyObserved (and uses short ones to
         # find counter edges), so the meter itself reports what the counters say.
         return {k: end["totals"][k] - start["totals"][k] for k in end["totals"]}
+
+    def _starved_message(self, gaps: list[tuple[str, float]], start: dict[str, Any], end: dict[str, Any]) -> str:
+        """Name the zones whose counter may have wrapped unseen: those seen wrapping in this
+        window first, then by how much of their range they could have filled in their gap."""
+        worst: dict[str, float] = {}
+        for domain, gap in gaps:
+            worst[domain] = max(worst.get(domain, 0.0), gap)
+        by_domain = {st.zone.domain: st for st in self._states}
+
+        def risk(domain: str) -> tuple[int, float]:
+            st = by_domain[domain]
+            wrapped = end["wraps"][domain] - start["wraps"][domain]
+            watts = st.recent_power_w()
+            rng = (st.zone.max_energy_range_uj or 0) * 1e-6
+            filled = (watts if watts is not None else self.max_power_w) * worst[domain] / rng if rng else 0.0
+            return (1 if wrapped else 0, filled)
+
+        ordered = sorted(worst, key=risk, reverse=True)
+        names = ", ".join(
+            f"{d} ({by_domain[d].zone.zone_id}, wraps every {by_domain[d].safe_gap_s:.3g} s at "
+            f"{self.max_power_w:g} W, unread for {worst[d]:.3g} s)" for d in ordered
+        )
+        return (
+            f"RAPL reader was starved during this window: {names}; the counter may have wrapped more "
+            "than once unseen, so the window is void (was the process suspended or the machine "
+            "overloaded?)"
+        )
 
     def _total(self, domains: Mapping[str, float]) -> float:
         return float(sum(domains[d] for d in self._total_of if d in domains))
@@ -456,16 +506,14 @@ class RaplMeter(CounterMeter):
             return {st.zone.domain: st.tracker.wraps for st in self._states}
 
     def close(self) -> None:
-        if not self._closed:
-            self._stop.set()
-            if self._thread.is_alive() and self._thread is not threading.current_thread():
-                self._thread.join(timeout=2.0)
+        if not self._closed and self._reader is not None:
+            self._reader.stop()
         super().close()
 
     def __del__(self) -> None:  # never leave a poller behind
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.stop_event.set()
 
 
 def _select(zones: list[RaplZone], domains: Iterable[str] | None, root: str) -> list[RaplZone]:
@@ -502,7 +550,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> RaplMeter:
 
 
 def probe(spec: MeterSpec | None = None) -> Any:
-    from energyprof.meters import Probe, parse_spec
 
     spec = spec if spec is not None else parse_spec("rapl")
     params = _params(spec)

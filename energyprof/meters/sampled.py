@@ -23,6 +23,7 @@ asked for.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import threading
@@ -36,10 +37,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from energyprof.errors import MeterFailure, MeterSpecError, MeterUnavailable
-from energyprof.meters.base import Meter, MeterInfo
+from energyprof.meters.base import BackgroundReader, DeviceCaller, Meter, MeterInfo
 from energyprof.meters.spec import MeterSpec
 
 __all__ = ["SampleSource", "PolledSource", "SampledOptions", "SampledMeter"]
+
+log = logging.getLogger(__name__)
 
 GAP_PERIODS = 2.5  # an interval longer than this many typical intervals is reported as a gap
 GAP_WARN_FRACTION = 0.1  # gaps covering more than this share of a window get a warning
@@ -69,6 +72,11 @@ class SampleSource(ABC):
         """Cumulative event counts (bad lines, read errors, clock jumps...); JSON-friendly."""
         return {}
 
+    def in_flight(self) -> str | None:
+        """The device call running now and for how long (None when unknown or idle); a silent
+        meter's failure message names it."""
+        return None
+
 
 class PolledSource(SampleSource):
     """Polls ``read_watts()`` every ``period_s`` (no catch-up bursts when a read is late).
@@ -76,6 +84,8 @@ class PolledSource(SampleSource):
     A sample is stamped with the midpoint of its read. A read that raises ``OSError`` (I2C,
     serial) or :class:`MeterFailure` (a corrupt record, an overflow flag) is counted and retried;
     when no read has succeeded for ``give_up_s`` the source fails with the last error.
+    Each read runs through a :class:`DeviceCaller` bounded by ``give_up_s``: a read that never
+    returns (a wedged I2C bus or serial link) fails the source, naming the read, within that bound.
     ``release()`` is called when polling stops (close the bus or port there).
     """
 
@@ -98,6 +108,10 @@ class PolledSource(SampleSource):
         self._clock = clock
         self._stop = threading.Event()
         self._read_errors = 0
+        self._caller = DeviceCaller(description, timeout_s=give_up_s)
+
+    def in_flight(self) -> str | None:
+        return self._caller.in_flight()
 
     def samples(self) -> Iterator[tuple[float, float]]:
         try:
@@ -105,8 +119,10 @@ class PolledSource(SampleSource):
             while not self._stop.is_set():
                 t0 = self._clock()
                 try:
-                    watts = self._read()
+                    watts = self._caller.call(self._read, what="the power read")
                 except (OSError, MeterFailure) as exc:
+                    if self._caller.wedged is not None:
+                        raise
                     self._read_errors += 1
                     if self._clock() - last_good > self._give_up:
                         raise MeterFailure(
@@ -120,8 +136,9 @@ class PolledSource(SampleSource):
                 next_t = max(next_t, now)
                 self._stop.wait(next_t - now)
         finally:
-            if self._release is not None:
+            if self._release is not None and self._caller.wedged is None:
                 self._release()
+            self._caller.close()
 
     def close(self) -> None:
         self._stop.set()
@@ -274,8 +291,15 @@ class SampledMeter(Meter):
         self._dropped = 0
         self._appends = 0
         self._edges: weakref.WeakSet[_Edge] = weakref.WeakSet()  # edges still referenced pin their samples
-        self._thread = threading.Thread(target=self._run, name=f"energyprof-{info.backend}-sampler", daemon=True)
-        self._thread.start()
+        self._reader = BackgroundReader(
+            source.description,
+            lambda stop: source.samples(),
+            self._on_sample,
+            clock=self.clock,
+            on_stop=source.close,
+            on_end=self._on_reader_end,
+            name=f"energyprof-{info.backend}-sampler",
+        ).start()
         try:
             self._await_startup()
         except BaseException:
@@ -283,25 +307,26 @@ class SampledMeter(Meter):
             raise
 
     # ----------------------------------------------------------------- sampler thread
-    def _run(self) -> None:
-        reason = f"{self._source.description} stopped without saying why"
-        try:
-            for t, watts in self._source.samples():
-                with self._cond:
-                    if not (math.isfinite(watts) and self._log.append(t, watts)):
-                        self._dropped += 1
-                        continue
-                    self._appends += 1
-                    if self._appends % _PRUNE_EVERY == 0:
-                        self._prune()
-                    self._cond.notify_all()
-        except MeterFailure as exc:
-            reason = f"{self._source.description}: {exc}"
-        except Exception as exc:  # any other error ends sampling; it is reported, never swallowed
-            reason = f"{self._source.description} failed: {type(exc).__name__}: {exc}"
+    def _on_sample(self, sample: tuple[float, float]) -> None:
+        """One sample from the source (runs on the reader thread of the common core)."""
+        t, watts = sample
         with self._cond:
-            self._stopped = "meter closed" if self._closed else reason
+            if not (math.isfinite(watts) and self._log.append(t, watts)):
+                self._dropped += 1
+                return
+            self._appends += 1
+            if self._appends % _PRUNE_EVERY == 0:
+                self._prune()
             self._cond.notify_all()
+
+    def _on_reader_end(self, reason: str | None) -> None:
+        with self._cond:
+            self._stopped = "meter closed" if (self._closed or reason is None) else reason
+            self._cond.notify_all()
+
+    def _silence_cause(self) -> str:
+        pending = self._source.in_flight()
+        return f" ({pending})" if pending else ""
 
     def _prune(self) -> None:
         keep_s = max(_KEEP_S, 4 * self.max_gap_s)
@@ -362,7 +387,7 @@ class SampledMeter(Meter):
         if silent > self.max_gap_s:
             raise MeterFailure(
                 f"no power sample from {self._source.description} for {silent:.2f} s "
-                f"(max_gap_s={self.max_gap_s:g}); the meter stopped sending"
+                f"(max_gap_s={self.max_gap_s:g}); the meter stopped sending{self._silence_cause()}"
             )
 
     def begin(self, name: str = "window", sync: Any = None) -> None:
@@ -411,7 +436,7 @@ class SampledMeter(Meter):
             if remaining <= 0:
                 raise MeterFailure(
                     f"no power sample from {self._source.description} for {self.max_gap_s:g} s "
-                    f"(max_gap_s) at the window's end; the meter stopped sending"
+                    f"(max_gap_s) at the window's end; the meter stopped sending{self._silence_cause()}"
                 )
             self._cond.wait(remaining)
 
@@ -455,5 +480,4 @@ class SampledMeter(Meter):
         if self._closed:
             return
         super().close()
-        self._source.close()
-        self._thread.join(timeout=5.0)
+        self._reader.stop()

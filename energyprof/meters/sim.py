@@ -31,7 +31,7 @@ import numpy as np
 from energyprof.costmodel import LINE_BYTES, CostCoefficients, dram_fraction, predict_joules
 from energyprof.counts import WorkCounts
 from energyprof.errors import MeterSpecError
-from energyprof.meters.base import CounterMeter, MeterInfo, WrapTracker
+from energyprof.meters.base import CounterMeter, MeterInfo, Probe, WrapTracker
 from energyprof.meters.spec import MeterSpec
 
 __all__ = ["SimPreset", "PRESETS", "SimMeter", "SimulatedExecution", "open_from_spec", "probe"]
@@ -452,7 +452,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SimMeter:
 
 
 def probe(spec: MeterSpec | None = None) -> Any:
-    from energyprof.meters import Probe
 
     return Probe(
         "sim",

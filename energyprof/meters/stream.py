@@ -38,8 +38,8 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator
 
-from energyprof.errors import MeterFailure, MeterSpecError, MeterUnavailable
-from energyprof.meters.base import MeterInfo
+from energyprof.errors import BadReading, MeterFailure, MeterSpecError, MeterUnavailable
+from energyprof.meters.base import MeterInfo, Probe
 from energyprof.meters.sampled import SampledMeter, SampledOptions, SampleSource
 from energyprof.meters.spec import MeterSpec
 
@@ -52,18 +52,36 @@ _SOURCES = ("tcp", "serial", "exec", "file")
 _EXAMPLES = "stream:tcp=127.0.0.1:9100, stream:serial=/dev/ttyUSB0,baud=115200, stream:exec=COMMAND or stream:file=PATH"
 
 
-def parse_line(text: str) -> tuple[float | None, float] | None:
-    """``(timestamp or None, watts)`` of one line, None for a blank or ``#`` line; ValueError otherwise."""
+def parse_line(text: str | bytes) -> tuple[float | None, float] | None:
+    """``(timestamp or None, watts)`` of one line (text, or raw bytes in UTF-8), None for a blank or
+    ``#`` line; :class:`BadReading` (a ValueError) naming the problem otherwise."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadReading(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     s = text.strip()
     if not s or s.startswith("#"):
         return None
     fields = _FIELDS.split(s)
     if len(fields) > 2:
-        raise ValueError(f"{len(fields)} fields, expected 'watts' or 'timestamp_s,watts'")
-    values = [float(f) for f in fields]
+        raise BadReading(f"{len(fields)} fields, expected 'watts' or 'timestamp_s,watts'")
+    try:
+        values = [float(f) for f in fields]
+    except ValueError:
+        bad = next(f for f in fields if not _is_float(f))
+        raise BadReading(f"{bad[:40]!r} is not a number; expected 'watts' or 'timestamp_s,watts'") from None
     if not all(math.isfinite(v) for v in values):
-        raise ValueError("not a finite number")
+        raise BadReading("not a finite number (nan or inf); expected 'watts' or 'timestamp_s,watts'")
     return (values[0], values[1]) if len(values) == 2 else (None, values[0])
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class SenderClock:
@@ -366,7 +384,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SampledMeter:
 
 
 def probe(spec: MeterSpec) -> Any:
-    from energyprof.meters import Probe
 
     given = {key: spec.params[key] for key in _SOURCES if spec.params.get(key)}
     if len(given) != 1:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from energyprof.errors import MeterFailure, MeterUnavailable
-from energyprof.meters.base import MeterInfo
+from energyprof.meters.base import MeterInfo, Probe
 from energyprof.meters.sampled import PolledSource, SampledMeter, SampledOptions
 from energyprof.meters.spec import MeterSpec
 
@@ -185,7 +185,6 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SampledMeter:
 
 
 def probe(spec: MeterSpec) -> Any:
-    from energyprof.meters import Probe
 
     port = spec.params.get("port")
     if not port:
