@@ -203,6 +203,8 @@ def test_a_shipped_profile_with_one_field_replaced_names_what_is_wrong(tmp_path_
     assume(profiles)
     base = yaml.safe_load(next(iter(sorted(profiles.values()))).read_text())
     assume(isinstance(base, dict))
+    if isinstance(base.get("models"), dict) and "mlp" in base["models"]:  # one small table keeps it fast
+        base["models"] = {"mlp": base["models"]["mlp"]}
     base[key] = value
     _check_profile_text(tmp_path_factory, yaml.safe_dump(base).encode())
 
