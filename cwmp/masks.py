@@ -562,6 +562,11 @@ def _select(pool: _Pool, budget_j: float, base: float, narrow: bool = False, tie
         else:
             p_lo, p_hi = sample.pivots(lo, hi, base + kept_amount, budget_j, narrow)
         split = _split(pool, p_lo, p_hi)
+        if p_lo > p_hi:
+            # nothing is undecided any more: the entries above hi were admitted by the accounting that
+            # summed them with the ones below (upto); summed on their own they may round a hair over
+            # a budget that is exactly their cost (a Top-K energy budget): keep them, do not loop
+            return split.above
         if cost.to_joules(base + split.above_amount) > budget_j:  # the boundary lies above p_hi
             lo = _next_float(p_hi, up=True, dtype=pool.score_dtype)
             n_left = split.n_above - n_kept

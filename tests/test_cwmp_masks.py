@@ -377,3 +377,33 @@ def test_the_speed_benchmark_runs_and_checks_its_masks(capsys):
     assert bench.main(["--sizes", "20000", "--keep", "0.01", "0.5", "--repeats", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith("#")][1:]
     assert len(rows) == 2 and all(row[-1] == "yes" for row in rows)
+
+
+def test_a_budget_exactly_at_a_prefix_cost_with_many_zero_entries_terminates():
+    """Regression: equal per-entry costs given as a tensor, a third of the entries exactly 0, and a
+    budget that is exactly the cost of k entries (what a Top-K energy budget is) made the pivot
+    search loop forever once float sums of the same entries, grouped differently, disagreed by one
+    rounding. Run in a subprocess so that a hang fails the test instead of the suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import math, torch
+        from cwmp import cwmp_mask
+        g = torch.Generator().manual_seed(0)
+        for trial in range(8):
+            n = 152074
+            flat = torch.randn(n, generator=g) * 1e-3
+            flat[torch.randperm(n, generator=g)[:41709]] = 0
+            costs = torch.full((n,), 6.8e-10, dtype=torch.float64)
+            k = 7604 + trial
+            budget = math.fsum([6.8e-10] * k)
+            m = cwmp_mask(flat, costs, budget, 1.0)
+            kept = int(m.sum())
+            assert kept in (k - 1, k), (trial, kept, k)  # k - 1 only when a float sum rounds over
+            assert math.fsum(costs[m].tolist()) <= budget * (1 + 1e-12)
+        print("done")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr
