@@ -17,7 +17,7 @@ from torch import Tensor
 
 from cwmp.costmap import NamedTensors, named_tensors
 from cwmp.errors import FeedbackStateError
-from cwmp.sparse import SparseUpdate, _check_mask, kept_positions
+from cwmp.sparse import SparseUpdate, _check_mask, kept_positions, narrow_positions
 
 __all__ = ["ErrorFeedback"]
 
@@ -139,7 +139,7 @@ class ErrorFeedback:
             else:  # a residual of another layout (loaded from a checkpoint): slower, same result
                 values = residual.reshape(-1).index_select(0, indices)
                 residual.masked_fill_(keep, 0)
-            sent[name] = SparseUpdate(indices, values, update.shape)
+            sent[name] = SparseUpdate(narrow_positions(indices, update.numel()), values, update.shape)
         self._open.clear()
         return sent
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cwmp import Budget, CostMap, ErrorFeedback, LayerPrice, MaskInputError, Pruner, SparseUpdate
+from cwmp.sparse import narrow_positions
 
 SHAPES = {"a.weight": (8, 16), "a.bias": (8,), "b.weight": (4, 3, 3, 3), "empty": (0,), "b.bias": (1,)}
 
@@ -32,8 +33,8 @@ def check_sent(sparse: SparseUpdate, corrected: torch.Tensor, mask: torch.Tensor
     """One layer's sparse output is exactly the kept entries of the compensated update, in order."""
     assert isinstance(sparse, SparseUpdate)
     assert sparse.shape == corrected.shape and sparse.numel == corrected.numel()
-    assert sparse.indices.dtype == torch.int64 and sparse.values.dtype == corrected.dtype
-    assert torch.equal(sparse.indices, torch.nonzero(mask.reshape(-1)).squeeze(1))  # ascending positions
+    assert sparse.indices.dtype == torch.int32 and sparse.values.dtype == corrected.dtype  # < 2**31 entries
+    assert torch.equal(sparse.indices.long(), torch.nonzero(mask.reshape(-1)).squeeze(1))  # ascending positions
     assert torch.equal(sparse.values, corrected.reshape(-1)[mask.reshape(-1)])
     assert torch.equal(sparse.to_dense(), torch.where(mask, corrected, 0))
 
@@ -145,6 +146,8 @@ def test_sparse_update_sizes_and_refusals():
     assert big.nbytes_sent() == 12
     with pytest.raises(ValueError, match="2-byte indices cannot address 100000 entries; use index_bytes=3"):
         big.nbytes_sent(index_bytes=2)
+    assert narrow_positions(torch.tensor([5]), 2**31).dtype == torch.int64  # too many entries for int32
+    assert narrow_positions(torch.tensor([5]), 2**31 - 1).dtype == torch.int32
     with pytest.raises(ValueError, match="positive int"):
         s.nbytes_sent(index_bytes=0)
     with pytest.raises(MaskInputError, match="1-D int64"):
