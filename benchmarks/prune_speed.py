@@ -13,14 +13,18 @@ costs). For each keep ratio r the rows are:
 - ``cwmp@topk-J``: ``Pruner(costs, Budget.topk_keep_ratio(r), method="cwmp").masks(update)``, i.e.
   Top-K's energy found and CWMP's masks chosen within it;
 - ``topk``: ``Pruner(..., method="topk").masks(update)``;
-- ``ef-step``: ``pruner.compress(update, feedback)`` with the CWMP pruner above and a residual from
-  an earlier step: compensate, mask, keep the residual, return what is sent.
+- ``ef-step``: ``pruner.compress(update, feedback, sparse=True)`` with the CWMP pruner above and a
+  residual from an earlier step: compensate, mask, keep the residual, return what is sent, i.e.
+  what a client puts on the wire: per layer the kept entries' positions and values
+  (``SparseUpdate``), not a dense tensor of the update's size. Its check: the masks equal the
+  reference's, each layer's ``to_dense()`` plus the new residual equals the compensated update
+  exactly, and the values sent are the compensated update's at the kept positions.
 
 Times are medians over interleaved repeats. Every row's masks are checked against a slow reference
 on the concatenation (a stable sort of all scores, then the walk of the contract: the longest
 prefix whose per-layer ``fixed_j + joules_per_update * k`` fits). Extra memory is the peak resident
 memory during one call minus the resident memory before it, outputs included (masks; for ef-step
-also the sent tensors, one update's size): on Linux the peak is reset through
+also the kept positions and values sent): on Linux the peak is reset through
 ``/proc/self/clear_refs`` and read as ``VmHWM``, with glibc told (``mallopt``) to return every
 allocation of 128 KiB or more to the system when it is freed, so that a reused free block cannot
 hide. While timing, glibc is set as a long-running process ends up by itself (blocks up to 32 MiB
@@ -247,12 +251,13 @@ def bench(model: str, shapes, ratio: float, repeats: int, device: torch.device, 
     feedback = ErrorFeedback()
     cwmp.compress(update, feedback)  # a residual to work with
     corrected = {name: u + feedback.residuals[name] for name, u in update.items()}
-    sent, result = cwmp.compress(update, feedback)
+    sent, result = cwmp.compress(update, feedback, sparse=True)
     ref = Reference(corrected, costs)
     expected = ref.cwmp(ref.joules(ref.topk(k)))
     same["ef-step"] = torch.equal(flat(result.masks), expected) and all(
-        torch.equal(sent[name] + feedback.residuals[name], corrected[name])
-        and not bool((sent[name] != 0)[~result.masks[name]].any())
+        torch.equal(sent[name].to_dense() + feedback.residuals[name], corrected[name])
+        and torch.equal(sent[name].values, corrected[name][result.masks[name]])
+        and torch.equal(sent[name].to_dense() != 0, result.masks[name] & (corrected[name] != 0))
         for name in update
     )
     del ref, expected, corrected, sent, result
@@ -261,7 +266,7 @@ def bench(model: str, shapes, ratio: float, repeats: int, device: torch.device, 
         "torch.topk": lambda: torch.topk(magnitudes, k, sorted=False),
         "cwmp@topk-J": lambda: cwmp.masks(update),
         "topk": lambda: topk.masks(update),
-        "ef-step": lambda: cwmp.compress(update, feedback),
+        "ef-step": lambda: cwmp.compress(update, feedback, sparse=True),  # what a client sends
     }
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{extra[name] / 2**20:>10.1f} {extra[name] / update_bytes:>8.2f}x "
                       f"{'yes' if same[name] else 'NO':>9}", flush=True)
     print(f"# worst pruner / torch.topk: {worst_time:.3f}x (goal <= {GOAL_TIME}x); worst extra memory: "
-          f"{worst_memory:.2f}x the update (goal <= {GOAL_MEMORY}x; ef-step's includes the sent update)")
+          f"{worst_memory:.2f}x the update (goal <= {GOAL_MEMORY}x; ef-step's includes what it sends: kept positions and values)")
     return 0 if all_same else 1
 
 

@@ -16,6 +16,7 @@ from cwmp.masks import (
     topk_mask,
 )
 from cwmp.pruner import METHODS, Budget, Pruner, PruneResult
+from cwmp.sparse import SparseUpdate
 
 __all__ = [
     "METHODS",
@@ -28,6 +29,7 @@ __all__ = [
     "MaskInputError",
     "PruneResult",
     "Pruner",
+    "SparseUpdate",
     "cwmp_mask",
     "cwmp_scores",
     "layers_budget_mask",

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from cwmp.costmap import NamedTensors, named_tensors
 from cwmp.errors import FeedbackStateError
+from cwmp.sparse import SparseUpdate, _check_mask, kept_positions, narrow_positions
 
 __all__ = ["ErrorFeedback"]
 
@@ -28,7 +29,9 @@ class ErrorFeedback:
     returns those very tensors; ``remember`` then writes the sent entries into new tensors and
     zeroes them in the residual, so a step makes no copy of the update beyond what it sends (this
     is what ``Pruner.compress`` does). Without ``in_place`` compensation returns new tensors and
-    leaves the state alone until ``remember``.
+    leaves the state alone until ``remember``. ``remember(..., sparse=True)`` returns the sent
+    entries as ``SparseUpdate`` (positions and values) instead, with no dense tensor of the
+    update's size made at all.
     """
 
     def __init__(self) -> None:
@@ -73,12 +76,17 @@ class ErrorFeedback:
             residual.sub_(named[name].detach())
         self._open.clear()
 
-    def remember(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Keep what the masks drop as the new residuals and return what they keep (what is sent)."""
+    def remember(
+        self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor], *, sparse: bool = False
+    ) -> dict[str, Tensor] | dict[str, SparseUpdate]:
+        """Keep what the masks drop as the new residuals and return what they keep (what is sent):
+        dense tensors (zeros where masked), or with ``sparse`` the kept positions and values."""
         if set(corrected) != set(masks):
             raise FeedbackStateError(
                 f"masks cover {sorted(masks)} but the updates are {sorted(corrected)}; give one mask per update"
             )
+        if sparse:
+            return self._remember_sparse(corrected, masks)
         sent = {}
         for name, update in corrected.items():
             keep = masks[name]
@@ -102,6 +110,36 @@ class ErrorFeedback:
                 torch.where(keep, zero, update, out=residual)  # reuse the buffer
             else:
                 self.residuals[name] = torch.where(keep, zero, update)
+        self._open.clear()
+        return sent
+
+    def _remember_sparse(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, SparseUpdate]:
+        """Gather the kept entries, then zero them in the residual: sent + residual is the
+        corrected update exactly (the kept entries move, the others stay)."""
+        for name, update in corrected.items():  # check everything before changing anything
+            _check_mask(update, masks[name])
+        sent = {}
+        for name, update in corrected.items():
+            keep = masks[name]
+            if self._open.get(name) is update:  # the residual holds the update: move the kept entries out
+                residual = update
+            else:  # the residual is written anew; ``update`` may be the caller's tensor, never written to
+                residual = self.residuals.get(name)
+                if residual is not None and residual.shape == update.shape and residual.dtype == update.dtype \
+                        and residual.device == update.device and residual is not update:
+                    residual.copy_(update)  # reuse the buffer
+                else:
+                    residual = update.clone(memory_format=torch.contiguous_format)
+                    self.residuals[name] = residual
+            indices = kept_positions(keep)
+            if residual.is_contiguous():
+                flat = residual.view(-1)
+                values = flat.index_select(0, indices)
+                flat.index_fill_(0, indices, 0)
+            else:  # a residual of another layout (loaded from a checkpoint): slower, same result
+                values = residual.reshape(-1).index_select(0, indices)
+                residual.masked_fill_(keep, 0)
+            sent[name] = SparseUpdate(narrow_positions(indices, update.numel()), values, update.shape)
         self._open.clear()
         return sent
 

@@ -33,6 +33,7 @@ from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import MaskInputError
 from cwmp.feedback import ErrorFeedback
 from cwmp.masks import check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
+from cwmp.sparse import SparseUpdate
 
 __all__ = ["METHODS", "Budget", "PruneResult", "Pruner"]
 
@@ -217,20 +218,25 @@ class Pruner:
         return best, best_by_layer
 
     def compress(
-        self, updates: NamedTensors, feedback: ErrorFeedback | None = None
-    ) -> tuple[dict[str, Tensor], PruneResult]:
+        self, updates: NamedTensors, feedback: ErrorFeedback | None = None, *, sparse: bool = False
+    ) -> tuple[dict[str, Tensor] | dict[str, SparseUpdate], PruneResult]:
         """One client step: add the residuals, choose the masks, keep what they drop for next time.
-        Returns the sparse updates to send (zeros where masked) and the result.
+        Returns the updates to send and the result: dense tensors (zeros where masked) by default,
+        or with ``sparse=True`` one ``SparseUpdate`` per tensor, the kept positions and values,
+        which is what a client puts on the wire.
 
         With feedback the step works in place: the update is added into the residual it holds,
-        and what the masks drop stays there; the only new tensors are the ones sent and the masks."""
+        and what the masks drop stays there; the only new tensors are the ones sent and the masks
+        (with ``sparse``, the kept entries only: no tensor of the update's size is made)."""
         named = named_tensors(updates)
         with single_threaded(_device_of(list(named.values()))):
-            return self._compress(named, feedback)
+            return self._compress(named, feedback, sparse)
 
-    def _compress(self, named: dict[str, Tensor], feedback: ErrorFeedback | None):
+    def _compress(self, named: dict[str, Tensor], feedback: ErrorFeedback | None, sparse: bool = False):
         if feedback is None:
             result = self.masks(named)
+            if sparse:
+                return {n: SparseUpdate.from_mask(u, result.masks[n]) for n, u in named.items()}, result
             return {n: torch.where(result.masks[n], u.detach(), 0) for n, u in named.items()}, result
         for name in named:
             self.cost_map.marginal_j(name)  # a layer the cost map lacks fails before any state changes
@@ -241,7 +247,7 @@ class Pruner:
         except BaseException:
             feedback.undo(named)
             raise
-        return feedback.remember(corrected, result.masks), result
+        return feedback.remember(corrected, result.masks, sparse=sparse), result
 
 
 def _k_of(ratio: float, n: int) -> int:

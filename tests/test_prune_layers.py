@@ -385,6 +385,14 @@ def test_cpu_and_cuda_pruners_agree(method):
         sent_cpu, _ = pruner.compress(updates, feedback_cpu)
         sent_gpu, _ = pruner.compress({n: u.cuda() for n, u in updates.items()}, feedback_gpu)
         assert all(torch.equal(sent_gpu[n].cpu(), sent_cpu[n]) for n in updates)
+    sparse_cpu, sparse_gpu = ErrorFeedback(), ErrorFeedback()
+    for _ in range(2):  # the sparse output: the same positions and values on both
+        wire_cpu, _ = pruner.compress(updates, sparse_cpu, sparse=True)
+        wire_gpu, _ = pruner.compress({n: u.cuda() for n, u in updates.items()}, sparse_gpu, sparse=True)
+        assert all(wire_gpu[n].values.is_cuda for n in updates)
+        assert all(torch.equal(wire_gpu[n].indices.cpu(), wire_cpu[n].indices)
+                   and torch.equal(wire_gpu[n].values.cpu(), wire_cpu[n].values) for n in updates)
+        assert all(torch.equal(sparse_gpu.residuals[n].cpu(), sparse_cpu.residuals[n]) for n in updates)
 
 
 # ----------------------------------------------------------------------------------- benchmark
