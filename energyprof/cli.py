@@ -207,11 +207,12 @@ def cmd_fl(args: argparse.Namespace) -> int:
         "--dataset", args.dataset, "--model", args.model, "--clients", args.clients, "--alpha", args.alpha,
         "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--ratios", args.ratios, "--seeds", args.seeds,
         "--profile", args.profile, "--engine", args.engine))
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     label = " [SIMULATED energy]" if fleet.simulated else ""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=None, transient=False,
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=False,
                   redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task(f"rounds{label}", total=total)
 
