@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration; small = strong label skew (default: 0.5)")
     p.add_argument("--rounds", type=int, default=_FL_DEFAULT_ROUNDS, help=f"FedAvg rounds (default: {_FL_DEFAULT_ROUNDS})")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default: 1)")
-    p.add_argument("--lr", type=float, default=0.05, help="client SGD learning rate (default: 0.05)")
+    p.add_argument("--lr", type=float, default=0.2, help="client SGD learning rate (default: 0.2)")
     p.add_argument("--batch-size", type=int, default=32, help="client batch size (default: 32)")
     p.add_argument("--ratios", default="1%,5%,10%,20%", help="Top-K keep ratios, fractions or percents (default: 1%%,5%%,10%%,20%%)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
