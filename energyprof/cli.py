@@ -217,6 +217,72 @@ def setup_logging(verbosity: int) -> None:
         logger.propagate = False
 
 
+# ---------------------------------------------------------------------------- fl (federated benchmark)
+_FL_DEFAULT_ROUNDS = 30  # = cwmp.apps.federated.experiment.DEFAULT_ROUNDS (a test keeps them equal)
+
+
+def cmd_fl(args: argparse.Namespace) -> int:
+    import shlex as _shlex
+    from pathlib import Path
+
+    from calibrate.profile import ProfileError
+    from cwmp.apps.federated.data import DataError, load_dataset
+    from cwmp.apps.federated.experiment import FLConfig, Fleet, build_model_for, parse_ratios, runs_of
+    from cwmp.apps.federated.report import summarize, summary_markdown, write_outputs
+    from cwmp.errors import CostMapError
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        config = FLConfig(
+            dataset=args.dataset, model=args.model, clients=args.clients, alpha=args.alpha, rounds=args.rounds,
+            local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size, ratios=parse_ratios(args.ratios),
+            seeds=seeds, profiles=tuple(p.strip() for p in args.profile.split(",") if p.strip()),
+            min_partition=args.min_partition,
+        )
+        dataset = load_dataset(config.dataset)
+        fleet = Fleet(config, build_model_for(config, dataset, 0))
+    except (ValueError, DataError, ProfileError, CostMapError) as exc:
+        return _fail(str(exc), 1)
+    total = len(list(runs_of(config))) * config.rounds
+    command = "energyprof fl " + " ".join(_shlex.quote(str(a)) for a in (
+        "--dataset", args.dataset, "--model", args.model, "--clients", args.clients, "--alpha", args.alpha,
+        "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--ratios", args.ratios, "--seeds", args.seeds,
+        "--profile", args.profile, "--engine", args.engine))
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    label = " [SIMULATED energy]" if fleet.simulated else ""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                  redirect_stdout=False, redirect_stderr=False) as bar:
+        task = bar.add_task(f"rounds{label}", total=total)
+
+        def progress(n: int, what: str) -> None:
+            bar.update(task, advance=n, description=f"{what}{label}")
+
+        try:
+            if args.engine == "flower":
+                try:
+                    from cwmp.apps.federated.flower_app import run_flower
+                except ImportError as exc:
+                    return _fail(f"the flower engine needs Flower: pip install 'energyprof[federated]' ({exc})", 1)
+                records = run_flower(config, progress, ray_address=args.ray_address, verbose=args.verbose)
+            else:
+                from cwmp.apps.federated.engine_local import run_local
+
+                records = run_local(config, dataset, progress)
+        except (ValueError, DataError, CostMapError) as exc:
+            return _fail(str(exc), 1)
+    summary = summarize(records, config, fleet.describe(), args.engine, command)
+    paths = write_outputs(records, summary, config, Path(args.out))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(summary_markdown(summary))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -340,6 +406,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mape", type=float, default=None, help="fail (exit 3) when the MAPE exceeds this fraction")
     p.add_argument("--json", action="store_true", help="print the summary object (mape, n, worst, bias, simulated)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "fl",
+        help="federated benchmark: FedAvg with Top-K vs CWMP client updates on non-IID data (accuracy vs energy)",
+        description="FedAvg with sparsified client updates and error feedback on Dirichlet(alpha) label-skew "
+        "partitions: Top-K at each keep ratio against CWMP (p=1, p=2) at the energy Top-K spends at that ratio, "
+        "over several seeds. Writes rounds.csv, pareto.png, summary.md and summary.json to --out. "
+        "Energy is each client's profile's prediction (SIMULATED with a simulated profile). See docs/federated.md.",
+    )
+    p.add_argument("--dataset", default="digits", help="digits (default) or cifar10:DIR (a cifar-10-batches-py folder)")
+    p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet18"], help="built-in model (default: cnn)")
+    p.add_argument("--clients", type=int, default=10, help="number of clients (default: 10)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration; small = strong label skew (default: 0.5)")
+    p.add_argument("--rounds", type=int, default=_FL_DEFAULT_ROUNDS, help=f"FedAvg rounds (default: {_FL_DEFAULT_ROUNDS})")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default: 1)")
+    p.add_argument("--lr", type=float, default=0.2, help="client SGD learning rate (default: 0.2)")
+    p.add_argument("--batch-size", type=int, default=32, help="client batch size (default: 32)")
+    p.add_argument("--ratios", default="1%,5%,10%,20%", help="Top-K keep ratios, fractions or percents (default: 1%%,5%%,10%%,20%%)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--profile", default="sim-rpi4",
+                   help="device profile name or YAML path; A,B,... assigns them to clients round-robin (default: sim-rpi4)")
+    p.add_argument("--min-partition", type=int, default=10, help="fewest training examples per client (default: 10)")
+    p.add_argument("--engine", default="local", choices=["local", "flower"], help="local (in process) or flower (simulation on Ray)")
+    p.add_argument("--ray-address", default=None, help="flower engine: join a running Ray cluster (auto or HOST:PORT)")
+    p.add_argument("--verbose", action="store_true", help="flower engine: show Flower's and Ray's logs")
+    p.add_argument("--out", default="fl-results", help="output folder (default: fl-results)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_fl)
 
     # further subcommands register here (each imports its modules lazily in its handler)
     return parser

@@ -1,0 +1,167 @@
+"""The federated benchmark's experiment, local engine, outputs and command line (small runs: mlp on
+digits, a few clients and rounds)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from calibrate.profile import Radio, load_profile
+from cwmp.apps.federated.data import load_dataset
+from cwmp.apps.federated.engine_local import run_local
+from cwmp.apps.federated.experiment import (
+    DEFAULT_ROUNDS,
+    Arm,
+    FLConfig,
+    Fleet,
+    arms_of,
+    build_model_for,
+    client_energy,
+    decode_sparse,
+    encode_sparse,
+    fedavg_step,
+    parse_ratios,
+    wire_bytes,
+)
+from cwmp.costmap import CostMap
+from energyprof.cli import _FL_DEFAULT_ROUNDS, main
+
+TINY = dict(model="mlp", clients=3, rounds=2, seeds=(0, 1), ratios=(0.05,), lr=0.1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_the_core_imports_neither_flower_nor_the_meters():
+    code = (
+        "import sys, cwmp, cwmp.masks, cwmp.pruner, cwmp.feedback, cwmp.costmap, cwmp.apps.federated; "
+        "bad = sorted(m for m in sys.modules if m == 'flwr' or m.startswith(('flwr.', 'energyprof.meters', 'ray'))); "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_sweep_and_ratios():
+    assert parse_ratios("1%,5%,0.1,20%") == (0.01, 0.05, 0.1, 0.2)
+    for bad in ("5", "0", "x%", ""):
+        with pytest.raises(ValueError, match="keep ratio|no keep ratios"):
+            parse_ratios(bad)
+    arms = arms_of(FLConfig(ratios=(0.01, 0.1)))
+    assert [(a.method, a.ratio, a.power) for a in arms] == [
+        ("topk", 0.01, None), ("cwmp", 0.01, 1.0), ("cwmp", 0.01, 2.0),
+        ("topk", 0.1, None), ("cwmp", 0.1, 1.0), ("cwmp", 0.1, 2.0),
+    ]
+    config = FLConfig(profiles=("sim-rpi4", "sim-h100"), clients=5)
+    assert [config.profile_of(i) for i in range(5)] == ["sim-rpi4", "sim-h100"] * 2 + ["sim-rpi4"]
+    with pytest.raises(ValueError, match="--alpha must be > 0.*--seeds repeats"):
+        FLConfig(alpha=0, seeds=(1, 1))
+    assert DEFAULT_ROUNDS == _FL_DEFAULT_ROUNDS
+
+
+def test_sparse_wire_format_and_fedavg_weights():
+    like = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    sent = {"w": torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, -1.0]]), "b": torch.tensor([0.5, 0.0, 0.0])}
+    masks = {n: t != 0 for n, t in sent.items()}
+    payload = encode_sparse(sent, masks)
+    assert payload["w"][1].dtype == np.int32 and list(payload["w"][1]) == [1, 5]
+    assert wire_bytes(payload, {}) == 3 * (4 + 4)  # 3 kept float32 values + 3 int32 indices
+    back = decode_sparse(payload, like)
+    assert all(torch.equal(back[n], sent[n]) for n in like)
+    state = {"w": torch.ones(2, 3), "b": torch.zeros(3), "bn.running_mean": torch.zeros(3)}
+    other = {"w": torch.zeros(2, 3), "b": torch.tensor([1.0, 0.0, 0.0])}
+    new = fedavg_step(state, ["w", "b"], [
+        (30, back, {"bn.running_mean": torch.full((3,), 1.0)}),
+        (10, other, {"bn.running_mean": torch.full((3,), 5.0)}),
+    ])
+    assert torch.allclose(new["w"], torch.ones(2, 3) + 0.75 * sent["w"])
+    assert torch.allclose(new["b"], 0.75 * sent["b"] + 0.25 * other["b"])
+    assert torch.allclose(new["bn.running_mean"], torch.full((3,), 2.0))
+
+
+def test_client_energy_is_the_cost_map_plus_the_radio_datasheet_figure(digits):
+    config = FLConfig(model="mlp")
+    model = build_model_for(config, digits, 0)
+    profile = load_profile("sim-rpi4")
+    cmap = CostMap.from_profile(profile, "mlp", model.named_parameters(), allow_predicted=True)
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.1 for n, p in model.named_parameters()}
+    e = client_energy(cmap, profile, masks, bytes_sent=1000)
+    assert e.update_j == cmap.predicted_joules(masks) and e.radio_j == 0.0
+    radio = profile.model_copy(update={"radio": Radio(joules_per_byte=5e-8, source="datasheet: test figure")})
+    e2 = client_energy(cmap, radio, masks, bytes_sent=1000)
+    assert e2.radio_j == pytest.approx(5e-5) and e2.joules == pytest.approx(e.update_j + 5e-5)
+    assert e2.kept == sum(int(m.sum()) for m in masks.values())
+
+
+def test_local_engine_is_deterministic_and_fair(digits):
+    config = FLConfig(**TINY)
+    a = run_local(config, digits)
+    b = run_local(config, digits)
+    assert [(r.method, r.p, r.seed, r.round, r.accuracy, r.cumulative_energy_j) for r in a] == \
+        [(r.method, r.p, r.seed, r.round, r.accuracy, r.cumulative_energy_j) for r in b]
+    assert len(a) == 2 * 3 * (config.rounds + 1)
+    for seed in config.seeds:
+        rows = [r for r in a if r.seed == seed]
+        # the same initial weights for every method: the same round-0 accuracy
+        assert len({r.accuracy for r in rows if r.round == 0}) == 1
+        topk = {r.round: r for r in rows if r.method == "topk"}
+        for r in rows:
+            assert r.simulated is True
+            if r.round:
+                assert r.kept_fraction > 0
+                assert r.round_energy_j > 0
+                # CWMP spends at most what Top-K spends on the same update (the budget is Top-K's energy)
+                if r.method == "cwmp":
+                    assert r.round_energy_j <= topk[r.round].round_energy_j * 3  # same order of energy
+        assert abs(topk[config.rounds].kept_fraction - 0.05) < 0.001
+        assert topk[config.rounds].accuracy > topk[0].accuracy  # it learns
+
+
+def test_a_heterogeneous_fleet_prices_each_client_on_its_own_profile(digits):
+    config = FLConfig(model="mlp", clients=2, rounds=1, seeds=(0,), ratios=(0.1,), powers=(1.0,),
+                      profiles=("sim-rpi4", "sim-h100"))
+    records = run_local(config, digits)
+    first = [r for r in records if r.method == "topk" and r.round == 1][0]
+    fleet = Fleet(config, build_model_for(config, digits, 0))
+    per_entry = [fleet.cost_map(i)["1.weight"] for i in range(2)]
+    assert per_entry[0] != per_entry[1]
+    assert first.client_energy_j[0] != pytest.approx(first.client_energy_j[1], rel=0.01)
+    info = {p["profile"]: p for p in fleet.describe()}
+    assert info["sim-rpi4"]["clients"] == [0] and info["sim-h100"]["clients"] == [1]
+    assert info["sim-rpi4"]["predicted_layers"]  # recorded: the shipped profiles have no layer table yet
+
+
+def test_cli_writes_csv_plot_and_summary_labelled_simulated(tmp_path, capsys):
+    out = tmp_path / "fl"
+    rc = main(["fl", "--model", "mlp", "--clients", "3", "--rounds", "2", "--seeds", "0,1", "--ratios", "5%",
+               "--lr", "0.1", "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["simulated"] is True and "SIMULATED" in summary["energy_label"]
+    block = summary["ratios"][0]
+    assert [m["label"] for m in block["methods"]] == ["Top-K", "CWMP p=1", "CWMP p=2"]
+    for m in block["methods"]:
+        assert 0 <= m["final_accuracy_mean"] <= 1 and m["final_energy_j_mean"] > 0
+    assert block["methods"][1]["energy_to_topk_accuracy_j"] == "never" or \
+        block["methods"][1]["energy_to_topk_accuracy_j"] > 0
+    csv_text = (out / "rounds.csv").read_text().splitlines()
+    assert csv_text[0].startswith("# SIMULATED")
+    assert csv_text[1].startswith("method,p,ratio,seed,round")
+    assert len(csv_text) == 2 + 2 * 3 * 3 and all(line.endswith("SIMULATED") for line in csv_text[2:])
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "summary.md").read_text()
+    assert "SIMULATED" in md.splitlines()[0] and "| 5% | CWMP p=2 |" in md
+
+
+def test_cli_bad_input_names_the_problem(tmp_path, capsys):
+    assert main(["fl", "--dataset", f"cifar10:{tmp_path / 'none'}", "--out", str(tmp_path)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["fl", "--ratios", "5", "--out", str(tmp_path)]) == 1
+    assert "percents" in capsys.readouterr().err
+    assert main(["fl", "--profile", "no-such-device", "--out", str(tmp_path)]) == 1
+    assert "no profile named 'no-such-device'" in capsys.readouterr().err
