@@ -66,7 +66,8 @@ class GlobalCostFit:
 
     Parameters: ``transition_grid`` (candidate widths in octaves, 0 = step), ``centres_per_octave``
     (resolution of the search for the cache size between the smallest and largest working set),
-    ``n_bootstrap`` (resamples of the rows for the intervals), ``cv`` (folds for the
+    ``n_bootstrap`` (resamples of the rows, each row redrawn from its own interval when the table
+    has ``ci_low_j``/``ci_high_j``, for the intervals), ``cv`` (folds for the
     cross-validated error), ``confidence`` and ``random_state``.
     """
 
@@ -127,10 +128,15 @@ class GlobalCostFit:
         self.residuals_rel_ = (pred - y) / y
         self.cv_mape_ = self._cross_validated_mape(x, y, w)
         rng = np.random.default_rng(self.random_state)
+        # each measurement's own uncertainty (its protocol interval read as +-1.96 sigma), when known
+        se = ((table["ci_high_j"] - table["ci_low_j"]).to_numpy(float) / (2 * 1.96)
+              if {"ci_low_j", "ci_high_j"} <= set(table.columns) else np.zeros(len(y)))
         boots = np.empty((self.n_bootstrap, len(FEATURES)))
         for b in range(self.n_bootstrap):
+            # resample the measurements, and redraw each from its own interval: the spread of the
+            # fit over both is the interval (a pairs bootstrap alone misses the noise of few rows)
             idx = rng.integers(0, len(y), len(y))
-            boots[b] = _nnls(x[idx], y[idx], w[idx])
+            boots[b] = _nnls(x[idx], y[idx] + rng.normal(0.0, 1.0, len(y)) * se[idx], w[idx])
         self.bootstrap_coef_ = boots
         low, high = _interval(boots, self.confidence)
         # small-sample correction of the percentile interval: Student t with n - p degrees of freedom

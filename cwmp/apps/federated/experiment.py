@@ -182,10 +182,23 @@ class Fleet:
         self.config = config
         self.profiles = {name: load_profile(name) for name in dict.fromkeys(config.profiles)}
         named = list(model.named_parameters())
-        self.cost_maps = {
-            name: CostMap.from_profile(profile, config.model, named, allow_predicted=True)
-            for name, profile in self.profiles.items()
-        }
+        self.table_notes: dict[str, str] = {}
+        self.cost_maps = {name: self._cost_map(name, profile, named) for name, profile in self.profiles.items()}
+
+    def _cost_map(self, name: str, profile, named) -> CostMap:
+        """The profile's table for the model when it describes these tensors; when it was calibrated
+        for another input shape (e.g. the CIFAR-10 variant of ``cnn`` and the digits run here), every
+        layer is priced from the profile's global coefficients through the cost model, and said so."""
+        from cwmp.errors import CostMapError
+
+        try:
+            return CostMap.from_profile(profile, self.config.model, named, allow_predicted=True)
+        except CostMapError as exc:
+            self.table_notes[name] = (
+                f"profile {name}'s {self.config.model} table is for another input shape ({exc}); every layer is "
+                "predicted from its global coefficients")
+            return CostMap.from_profile(profile, f"{self.config.model} (this input shape)", named,
+                                        allow_predicted=True)
 
     def profile(self, client: int):
         return self.profiles[self.config.profile_of(client)]
@@ -210,7 +223,8 @@ class Fleet:
                 "clients": [i for i in range(self.config.clients) if self.config.profile_of(i) == name],
                 "layers": len(prices),
                 "predicted_layers": cmap.predicted_layers,
-                "uniform_costs": len(set(prices.values())) == 1,
+                "table_note": self.table_notes.get(name),
+                "uniform_costs": len(set(prices.values())) == 1 and len({cmap.fixed_j(n) for n in cmap.prices}) == 1,
                 "joules_per_update_min": min(prices.values()),
                 "joules_per_update_max": max(prices.values()),
                 "radio": None if profile.radio is None else {
