@@ -53,6 +53,7 @@ __all__ = [
     "feature_matrix",
     "predict_joules",
     "layer_joules",
+    "transmission_joules",
     "lines_touched",
     "expected_lines",
     "layer_costs_from_global",
@@ -227,6 +228,14 @@ def layer_design(kept: Any, lines: Any, numel: int) -> np.ndarray:
     ``kept`` entries in ``lines`` lines: what a per-layer fit regresses joules on."""
     k = np.asarray(kept, float)
     return np.column_stack([np.ones_like(k), k, np.asarray(lines, float), k * k / numel])
+
+
+def transmission_joules(bytes_sent: int, joules_per_byte: float) -> float:
+    """Joules of sending ``bytes_sent`` bytes over a link that costs ``joules_per_byte`` (a profile's
+    radio entry: a stated datasheet or paper figure, not measured by energyprof)."""
+    if bytes_sent < 0 or joules_per_byte < 0:
+        raise ValueError(f"bytes_sent and joules_per_byte must be >= 0, got {bytes_sent} and {joules_per_byte}")
+    return joules_per_byte * bytes_sent
 
 
 def lines_touched(mask_or_positions: Any, itemsize: int, numel: int | None = None) -> int:

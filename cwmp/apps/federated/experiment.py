@@ -37,6 +37,7 @@ from cwmp.apps.federated.data import DataError, Dataset, dirichlet_partition
 from cwmp.costmap import CostMap
 from cwmp.feedback import ErrorFeedback
 from cwmp.pruner import Budget, Pruner, PruneResult
+from energyprof.costmodel import transmission_joules
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -327,7 +328,7 @@ def client_energy(cost_map: CostMap, profile, masks: Mapping[str, Tensor], bytes
     """The update phase through the cost model, plus the radio when the profile has one."""
     update_j = cost_map.predicted_joules(masks)
     radio = getattr(profile, "radio", None)
-    radio_j = radio.joules_per_byte * bytes_sent if radio is not None else 0.0
+    radio_j = transmission_joules(bytes_sent, radio.joules_per_byte) if radio is not None else 0.0
     kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     return ClientEnergy(update_j, radio_j, bytes_sent, kept, total)
