@@ -190,29 +190,27 @@ class Pruner:
                 f"the cost map prices keeping nothing at {math.fsum(best_by_layer.values())} J, above the "
                 f"budget of {budget_j} J; a layer that keeps no entry must cost nothing (layer_joules)"
             )
-        for _ in range(self.BISECTIONS):
-            middle_j = (low_j + high_j) / 2
-            mask = self._select(tensors, marginal, fixed, middle_j)
-            by_layer = self.cost_map.joules_by_layer(_views(mask, named))
-            if math.fsum(by_layer.values()) <= budget_j:
-                best, best_by_layer, low_j = mask, by_layer, middle_j
-            else:
-                high_j = middle_j
-        return best, best_by_layer
+        return self._bisect(tensors, marginal, fixed, budget_j, named, low_j, high_j, best, best_by_layer,
+                            self.BISECTIONS)
 
     def _grow(self, tensors, marginal, fixed, budget_j: float, named, selection_j: float, mask: Tensor,
               by_layer: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
         """Spend what the linear accounting left: bisect the selection budget upwards, keeping the
         largest selection the cost map prices within the budget."""
-        low_j = selection_j
         high_j = selection_j * max(2.0, 1.5 * budget_j / max(math.fsum(by_layer.values()), 1e-300))
-        best, best_by_layer = mask, by_layer
-        for _ in range(self.GROWTHS):
+        return self._bisect(tensors, marginal, fixed, budget_j, named, selection_j, high_j, mask, by_layer,
+                            self.GROWTHS)
+
+    def _bisect(self, tensors, marginal, fixed, budget_j: float, named, low_j: float, high_j: float,
+                best: Tensor, best_by_layer: dict[str, float], steps: int) -> tuple[Tensor, dict[str, float]]:
+        """Bisect the selection budget between ``low_j`` (whose selection ``best`` fits) and ``high_j``
+        for ``steps`` steps; return the largest selection the cost map prices within ``budget_j``."""
+        for _ in range(steps):
             middle_j = (low_j + high_j) / 2
-            candidate = self._select(tensors, marginal, fixed, middle_j)
-            candidate_by_layer = self.cost_map.joules_by_layer(_views(candidate, named))
-            if math.fsum(candidate_by_layer.values()) <= budget_j:
-                best, best_by_layer, low_j = candidate, candidate_by_layer, middle_j
+            mask = self._select(tensors, marginal, fixed, middle_j)
+            by_layer = self.cost_map.joules_by_layer(_views(mask, named))
+            if math.fsum(by_layer.values()) <= budget_j:
+                best, best_by_layer, low_j = mask, by_layer, middle_j
             else:
                 high_j = middle_j
         return best, best_by_layer

@@ -220,6 +220,13 @@ class _Kept(TensorWorkload):
     def _kept(self) -> int:
         return self.tensors_["positions"].numel()
 
+    def _send_buffers(self, k: int) -> dict[str, torch.Tensor]:
+        """The send buffer for k kept entries: their values, and their positions as int32."""
+        return {
+            "send_values": torch.empty(k, dtype=self.dtype_, device=self.device_),
+            "send_positions": torch.empty(k, dtype=_SEND_INDEX, device=self.device_),
+        }
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         if hasattr(self, "tensors_"):
@@ -301,13 +308,7 @@ class Pack(_Kept):
         if self.size > torch.iinfo(_SEND_INDEX).max:
             raise ValueError(f"pack sends int32 positions; size {self.size} is too large")
         positions = self._positions()
-        k = positions.numel()
-        return {
-            "update": self._randn(self.size),
-            "positions": positions,
-            "send_values": torch.empty(k, dtype=self.dtype_, device=self.device_),
-            "send_positions": torch.empty(k, dtype=_SEND_INDEX, device=self.device_),
-        }
+        return {"update": self._randn(self.size), "positions": positions, **self._send_buffers(positions.numel())}
 
     def __call__(self) -> None:
         t = self.tensors_
@@ -357,17 +358,15 @@ class UpdatePhase(_Kept):
     LAUNCHES = 5
 
     def _allocate(self) -> dict[str, torch.Tensor]:
-        positions = self._positions()
-        k = positions.numel()
         if self.size > torch.iinfo(_SEND_INDEX).max:
             raise ValueError(f"the update phase sends int32 positions; size {self.size} is too large")
+        positions = self._positions()
         return {
             "param": self._randn(self.size),
             "residual": self._randn(self.size),
             "update": self._randn(self.size),
             "positions": positions,
-            "send_values": torch.empty(k, dtype=self.dtype_, device=self.device_),
-            "send_positions": torch.empty(k, dtype=_SEND_INDEX, device=self.device_),
+            **self._send_buffers(positions.numel()),
         }
 
     def __call__(self) -> None:
