@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from cwmp.errors import MaskInputError
+from cwmp.parallel import in_parallel, outer_threads, workers
 
 __all__ = [
     "cwmp_mask",
@@ -51,9 +52,11 @@ Costs = Union[Tensor, float, int]
 _EXACT_MAX = 1 << 15  # pools this small are sorted whole instead of sampled
 _SAMPLE_MIN, _SAMPLE_MAX = 1 << 10, 1 << 16
 _SIGMAS = 4.0  # bracket half-width, in binomial standard deviations of the boundary's sample rank
-_CHUNK_CPU, _CHUNK_CUDA = 1 << 20, 1 << 26  # CPU: 4 MB of float32 stays in cache; CUDA: few launches
+_CHUNK_CPU, _CHUNK_CUDA = 1 << 18, 1 << 26  # CPU: 1 MB of float32 per thread stays in cache; CUDA: few launches
 _SEED = 20240917  # the sample decides only the speed, never the mask; fixed for repeatable timings
 _NUMPY_ON_CPU = True  # CPU tensors: numpy kernels on views (faster there); False runs the torch ones
+_THRESHOLD_STEPS = 4  # floats an estimated magnitude threshold is walked by before bisecting (it is off by 1 or 2)
+_MIN_GROUP = 1 << 19  # entries a thread's task in a pass has at least (less is not worth a thread)
 
 
 # ------------------------------------------------------------------------------ CPU threading
@@ -66,6 +69,8 @@ def single_threaded(device: torch.device | str | None):
     wakes the intra-op thread pool, and on a busy machine a wake-up can take tens of milliseconds
     (measured: a 64 Ki-entry torch.sort, 0.3 ms alone, took 200 to 500 ms while other processes
     kept both cores busy). One thread avoids that; the work is the same. Nested uses are free.
+    The passes over the whole update still use the caller's thread count, as plain threads
+    (``cwmp.parallel``), which sleep on a lock rather than spin.
     """
     if device is None or torch.device(device).type != "cpu" or not _NUMPY_ON_CPU:
         yield
@@ -75,9 +80,11 @@ def single_threaded(device: torch.device | str | None):
         yield
         return
     torch.set_num_threads(1)
+    token = outer_threads.set(threads)
     try:
         yield
     finally:
+        outer_threads.reset(token)
         torch.set_num_threads(threads)
 
 
@@ -449,33 +456,42 @@ def _split(pool: _Pool, lo: float, hi: float) -> _Split:
 
 
 def _split_layers_numpy(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
-    """``_split`` of a layered pool on the CPU, all in numpy: the same scores and comparisons,
-    without a torch call per chunk (ResNet-18 has 62 tensors, so that overhead adds up)."""
-    chunks = pool.chunk_info
-    width = max(stop - start for start, stop, _, _ in chunks)
+    """``_split`` of a layered pool on the CPU, in numpy, without a score per entry: a layer's
+    score is a monotone function of the magnitude, so "score > hi" is "magnitude >= t" for one
+    threshold t per layer (``_magnitude_thresholds``, found with the score's own arithmetic), and
+    only the bracketed entries' scores are computed, exactly as ``scores`` computes them. The
+    chunks are shared among worker threads (numpy releases the GIL in its loops), each writing
+    its own part of the mask; the results are put together in chunk order, so the outcome does
+    not depend on the threads."""
+    t_hi = _magnitude_thresholds(pool, hi, strict=True)
+    t_lo = _magnitude_thresholds(pool, lo, strict=False)
     above_t = torch.empty(pool.n, dtype=torch.bool)
     above = above_t.numpy()
-    between = np.empty(width, dtype=np.bool_)
-    buffer = np.empty(width, dtype=pool.numpy_dtype)
+    width = max((stop - start for start, stop, _, _ in pool.chunk_info), default=0)
+
+    def run(group: list[tuple[int, int, int, int]]) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        buffer = np.empty(width, dtype=pool.numpy_dtype)
+        between = np.empty(width, dtype=np.bool_)
+        out = []
+        for start, stop, layer, local in group:
+            m = stop - start
+            s, a, b = buffer[:m], above[start:stop], between[:m]
+            np.abs(pool.numpy_flats[layer][local : local + m], out=s)
+            np.greater_equal(s, t_hi[layer], out=a)
+            np.greater_equal(s, t_lo[layer], out=b)
+            b ^= a
+            inside = np.flatnonzero(b)
+            out.append((layer, np.count_nonzero(a), inside + start, pool.numpy_scores(s[inside], layer)))
+        return out
+
+    parts = in_parallel(run, pool.chunk_groups())
     counts = np.zeros(len(pool.flats), dtype=np.int64)
     index_parts, score_parts = [], []
-    for start, stop, layer, local in chunks:
-        m = stop - start
-        s = buffer[:m]
-        np.abs(pool.numpy_flats[layer][local : local + m], out=s)
-        if pool.power == 2:
-            np.multiply(s, s, out=s)
-        if pool.numpy_divisors is not None:
-            np.divide(s, pool.numpy_divisors[layer], out=s)
-        a, b = above[start:stop], between[:m]
-        np.greater(s, hi, out=a)
-        np.greater_equal(s, lo, out=b)
-        b ^= a
-        counts[layer] += np.count_nonzero(a)
-        inside = np.flatnonzero(b)
+    for layer, count, inside, scores in parts:
+        counts[layer] += count
         if inside.size:
-            index_parts.append(inside + start)
-            score_parts.append(s[inside])
+            index_parts.append(inside)
+            score_parts.append(scores)
     index = torch.from_numpy(np.concatenate(index_parts)) if index_parts else torch.empty(0, dtype=torch.int64)
     stored = (
         torch.from_numpy(np.concatenate(score_parts)) if score_parts else torch.empty(0, dtype=pool.score_dtype)
@@ -485,6 +501,56 @@ def _split_layers_numpy(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
     above_amount = torch.from_numpy(counts) if isinstance(pool.cost, _LayerCosts) else torch.tensor(n_above)
     upto_amount = above_amount + between_pool.cost.amount_of_all(index.numel())
     return _Split(above_t, n_above, above_amount, n_above + index.numel(), upto_amount, between_pool)
+
+
+def _magnitude_thresholds(pool: "_LayeredPool", bound: float, strict: bool) -> np.ndarray:
+    """Per layer, the least magnitude x (in the score dtype) whose score passes ``bound``
+    (score > bound when ``strict``, else score >= bound); inf when none does. The score, computed
+    by ``numpy_scores``, never decreases as x grows (each IEEE operation rounds monotonically), so
+    the entries that pass are exactly those with magnitude >= x. Found from an estimate and
+    corrected one float at a time with that very arithmetic, for all layers at once."""
+    dtype = pool.numpy_dtype
+    n_layers = len(pool.flats)
+    if math.isnan(bound):
+        raise AssertionError("a pivot is never NaN")
+    if bound < 0 or (bound == 0 and not strict):
+        return np.zeros(n_layers, dtype=dtype)  # every score (>= +0) passes
+    if bound == math.inf:
+        return np.full(n_layers, np.inf, dtype=dtype)  # no finite score passes
+    divisors = np.ones(n_layers) if pool.numpy_divisors is None else pool.numpy_divisors.astype(np.float64)
+    layers = np.arange(n_layers)
+
+    def passes(x: np.ndarray) -> np.ndarray:
+        s = pool.numpy_scores(x, layers)
+        return s > bound if strict else s >= bound
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        t = np.asarray((bound * divisors) ** (1.0 / pool.power), dtype=np.float64).astype(dtype)
+        zero, top = dtype.type(0), dtype.type(np.inf)
+        for _ in range(_THRESHOLD_STEPS):  # the estimate is a float or two off, except near 0
+            ok = passes(t)
+            below = np.nextafter(t, zero)
+            down = ok & (t > 0) & passes(below)  # a smaller magnitude passes too
+            up = ~ok & (t < top)
+            if not (down.any() or up.any()):
+                return t
+            t = np.where(down, below, np.where(up, np.nextafter(t, top), t))
+        # bisection over the bit patterns (ordered as the non-negative floats they encode): the
+        # largest that fails stays in low, the smallest that passes (or inf) in high
+        unsigned = np.uint32 if dtype.itemsize == 4 else np.uint64
+        high = np.full(n_layers, np.array(np.inf, dtype=dtype).view(unsigned), dtype=unsigned)
+        at_zero = passes(np.zeros(n_layers, dtype=dtype))
+        high[at_zero] = 0
+        low = np.zeros(n_layers, dtype=unsigned)
+        while True:
+            open_ = high - low > 1
+            open_ &= ~at_zero
+            if not open_.any():
+                return high.view(dtype)
+            middle = low + (high - low) // 2
+            ok = passes(middle.view(dtype))
+            high = np.where(open_ & ok, middle, high)
+            low = np.where(open_ & ~ok, middle, low)
 
 
 def _bracket(s: Tensor, lo: float, hi: float, above: Tensor, between: Tensor) -> tuple[Tensor, Tensor]:
@@ -868,8 +934,32 @@ class _LayeredPool(_Pool):
         if self.numpy_pass:
             self.numpy_flats = [f.numpy() for f in self.flats]
             self.numpy_divisors = self._divisors_np
-            self.numpy_dtype = self.numpy_flats[0].dtype if self.flats else np.float32
+            self.numpy_dtype = self.numpy_flats[0].dtype if self.flats else np.dtype(np.float32)
             self.chunk_info = [(start, stop) + self._where[start] for start, stop in self._chunks]
+
+    def numpy_scores(self, magnitudes: np.ndarray, layer) -> np.ndarray:
+        """Scores of magnitudes of ``layer`` (an int, or one layer per magnitude), with the very
+        operations of ``_score``: the square (power 2), then the IEEE division by the divisor."""
+        s = magnitudes * magnitudes if self.power == 2 else magnitudes
+        return s if self.numpy_divisors is None else s / self.numpy_divisors[layer]
+
+    def chunk_groups(self) -> list[list[tuple[int, int, int, int]]]:
+        """The chunks in contiguous groups, one task of a pass each: about four per worker thread
+        (so that a thread held up by the machine's other work does not hold the pass up), none
+        below ``_MIN_GROUP`` entries; one group when one thread is all there is."""
+        threads = workers()
+        if threads == 1 or self.n < 2 * _MIN_GROUP:
+            return [self.chunk_info]
+        target = max(_MIN_GROUP, self.n // (4 * threads))
+        out: list[list[tuple[int, int, int, int]]] = [[]]
+        size = 0
+        for chunk in self.chunk_info:
+            if size >= target:
+                out.append([])
+                size = 0
+            out[-1].append(chunk)
+            size += chunk[1] - chunk[0]
+        return out
 
     def chunks(self) -> list[tuple[int, int]]:
         return self._chunks

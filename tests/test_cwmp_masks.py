@@ -33,7 +33,7 @@ def tuning(name: str):
     'tiny_torch_kernels' also runs the torch kernels that CUDA uses instead of numpy's."""
     settings = {}
     if name.startswith("tiny"):
-        settings.update(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16)
+        settings.update(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16, _MIN_GROUP=8)
     if name.endswith("torch_kernels"):
         settings.update(_NUMPY_ON_CPU=False)
     with mock.patch.multiple(masks, **settings) if settings else contextlib.nullcontext():

@@ -33,7 +33,7 @@ def tuning(name: str):
     the torch kernels and the gather-once-per-pass path that CUDA uses."""
     settings = {}
     if name.startswith("tiny"):
-        settings.update(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16)
+        settings.update(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16, _MIN_GROUP=8)
     if name.endswith("torch_kernels"):
         settings.update(_NUMPY_ON_CPU=False)
     with mock.patch.multiple(masks, **settings) if settings else contextlib.nullcontext():

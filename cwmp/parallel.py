@@ -1,0 +1,85 @@
+"""Worker threads for the CPU passes of the selection and of error feedback.
+
+numpy and torch release the GIL inside their loops, so a pass split into contiguous pieces runs on
+several cores from plain Python threads. Each piece writes only its own part of the output and the
+results are put together in piece order, so what a pass computes does not depend on how many
+threads ran it or in which order they finished.
+
+How many threads: torch's intra-op thread count as the caller set it (``torch.set_num_threads(1)``
+makes the pruner single-threaded too), at most ``MAX_WORKERS``. The pruner runs torch itself with
+one thread meanwhile (``cwmp.masks.single_threaded``), which records the caller's count here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import os
+import threading
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+__all__ = ["MAX_WORKERS", "in_parallel", "outer_threads", "workers"]
+
+MAX_WORKERS = 8  # threads a CPU pass may use
+G = TypeVar("G")
+R = TypeVar("R")
+
+#: torch's thread count outside the pruner's single-threaded section (None: not inside one)
+outer_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar("cwmp_outer_threads", default=None)
+
+
+def workers() -> int:
+    """Threads a CPU pass may use now."""
+    outer = outer_threads.get()
+    return max(1, min(MAX_WORKERS, torch.get_num_threads() if outer is None else outer))
+
+
+def in_parallel(run: Callable[[G], list[R]], groups: Sequence[G]) -> list[R]:
+    """``run`` on each group, by up to ``workers()`` threads that take the groups in turn (the
+    calling thread is one of them); the results of all groups concatenated, in group order. An
+    exception in any group is raised here, after every thread has stopped."""
+    threads = min(workers(), len(groups))
+    if threads <= 1:
+        return [r for group in groups for r in run(group)]
+    results: list[list[R] | None] = [None] * len(groups)
+    turns = iter(range(len(groups)))
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def work() -> None:
+        while not failed.is_set():
+            with lock:
+                i = next(turns, None)
+            if i is None:
+                return
+            try:
+                results[i] = run(groups[i])
+            except BaseException:
+                failed.set()
+                raise
+
+    helpers = [_executor().submit(work) for _ in range(threads - 1)]
+    try:
+        work()
+    finally:
+        errors = [helper.exception() for helper in helpers]  # waits for every helper
+    for error in errors:
+        if error is not None:
+            raise error
+    return [r for part in results for r in part]  # type: ignore[union-attr]
+
+
+_EXECUTOR: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The helper threads, made on first use, and again in a forked child (whose copy of the
+    parent's pool has no threads behind it: work given to it would never run)."""
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
+            _EXECUTOR = (os.getpid(), concurrent.futures.ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="cwmp-pass"))
+        return _EXECUTOR[1]
