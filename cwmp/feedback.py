@@ -17,7 +17,8 @@ from torch import Tensor
 
 from cwmp.costmap import NamedTensors, named_tensors
 from cwmp.errors import FeedbackStateError
-from cwmp.sparse import SparseUpdate, _check_mask, kept_positions, narrow_positions
+from cwmp.parallel import in_parallel
+from cwmp.sparse import SparseUpdate, _check_mask, take_kept
 
 __all__ = ["ErrorFeedback"]
 
@@ -115,12 +116,12 @@ class ErrorFeedback:
 
     def _remember_sparse(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, SparseUpdate]:
         """Gather the kept entries, then zero them in the residual: sent + residual is the
-        corrected update exactly (the kept entries move, the others stay)."""
+        corrected update exactly (the kept entries move, the others stay). On the CPU the layers
+        are shared among the pruner's threads (``cwmp.parallel``), the largest first."""
         for name, update in corrected.items():  # check everything before changing anything
             _check_mask(update, masks[name])
-        sent = {}
+        jobs = []
         for name, update in corrected.items():
-            keep = masks[name]
             if self._open.get(name) is update:  # the residual holds the update: move the kept entries out
                 residual = update
             else:  # the residual is written anew; ``update`` may be the caller's tensor, never written to
@@ -131,17 +132,22 @@ class ErrorFeedback:
                 else:
                     residual = update.clone(memory_format=torch.contiguous_format)
                     self.residuals[name] = residual
-            indices = kept_positions(keep)
+            jobs.append((name, residual, masks[name]))
+
+        def move(job: tuple[str, Tensor, Tensor]) -> list[tuple[str, SparseUpdate]]:
+            name, residual, keep = job
             if residual.is_contiguous():
-                flat = residual.view(-1)
-                values = flat.index_select(0, indices)
-                flat.index_fill_(0, indices, 0)
+                positions, values = take_kept(keep, residual, clear=True)
             else:  # a residual of another layout (loaded from a checkpoint): slower, same result
-                values = residual.reshape(-1).index_select(0, indices)
+                positions, values = take_kept(keep, residual)
                 residual.masked_fill_(keep, 0)
-            sent[name] = SparseUpdate(narrow_positions(indices, update.numel()), values, update.shape)
+            return [(name, SparseUpdate(positions, values, residual.shape))]
+
+        on_cpu = all(residual.device.type == "cpu" for _, residual, _ in jobs)
+        largest_first = sorted(jobs, key=lambda job: -job[1].numel())
+        moved = dict(in_parallel(move, largest_first) if on_cpu else [pair for job in jobs for pair in move(job)])
         self._open.clear()
-        return sent
+        return {name: moved[name] for name in corrected}
 
     def reset(self) -> None:
         self.residuals.clear()

@@ -481,7 +481,9 @@ def _split_layers_numpy(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
             np.greater_equal(s, t_lo[layer], out=b)
             b ^= a
             inside = np.flatnonzero(b)
-            out.append((layer, np.count_nonzero(a), inside + start, pool.numpy_scores(s[inside], layer)))
+            scores = pool.numpy_scores(s[inside], layer, in_place=True)
+            inside += start
+            out.append((layer, np.count_nonzero(a), inside, scores))
         return out
 
     parts = in_parallel(run, pool.chunk_groups())
@@ -937,11 +939,16 @@ class _LayeredPool(_Pool):
             self.numpy_dtype = self.numpy_flats[0].dtype if self.flats else np.dtype(np.float32)
             self.chunk_info = [(start, stop) + self._where[start] for start, stop in self._chunks]
 
-    def numpy_scores(self, magnitudes: np.ndarray, layer) -> np.ndarray:
+    def numpy_scores(self, magnitudes: np.ndarray, layer, in_place: bool = False) -> np.ndarray:
         """Scores of magnitudes of ``layer`` (an int, or one layer per magnitude), with the very
-        operations of ``_score``: the square (power 2), then the IEEE division by the divisor."""
-        s = magnitudes * magnitudes if self.power == 2 else magnitudes
-        return s if self.numpy_divisors is None else s / self.numpy_divisors[layer]
+        operations of ``_score``: the square (power 2), then the IEEE division by the divisor;
+        written over ``magnitudes`` when ``in_place``."""
+        s = magnitudes if in_place else magnitudes.copy()
+        if self.power == 2:
+            np.multiply(s, s, out=s)
+        if self.numpy_divisors is not None:
+            np.divide(s, self.numpy_divisors[layer], out=s)
+        return s
 
     def chunk_groups(self) -> list[list[tuple[int, int, int, int]]]:
         """The chunks in contiguous groups, one task of a pass each: about four per worker thread

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from cwmp.errors import MaskInputError
 
-__all__ = ["SparseUpdate", "kept_positions", "narrow_positions"]
+__all__ = ["SparseUpdate", "kept_positions", "narrow_positions", "take_kept"]
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,8 @@ class SparseUpdate:
     def from_mask(cls, tensor: Tensor, mask: Tensor) -> SparseUpdate:
         """The entries of ``tensor`` where ``mask`` (bool, same shape) is True; ``tensor`` is not changed."""
         _check_mask(tensor, mask)
-        indices = kept_positions(mask)
-        values = tensor.detach().reshape(-1).index_select(0, indices)
-        return cls(narrow_positions(indices, tensor.numel()), values, tensor.shape)
+        positions, values = take_kept(mask, tensor)
+        return cls(positions, values, tensor.shape)
 
     @property
     def numel(self) -> int:
@@ -85,18 +84,56 @@ class SparseUpdate:
         return self.values.numel() * (self.values.element_size() + index_bytes)
 
 
+_PIECE = 1 << 16  # mask entries per step on the CPU: int64 temporaries stay this small
+
+
 def kept_positions(mask: Tensor) -> Tensor:
-    """Ascending flat positions (int64) of the True entries of a bool mask, on its device."""
-    flat = mask.reshape(-1)
-    if flat.device.type == "cpu":  # numpy's flatnonzero is several times faster than torch.nonzero here
-        return torch.from_numpy(np.flatnonzero(flat.numpy()))
-    return torch.nonzero(flat).squeeze(1)
+    """Ascending flat positions of the True entries of a bool mask, on its device, in the
+    narrowest index dtype (``narrow_positions``)."""
+    return take_kept(mask)[0]
+
+
+def take_kept(mask: Tensor, tensor: Tensor | None = None, *, clear: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The positions of the True entries of ``mask`` (as ``kept_positions``) and, given a
+    ``tensor`` of the mask's shape, its values there; with ``clear`` those entries of ``tensor``
+    are then set to zero (``tensor`` must be contiguous). On the CPU the mask is walked in pieces
+    of ``_PIECE`` entries, so no int64 index of all kept entries is ever made: the memory used is
+    the int32 positions and the values, what is sent."""
+    flat_mask = mask.reshape(-1)
+    flat = None if tensor is None else tensor.detach().view(-1) if clear else tensor.detach().reshape(-1)
+    if flat_mask.device.type != "cpu":  # one kernel each, no host round trip per piece
+        index = torch.nonzero(flat_mask).squeeze(1)
+        values = None if flat is None else flat.index_select(0, index)
+        if clear:
+            flat.index_fill_(0, index, 0)
+        return narrow_positions(index, flat_mask.numel()), values
+    bits = flat_mask.numpy()
+    n = bits.size
+    positions = np.empty(int(np.count_nonzero(bits)), dtype=np.int32 if n <= _INT32_MAX else np.int64)
+    values = None if flat is None else torch.empty(positions.size, dtype=flat.dtype)
+    at = 0
+    for start in range(0, n, _PIECE):
+        local = np.flatnonzero(bits[start : start + _PIECE])  # numpy's is several times torch's speed
+        k = local.size
+        if not k:
+            continue
+        np.add(local, start, out=positions[at : at + k], casting="unsafe")
+        if flat is not None:
+            index, piece = torch.from_numpy(local), flat[start : start + _PIECE]
+            torch.index_select(piece, 0, index, out=values[at : at + k])
+            if clear:
+                piece.index_fill_(0, index, 0)
+        at += k
+    return torch.from_numpy(positions), values
+
+
+_INT32_MAX = torch.iinfo(torch.int32).max
 
 
 def narrow_positions(indices: Tensor, numel: int) -> Tensor:
     """int64 positions as int32 where the tensor's ``numel`` allows it (a third less to hold: values
     and indices of a float32 update take 8 bytes per kept entry instead of 12)."""
-    return indices.to(torch.int32) if numel <= torch.iinfo(torch.int32).max else indices
+    return indices.to(torch.int32) if numel <= _INT32_MAX else indices
 
 
 def _check_mask(tensor: Tensor, mask: Tensor) -> None:
