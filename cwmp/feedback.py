@@ -17,7 +17,7 @@ from torch import Tensor
 
 from cwmp.costmap import NamedTensors, named_tensors
 from cwmp.errors import FeedbackStateError
-from cwmp.parallel import in_parallel
+from cwmp.parallel import in_parallel, map_largest_first
 from cwmp.sparse import SparseUpdate, _check_mask, take_kept
 
 __all__ = ["ErrorFeedback"]
@@ -56,6 +56,7 @@ class ErrorFeedback:
                 f"{sorted(self._open)} already hold an update: call remember() (or undo()) first"
             )
         corrected = {}
+        adds = []
         for name, update in named.items():
             dtype = torch.promote_types(update.dtype, torch.float32)
             update = update.detach()
@@ -63,10 +64,16 @@ class ErrorFeedback:
             if residual is None:
                 corrected[name] = update.to(dtype)  # no copy if it already is; never written to
             elif in_place and residual.dtype == dtype and residual.device == update.device:
-                corrected[name] = residual.add_(update)
+                adds.append((residual, update))
+                corrected[name] = residual
                 self._open[name] = residual
             else:
                 corrected[name] = update.to(dtype) + residual.to(update.device)
+        if adds and all(residual.device.type == "cpu" for residual, _ in adds):  # on the caller's threads
+            map_largest_first(lambda pair: pair[0].add_(pair[1]).data_ptr(), adds, [r.numel() for r, _ in adds])
+        else:
+            for residual, update in adds:
+                residual.add_(update)
         return corrected
 
     def undo(self, updates: NamedTensors) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from cwmp.errors import MaskInputError
-from cwmp.parallel import in_parallel, outer_threads, workers
+from cwmp.parallel import in_parallel, map_largest_first, outer_threads, workers
 
 __all__ = [
     "cwmp_mask",
@@ -403,7 +403,10 @@ class _Split:
 
     def mask_with(self, inner: Tensor) -> Tensor:
         """The pool's mask: the entries above the bracket and the bracketed ones ``inner`` keeps."""
-        self.above[self.between.index[inner]] = True
+        if _NUMPY_ON_CPU and self.above.device.type == "cpu":  # numpy's indexing: several times faster
+            self.above.numpy()[self.between.index.numpy()[inner.numpy()]] = True
+        else:
+            self.above[self.between.index[inner]] = True
         return self.above
 
 
@@ -856,9 +859,12 @@ def check_layers(tensors: Sequence[Tensor]) -> Layers:
     filled = [f for f in flats if f.numel()]
     if isinstance(tensors, Layers):
         raise AssertionError("already checked")
-    extremes = (
-        torch.stack([torch.stack(torch.aminmax(f)).to(torch.float64) for f in filled]).tolist() if filled else []
-    )
+    if filled and device.type == "cpu":  # on the caller's threads (torch's aminmax runs on one here)
+        extremes = map_largest_first(lambda f: [float(v) for v in torch.aminmax(f)], filled, [f.numel() for f in filled])
+    else:  # one host round trip for all tensors
+        extremes = (
+            torch.stack([torch.stack(torch.aminmax(f)).to(torch.float64) for f in filled]).tolist() if filled else []
+        )
     max_magnitudes, it = [], iter(extremes)
     for i, f in enumerate(flats):
         if not f.numel():

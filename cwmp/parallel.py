@@ -83,3 +83,14 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
         if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
             _EXECUTOR = (os.getpid(), concurrent.futures.ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="cwmp-pass"))
         return _EXECUTOR[1]
+
+
+def map_largest_first(fn: Callable[[G], R], items: Sequence[G], sizes: Sequence[int]) -> list[R]:
+    """``[fn(item) for item in items]``, the items shared among the threads largest first (so that
+    the last one taken is small); results in the items' order."""
+    order = sorted(range(len(items)), key=lambda i: -sizes[i])
+    done = in_parallel(lambda i: [(i, fn(items[i]))], order)
+    results: list = [None] * len(items)
+    for i, result in done:
+        results[i] = result
+    return results

@@ -33,6 +33,7 @@ from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import MaskInputError
 from cwmp.feedback import ErrorFeedback
 from cwmp.masks import check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
+from cwmp.parallel import map_largest_first
 from cwmp.sparse import SparseUpdate
 
 __all__ = ["METHODS", "Budget", "PruneResult", "Pruner"]
@@ -268,7 +269,11 @@ def _check_finite(named: dict[str, Tensor]) -> None:
     filled = [(n, t.detach()) for n, t in named.items() if t.numel() and t.is_floating_point()]
     if not filled:
         return
-    flags = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for _, t in filled]).tolist()
+    if filled[0][1].device.type == "cpu":  # on the caller's threads
+        flags = map_largest_first(lambda t: bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()),
+                                  [t for _, t in filled], [t.numel() for _, t in filled])
+    else:
+        flags = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for _, t in filled]).tolist()
     for (name, tensor), ok in zip(filled, flags):
         if not ok:
             bad = torch.nonzero(~torch.isfinite(tensor.reshape(-1))).squeeze(1)
