@@ -24,12 +24,15 @@ Times are medians over interleaved repeats. Every row's masks are checked agains
 on the concatenation (a stable sort of all scores, then the walk of the contract: the longest
 prefix whose per-layer ``fixed_j + joules_per_update * k`` fits). Extra memory is the peak resident
 memory during one call minus the resident memory before it, outputs included (masks; for ef-step
-also the kept positions and values sent): on Linux the peak is reset through
-``/proc/self/clear_refs`` and read as ``VmHWM``, with glibc told (``mallopt``) to return every
-allocation of 128 KiB or more to the system when it is freed, so that a reused free block cannot
-hide. While timing, glibc is set as a long-running process ends up by itself (blocks up to 32 MiB
-from the heap, reused), for every row alike. On CUDA it is ``torch.cuda.max_memory_allocated``
-minus the memory allocated before.
+also the kept positions and values sent). On Linux the peak is reset through
+``/proc/self/clear_refs`` and read as ``VmHWM``. glibc is told (``mallopt``) from the start to map
+every allocation of 128 KiB or more on its own and to unmap it when it is freed, and every case's
+checks and memory probes run before any timing: a large free block left in the heap would
+otherwise be handed out again, and the resident pages it already had, or the pages it had lost to
+``malloc_trim``, would make the figure depend on what ran before rather than on the call. Then,
+for the timing, glibc is set as a long-running process ends up by itself (blocks up to 32 MiB from
+the heap, reused), for every row alike. On CUDA extra memory is
+``torch.cuda.max_memory_allocated`` minus the memory allocated before.
 
     python benchmarks/prune_speed.py                 # ResNet-18 and 100 M entries, 1 % and 10 %
     python benchmarks/prune_speed.py --quick         # the CNN's shapes and 1 M entries (the smoke test)
@@ -49,6 +52,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -179,6 +183,7 @@ def _status_kib(field: str) -> int:
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 TIMING_MMAP_THRESHOLD = 32 * 2**20  # what glibc's dynamic threshold grows to in a long-running process
+PROBE_MMAP_THRESHOLD = 128 * 1024  # glibc's default: blocks this large are mapped, and unmapped when freed
 
 
 def mallopt(mmap_threshold: int) -> bool:
@@ -189,9 +194,10 @@ def mallopt(mmap_threshold: int) -> bool:
 
 
 def memory_probe_ready() -> str:
-    """'' when peak RSS can be measured per call, else why not. Leaves glibc in its timing mode."""
+    """'' when peak RSS can be measured per call, else why not. Leaves glibc mapping every block of
+    128 KiB or more on its own (the mode the memory probes need, set before anything is allocated)."""
     try:
-        if not mallopt(TIMING_MMAP_THRESHOLD):
+        if not mallopt(PROBE_MMAP_THRESHOLD):
             return "mallopt refused"
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -212,23 +218,30 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
         peak = torch.cuda.max_memory_allocated(device)
         del out
         return float(peak - before)
-    mallopt(128 * 1024)  # every block of 128 KiB or more returns to the system when freed
-    try:
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # and what the heap kept from the timing goes back
-        before = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        out = fn()
-        peak = _status_kib("VmHWM")
-        del out
-    finally:
-        mallopt(TIMING_MMAP_THRESHOLD)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap pages go back before the call
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
     return (peak - before) * 1024.0
 
 
 # ------------------------------------------------------------------------------------ the runs
-def bench(model: str, shapes, ratio: float, repeats: int, device: torch.device, memory: bool, seed: int):
+@dataclass
+class Case:
+    model: str
+    ratio: float
+    n: int
+    update_bytes: int
+    calls: dict[str, Callable[[], object]]
+    same: dict[str, bool]
+    extra: dict[str, float]
+
+
+def prepare(model: str, shapes, ratio: float, device: torch.device, memory: bool, seed: int) -> Case:
+    """Build one case, check every row's masks (also the warm-up), and probe each call's memory."""
     update = {n: u.to(device) for n, u in make_update(shapes, seed).items()}
     costs = make_costs(model, shapes)
     n = sum(u.numel() for u in update.values())
@@ -268,12 +281,16 @@ def bench(model: str, shapes, ratio: float, repeats: int, device: torch.device, 
         "topk": lambda: topk.masks(update),
         "ef-step": lambda: cwmp.compress(update, feedback, sparse=True),  # what a client sends
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            times[name].append(timed(fn, device))
     extra = {name: peak_extra_bytes(fn, device) if memory else math.nan for name, fn in calls.items()}
-    return n, {name: statistics.median(ts) for name, ts in times.items()}, extra, update_bytes, same
+    return Case(model, ratio, n, update_bytes, calls, same, extra)
+
+
+def medians(case: Case, repeats: int, device: torch.device) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in case.calls}
+    for _ in range(repeats):
+        for name, fn in case.calls.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,25 +314,29 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeats}; costs: SIMULATED sim-h100 profile with a made-up per-layer table")
     if why_no_memory:
         print(f"# extra memory not measured: {why_no_memory}")
+    cases = []
+    for model in args.models:  # first every check and memory probe, then the timing (see the docstring)
+        shapes = large_shapes(int(args.large_entries)) if model == "large" else builtin_shapes(model)
+        for ratio in args.keep:
+            cases.append(prepare(model, shapes, ratio, device, not why_no_memory, args.seed))
+    if device.type == "cpu" and not why_no_memory:
+        mallopt(TIMING_MMAP_THRESHOLD)
     print(f"{'model':<9} {'entries':>10} {'keep':>5} {'call':<12} {'ms':>9} {'x topk':>8} "
           f"{'extra MiB':>10} {'x update':>9} {'masks ok':>9}")
     worst_time = worst_memory = 0.0
     all_same = True
-    for model in args.models:
-        shapes = large_shapes(int(args.large_entries)) if model == "large" else builtin_shapes(model)
-        for ratio in args.keep:
-            n, times, extra, update_bytes, same = bench(
-                model, shapes, ratio, args.repeats, device, not why_no_memory, args.seed
-            )
-            for name, seconds in times.items():
-                share = seconds / times["torch.topk"]
-                if name != "torch.topk":
-                    worst_time = max(worst_time, share)
-                    worst_memory = max(worst_memory, extra[name] / update_bytes)
-                all_same &= same[name]
-                print(f"{model:<9} {n:>10} {ratio:>5.0%} {name:<12} {seconds * 1e3:>9.1f} {share:>7.3f}x "
-                      f"{extra[name] / 2**20:>10.1f} {extra[name] / update_bytes:>8.2f}x "
-                      f"{'yes' if same[name] else 'NO':>9}", flush=True)
+    for case in cases:
+        times = medians(case, args.repeats, device)
+        for name, seconds in times.items():
+            share = seconds / times["torch.topk"]
+            memory = case.extra[name] / case.update_bytes
+            if name != "torch.topk":
+                worst_time = max(worst_time, share)
+                worst_memory = max(worst_memory, memory)
+            all_same &= case.same[name]
+            print(f"{case.model:<9} {case.n:>10} {case.ratio:>5.0%} {name:<12} {seconds * 1e3:>9.1f} {share:>7.3f}x "
+                  f"{case.extra[name] / 2**20:>10.1f} {memory:>8.2f}x {'yes' if case.same[name] else 'NO':>9}",
+                  flush=True)
     print(f"# worst pruner / torch.topk: {worst_time:.3f}x (goal <= {GOAL_TIME}x); worst extra memory: "
           f"{worst_memory:.2f}x the update (goal <= {GOAL_MEMORY}x; ef-step's includes what it sends: kept positions and values)")
     return 0 if all_same else 1
