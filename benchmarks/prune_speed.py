@@ -52,9 +52,8 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -229,8 +228,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
 
 
 # ------------------------------------------------------------------------------------ the runs
-@dataclass
-class Case:
+class Case(NamedTuple):
     model: str
     ratio: float
     n: int

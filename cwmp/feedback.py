@@ -23,6 +23,13 @@ from cwmp.sparse import SparseUpdate, _check_mask, take_kept
 __all__ = ["ErrorFeedback"]
 
 
+def _add_and_reduce(pair: tuple[Tensor, Tensor]) -> tuple[float, float]:
+    """residual += update, and the (min, max) of the result."""
+    residual, update = pair
+    low, high = torch.aminmax(residual.add_(update))
+    return float(low), float(high)
+
+
 class ErrorFeedback:
     """Residuals per tensor name, in float32 or wider so that small entries can accumulate.
 
@@ -38,6 +45,7 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residuals: dict[str, Tensor] = {}
         self._open: dict[str, Tensor] = {}  # residuals that hold an update added in place
+        self.open_extremes: dict[int, tuple[float, float]] = {}  # their (min, max), by id
 
     def compensate(self, updates: NamedTensors, *, in_place: bool = False) -> dict[str, Tensor]:
         """The update plus what earlier masks dropped (the update itself where nothing was dropped)."""
@@ -69,12 +77,21 @@ class ErrorFeedback:
                 self._open[name] = residual
             else:
                 corrected[name] = update.to(dtype) + residual.to(update.device)
-        if adds and all(residual.device.type == "cpu" for residual, _ in adds):  # on the caller's threads
-            map_largest_first(lambda pair: pair[0].add_(pair[1]).data_ptr(), adds, [r.numel() for r, _ in adds])
+        self.open_extremes = {}
+        if adds and all(residual.device.type == "cpu" for residual, _ in adds):
+            # on the caller's threads; each residual's (min, max) is taken while it is in cache, for
+            # the pruner's checks of the corrected update (``open_extremes``)
+            extremes = map_largest_first(_add_and_reduce, adds, [r.numel() for r, _ in adds])
+            self.open_extremes = {id(residual): ext for (residual, _), ext in zip(adds, extremes)}
         else:
             for residual, update in adds:
                 residual.add_(update)
         return corrected
+
+    def extremes_of(self, corrected: Tensor) -> tuple[float, float] | None:
+        """(min, max) of a tensor that the last in-place ``compensate`` returned and nothing has
+        changed since (None if not known): what the pruner would otherwise reduce again."""
+        return self.open_extremes.get(id(corrected)) if any(r is corrected for r in self._open.values()) else None
 
     def undo(self, updates: NamedTensors) -> None:
         """Take back an in-place ``compensate`` whose step failed (the residual is restored up to
@@ -82,7 +99,7 @@ class ErrorFeedback:
         named = named_tensors(updates)
         for name, residual in self._open.items():
             residual.sub_(named[name].detach())
-        self._open.clear()
+        self._close()
 
     def remember(
         self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor], *, sparse: bool = False
@@ -118,7 +135,7 @@ class ErrorFeedback:
                 torch.where(keep, zero, update, out=residual)  # reuse the buffer
             else:
                 self.residuals[name] = torch.where(keep, zero, update)
-        self._open.clear()
+        self._close()
         return sent
 
     def _remember_sparse(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, SparseUpdate]:
@@ -153,12 +170,16 @@ class ErrorFeedback:
         on_cpu = all(residual.device.type == "cpu" for _, residual, _ in jobs)
         largest_first = sorted(jobs, key=lambda job: -job[1].numel())
         moved = dict(in_parallel(move, largest_first) if on_cpu else [pair for job in jobs for pair in move(job)])
-        self._open.clear()
+        self._close()
         return {name: moved[name] for name in corrected}
+
+    def _close(self) -> None:
+        self._open.clear()
+        self.open_extremes = {}
 
     def reset(self) -> None:
         self.residuals.clear()
-        self._open.clear()
+        self._close()
 
     # ------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
@@ -184,4 +205,4 @@ class ErrorFeedback:
                     "load the checkpoint of this model, or start with an empty ErrorFeedback()"
                 )
         self.residuals = {name: r.detach().clone() for name, r in residuals.items()}
-        self._open.clear()
+        self._close()

@@ -838,9 +838,11 @@ class Layers:
     device: torch.device
 
 
-def check_layers(tensors: Sequence[Tensor]) -> Layers:
+def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] | None] | None = None) -> Layers:
     """Flat views of the tensors, checked as ``_check_update`` checks one, with one host round trip
-    for all of them (their min and max are reduced on their device and fetched together)."""
+    for all of them (their min and max are reduced on their device and fetched together).
+    ``known[i]``, where given, is tensor i's (min, max), just computed by the caller (error
+    feedback's in-place compensation reduces each residual while it is still in cache)."""
     flats: list[Tensor] = []
     devices = set()
     for i, t in enumerate(tensors):
@@ -856,9 +858,12 @@ def check_layers(tensors: Sequence[Tensor]) -> Layers:
     score_dtype = torch.float32
     for f in flats:
         score_dtype = torch.promote_types(score_dtype, f.dtype)
-    filled = [f for f in flats if f.numel()]
     if isinstance(tensors, Layers):
         raise AssertionError("already checked")
+    known = [None] * len(flats) if known is None else list(known)
+    if len(known) != len(flats):
+        raise AssertionError("one known (min, max) or None per tensor")
+    filled = [f for f, k in zip(flats, known) if f.numel() and k is None]
     if filled and device.type == "cpu":  # on the caller's threads (torch's aminmax runs on one here)
         extremes = map_largest_first(lambda f: [float(v) for v in torch.aminmax(f)], filled, [f.numel() for f in filled])
     else:  # one host round trip for all tensors
@@ -870,7 +875,7 @@ def check_layers(tensors: Sequence[Tensor]) -> Layers:
         if not f.numel():
             max_magnitudes.append(0.0)
             continue
-        low, high = next(it)
+        low, high = next(it) if known[i] is None else known[i]
         if not (math.isfinite(low) and math.isfinite(high)):
             try:
                 _check_update(f)

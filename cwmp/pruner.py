@@ -125,11 +125,12 @@ class Pruner:
         with single_threaded(_device_of(list(named.values()))):
             return self._masks(named)
 
-    def _masks(self, named: dict[str, Tensor]) -> PruneResult:
+    def _masks(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> PruneResult:
         names = list(named)
         marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
         fixed = [self.cost_map.fixed_j(name) for name in names]
-        tensors = check_layers([named[name] for name in names])  # once, for both selections
+        known = None if feedback is None else [feedback.extremes_of(named[name]) for name in names]
+        tensors = check_layers([named[name] for name in names], known)  # once, for both selections
         sizes = [t.numel() for t in tensors.flats]
         total = sum(sizes)
         top = None
@@ -242,7 +243,7 @@ class Pruner:
         _check_finite(named)
         corrected = feedback.compensate(named, in_place=True)
         try:
-            result = self.masks(corrected)
+            result = self._masks(named_tensors(corrected), feedback)
         except BaseException:
             feedback.undo(named)
             raise
@@ -270,14 +271,24 @@ def _check_finite(named: dict[str, Tensor]) -> None:
     if not filled:
         return
     if filled[0][1].device.type == "cpu":  # on the caller's threads
-        flags = map_largest_first(lambda t: bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()),
-                                  [t for _, t in filled], [t.numel() for _, t in filled])
+        flags = map_largest_first(lambda t: bool(_finite_hint(t)), [t for _, t in filled], [t.numel() for _, t in filled])
     else:
-        flags = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for _, t in filled]).tolist()
+        flags = torch.stack([_finite_hint(t) for _, t in filled]).tolist()
     for (name, tensor), ok in zip(filled, flags):
         if not ok:
             bad = torch.nonzero(~torch.isfinite(tensor.reshape(-1))).squeeze(1)
+            if not bad.numel():
+                continue  # the sum overflowed: every entry is finite
             raise MaskInputError(
                 f"update {name!r} has {bad.numel()} NaN or infinite entries (first at flat index {int(bad[0])}); "
                 "a mask of such an update would be meaningless: fix the training step or clip the update"
             )
+
+
+def _finite_hint(tensor: Tensor) -> Tensor:
+    """True when every entry is finite; False when one may not be (then look closer). A float32 or
+    float64 sum is NaN or inf if any entry is, and it is faster than a min and max; it can also
+    overflow with every entry finite, hence only a hint."""
+    if tensor.dtype in (torch.float32, torch.float64):
+        return torch.isfinite(tensor.sum())
+    return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()

@@ -84,7 +84,7 @@ class SparseUpdate:
         return self.values.numel() * (self.values.element_size() + index_bytes)
 
 
-_PIECE = 1 << 16  # mask entries per step on the CPU: int64 temporaries stay this small
+_PIECE = 1 << 18  # mask entries per step on the CPU: int64 temporaries stay this small
 
 
 def kept_positions(mask: Tensor) -> Tensor:
