@@ -23,10 +23,13 @@ from cwmp.sparse import SparseUpdate, _check_mask, take_kept
 __all__ = ["ErrorFeedback"]
 
 
-def _add_and_reduce(pair: tuple[Tensor, Tensor]) -> tuple[float, float]:
+def _add_and_reduce(pair: tuple[Tensor, Tensor]) -> tuple[float, float] | None:
     """residual += update, and the (min, max) of the result."""
     residual, update = pair
-    low, high = torch.aminmax(residual.add_(update))
+    residual.add_(update)
+    if not residual.numel():
+        return None  # nothing to know
+    low, high = torch.aminmax(residual)
     return float(low), float(high)
 
 
@@ -82,7 +85,7 @@ class ErrorFeedback:
             # on the caller's threads; each residual's (min, max) is taken while it is in cache, for
             # the pruner's checks of the corrected update (``open_extremes``)
             extremes = map_largest_first(_add_and_reduce, adds, [r.numel() for r, _ in adds])
-            self.open_extremes = {id(residual): ext for (residual, _), ext in zip(adds, extremes)}
+            self.open_extremes = {id(r): ext for (r, _), ext in zip(adds, extremes) if ext is not None}
         else:
             for residual, update in adds:
                 residual.add_(update)

@@ -520,8 +520,6 @@ def _magnitude_thresholds(pool: "_LayeredPool", bound: float, strict: bool) -> n
         raise AssertionError("a pivot is never NaN")
     if bound < 0 or (bound == 0 and not strict):
         return np.zeros(n_layers, dtype=dtype)  # every score (>= +0) passes
-    if bound == math.inf:
-        return np.full(n_layers, np.inf, dtype=dtype)  # no finite score passes
     divisors = np.ones(n_layers) if pool.numpy_divisors is None else pool.numpy_divisors.astype(np.float64)
     layers = np.arange(n_layers)
 
