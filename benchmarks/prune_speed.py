@@ -37,6 +37,7 @@ the heap, reused), for every row alike. On CUDA extra memory is
     python benchmarks/prune_speed.py                 # ResNet-18 and 100 M entries, 1 % and 10 %
     python benchmarks/prune_speed.py --quick         # the CNN's shapes and 1 M entries (the smoke test)
     python benchmarks/prune_speed.py --device cuda
+    python benchmarks/prune_speed.py --threads 1     # baseline and pruner on one thread each
 
 The 100 M case needs about 6 GiB of memory (most of it the references' sorts) and a few minutes on
 two cores.
@@ -300,11 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case (median reported)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads first (the baseline's and the pruner's threads; default: torch's)")
     parser.add_argument("--quick", action="store_true",
                         help="the small CNN's shapes and 1 M entries, 1 repeat (the smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.large_entries, args.repeats = ["cnn", "large"], min(args.large_entries, 1e6), 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     why_no_memory = "" if device.type == "cuda" else memory_probe_ready()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()

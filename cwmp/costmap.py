@@ -12,7 +12,7 @@ from the profile's global coefficients instead, and the map records which costs 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Union
 
@@ -186,10 +186,14 @@ class CostMap:
         return layer_joules(price.fixed_j, price.joules_per_update, price.joules_per_line, k, lines,
                             price.joules_per_update_density, mask.numel())
 
-    def joules_by_layer(self, masks: Mapping[str, Tensor]) -> dict[str, float]:
-        """Predicted joules of keeping the entries each mask keeps (``layer_joules`` per layer)."""
+    def joules_by_layer(self, masks: Mapping[str, Tensor], counts: Sequence[int] | None = None) -> dict[str, float]:
+        """Predicted joules of keeping the entries each mask keeps (``layer_joules`` per layer);
+        ``counts`` are the masks' kept entries, in their order, when the caller has them."""
         names = list(masks)
-        if all(masks[n].device.type == "cpu" and masks[n].dtype == torch.bool for n in names):
+        if counts is not None:
+            if len(counts) != len(names):
+                raise ValueError(f"{len(counts)} counts for {len(names)} masks")
+        elif all(masks[n].device.type == "cpu" and masks[n].dtype == torch.bool for n in names):
             counts = [int(np.count_nonzero(masks[n].numpy())) for n in names]  # many times faster than torch's
         else:
             counts = [torch.count_nonzero(masks[n]) for n in names]

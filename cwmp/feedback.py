@@ -9,6 +9,7 @@ per client, and is saved and restored beside the model's own state dict.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,20 +18,33 @@ from torch import Tensor
 
 from cwmp.costmap import NamedTensors, named_tensors
 from cwmp.errors import FeedbackStateError
-from cwmp.parallel import in_parallel, map_largest_first
+from cwmp.parallel import extremes, in_parallel, map_largest_first
 from cwmp.sparse import SparseUpdate, _check_mask, take_kept
 
 __all__ = ["ErrorFeedback"]
 
 
+_PIECE = 1 << 16  # entries per piece of the compensation (256 KiB of float32: in the core's cache)
+
+
 def _add_and_reduce(pair: tuple[Tensor, Tensor]) -> tuple[float, float] | None:
     """residual += update, and the (min, max) of the result."""
     residual, update = pair
-    residual.add_(update)
-    if not residual.numel():
-        return None  # nothing to know
-    low, high = torch.aminmax(residual)
-    return float(low), float(high)
+    if not (residual.dtype == update.dtype and residual.is_contiguous() and update.is_contiguous()
+            and residual.dtype in (torch.float32, torch.float64)):
+        residual.add_(update)
+        return extremes(residual) if residual.numel() else None
+    r, u = residual.numpy().reshape(-1), update.numpy().reshape(-1)
+    if not r.size:
+        return None
+    low, high = math.inf, -math.inf
+    for start in range(0, r.size, _PIECE):  # each piece reduced while it is in cache
+        piece = r[start : start + _PIECE]
+        np.add(piece, u[start : start + _PIECE], out=piece)  # IEEE addition, as torch's add_
+        low, high = min(low, float(piece.min())), max(high, float(piece.max()))
+        if math.isnan(low) or math.isnan(high):
+            return math.nan, math.nan  # as the min and max of the whole would be
+    return low, high
 
 
 class ErrorFeedback:

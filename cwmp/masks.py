@@ -28,7 +28,7 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from cwmp.errors import MaskInputError
+from cwmp.parallel import extremes as tensor_extremes
 from cwmp.parallel import in_parallel, map_largest_first, outer_threads, workers
 
 __all__ = [
@@ -834,6 +835,9 @@ class Layers:
     max_magnitudes: list[float]
     score_dtype: torch.dtype
     device: torch.device
+    #: the sample's positions and magnitudes by sample size, shared by the selections over these
+    #: tensors (Top-K's energy, then CWMP's masks): the seed is fixed, so the positions are the same
+    samples: dict[int, list] = field(default_factory=dict)
 
 
 def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] | None] | None = None) -> Layers:
@@ -862,8 +866,8 @@ def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] 
     if len(known) != len(flats):
         raise AssertionError("one known (min, max) or None per tensor")
     filled = [f for f, k in zip(flats, known) if f.numel() and k is None]
-    if filled and device.type == "cpu":  # on the caller's threads (torch's aminmax runs on one here)
-        extremes = map_largest_first(lambda f: [float(v) for v in torch.aminmax(f)], filled, [f.numel() for f in filled])
+    if filled and device.type == "cpu":  # on the caller's threads
+        extremes = map_largest_first(tensor_extremes, filled, [f.numel() for f in filled])
     else:  # one host round trip for all tensors
         extremes = (
             torch.stack([torch.stack(torch.aminmax(f)).to(torch.float64) for f in filled]).tolist() if filled else []
@@ -914,7 +918,7 @@ class _LayeredPool(_Pool):
     computes_scores = True
 
     def __init__(self, layers: Layers, divisors: Sequence[float] | None, power: float) -> None:
-        self.flats, self.power = layers.flats, power
+        self.flats, self.power, self.samples = layers.flats, power, layers.samples
         self.device, self.score_dtype = layers.device, layers.score_dtype
         self.sizes = [f.numel() for f in self.flats]
         self.offsets = [0]
@@ -1016,13 +1020,27 @@ class _LayeredPool(_Pool):
         return torch.cat(parts) if parts else torch.empty(0, dtype=self.score_dtype, device=self.device)
 
     def sample_scores(self, index: Tensor) -> Tensor:
-        return self.scores_at(index)
+        """Scores at the sample's positions, from magnitudes gathered once per sample for all the
+        selections over these tensors (the gather, random access, is most of a sample's cost)."""
+        cached = self.samples.get(index.numel())
+        if cached is None or cached[0] is not index:
+            return self.scores_at(index)
+        if cached[1] is None:
+            bounds = torch.searchsorted(index, self._bounds).tolist()
+            parts = [self.flats[layer][index[a:b] - self.offsets[layer]].to(self.score_dtype).abs_()
+                     for layer, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+            cached[1], cached[2] = parts, bounds
+        parts = [_score(part, self._divisor(layer), self.power) for layer, part in enumerate(cached[1]) if part.numel()]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=self.score_dtype, device=self.device)
 
     def sample_index(self, size: int, generator: torch.Generator) -> Tensor:
+        cached = self.samples.get(size)
+        if cached is not None:
+            return cached[0]
         index = super().sample_index(size, generator)  # ascending, for scores_at
-        if self._numpy:
-            return torch.from_numpy(np.sort(index.numpy()))
-        return torch.sort(index).values
+        index = torch.from_numpy(np.sort(index.numpy())) if self._numpy else torch.sort(index).values
+        self.samples[size] = [index, None, None]
+        return index
 
 
 class _LayerCosts(_CostModel):

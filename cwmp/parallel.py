@@ -18,9 +18,10 @@ import os
 import threading
 from typing import Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 
-__all__ = ["MAX_WORKERS", "in_parallel", "outer_threads", "workers"]
+__all__ = ["MAX_WORKERS", "extremes", "in_parallel", "map_largest_first", "outer_threads", "workers"]
 
 MAX_WORKERS = 8  # threads a CPU pass may use
 G = TypeVar("G")
@@ -94,3 +95,14 @@ def map_largest_first(fn: Callable[[G], R], items: Sequence[G], sizes: Sequence[
     for i, result in done:
         results[i] = result
     return results
+
+
+def extremes(tensor: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a non-empty tensor; NaN in it makes both NaN. On the CPU, for float32 and
+    float64, numpy's reductions (about twice the speed of ``torch.aminmax`` there)."""
+    t = tensor.detach()
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        values = t.numpy()
+        return float(values.min()), float(values.max())
+    low, high = torch.aminmax(t)
+    return float(low), float(high)

@@ -97,6 +97,19 @@ class PruneResult:
         )
 
 
+@dataclass(frozen=True)
+class _Priced:
+    """A flat mask over the concatenation, its kept entries per layer and its joules by layer."""
+
+    mask: Tensor
+    by_layer: dict[str, float]
+    counts: list[int]
+
+    @property
+    def joules(self) -> float:
+        return math.fsum(self.by_layer.values())
+
+
 class Pruner:
     """Masks for named updates under an energy budget; ``method`` is ``'cwmp'`` or ``'topk'``."""
 
@@ -135,87 +148,85 @@ class Pruner:
         total = sum(sizes)
         top = None
         if self.budget.keep_ratio is not None:
-            top = layers_topk_mask(tensors, _k_of(self.budget.keep_ratio, total))
-            by_layer = self.cost_map.joules_by_layer(_views(top, named))
-            budget_j = math.fsum(by_layer.values())
+            top = self._price(layers_topk_mask(tensors, _k_of(self.budget.keep_ratio, total)), named, sizes)
+            budget_j = math.fsum(top.by_layer.values())
         else:
             budget_j = self.budget.joules
         if self.method == "topk" and top is not None:
-            mask = top
+            chosen = top
         else:
             top = None  # free Top-K's mask before selecting
-            mask, by_layer = self._within(tensors, marginal, fixed, budget_j, named)
+            chosen = self._within(tensors, marginal, fixed, budget_j, named)
             if not self.cost_map.linear:
                 # a layer's cost per entry depends on how many of its entries are kept (shared cache
                 # lines, the density term): select again, priced at the densities just selected
-                counts = layer_counts(mask, sizes)
                 marginal = [self.cost_map.marginal_j(name, max(k, 1) / n)
-                            for name, k, n in zip(names, counts, sizes)]
-                mask, by_layer = self._within(tensors, marginal, fixed, budget_j, named)
-        predicted_j = math.fsum(by_layer.values())
+                            for name, k, n in zip(names, chosen.counts, sizes)]
+                chosen = self._within(tensors, marginal, fixed, budget_j, named)
         return PruneResult(
             method=self.method,
-            masks=_views(mask, named),
+            masks=_views(chosen.mask, named),
             budget_j=budget_j,
-            predicted_j=predicted_j,
-            joules_by_layer=by_layer,
-            kept=sum(layer_counts(mask, sizes)),
+            predicted_j=math.fsum(chosen.by_layer.values()),
+            joules_by_layer=chosen.by_layer,
+            kept=sum(chosen.counts),
             total=total,
             simulated=self.cost_map.simulated,
         )
 
-    def _select(self, tensors, marginal, fixed, budget_j: float) -> Tensor:
-        return layers_budget_mask(
+    def _price(self, mask: Tensor, named: dict[str, Tensor], sizes: list[int]) -> "_Priced":
+        """The mask with its per-layer counts (one pass over it) and the cost map's joules."""
+        counts = layer_counts(mask, sizes)
+        return _Priced(mask, self.cost_map.joules_by_layer(_views(mask, named), counts), counts)
+
+    def _select(self, tensors, marginal, fixed, budget_j: float, named) -> "_Priced":
+        mask = layers_budget_mask(
             tensors, marginal, fixed, budget_j, self.power, rank_by_cost=self.method == "cwmp", fill=self.fill
         )
+        return self._price(mask, named, [t.numel() for t in tensors.flats])
 
-    def _within(self, tensors, marginal, fixed, budget_j: float, named) -> tuple[Tensor, dict[str, float]]:
+    def _within(self, tensors, marginal, fixed, budget_j: float, named) -> "_Priced":
         """Select with the linear accounting (fixed + marginal x k), then price the mask with the
         cost map. If the cost map says it is over the budget (its layer cost is not linear), select
         again with a smaller budget, a few times, then bisect between the empty mask (which costs
         nothing) and the last budget that was too much; return the best mask that fits."""
         selection_j = budget_j
         for attempt in range(self.RESCALES):
-            mask = self._select(tensors, marginal, fixed, selection_j)
-            by_layer = self.cost_map.joules_by_layer(_views(mask, named))
-            spent_j = math.fsum(by_layer.values())
+            chosen = self._select(tensors, marginal, fixed, selection_j, named)
+            spent_j = chosen.joules
             if spent_j <= budget_j:
                 if attempt == 0 and not self.cost_map.linear and 0 < spent_j < budget_j * (1 - self.UNDERSPENT):
-                    return self._grow(tensors, marginal, fixed, budget_j, named, selection_j, mask, by_layer)
-                return mask, by_layer
+                    return self._grow(tensors, marginal, fixed, budget_j, named, selection_j, chosen)
+                return chosen
             selection_j = min(selection_j * (budget_j / spent_j), math.nextafter(selection_j, 0.0))
-        low_j, high_j = 0.0, selection_j
-        best = torch.zeros(sum(t.numel() for t in tensors.flats), dtype=torch.bool, device=tensors.device)
-        best_by_layer = self.cost_map.joules_by_layer(_views(best, named))
-        if math.fsum(best_by_layer.values()) > budget_j:
+        sizes = [t.numel() for t in tensors.flats]
+        best = self._price(torch.zeros(sum(sizes), dtype=torch.bool, device=tensors.device), named, sizes)
+        if best.joules > budget_j:
             raise MaskInputError(
-                f"the cost map prices keeping nothing at {math.fsum(best_by_layer.values())} J, above the "
-                f"budget of {budget_j} J; a layer that keeps no entry must cost nothing (layer_joules)"
+                f"the cost map prices keeping nothing at {best.joules} J, above the budget of {budget_j} J; "
+                "a layer that keeps no entry must cost nothing (layer_joules)"
             )
-        return self._bisect(tensors, marginal, fixed, budget_j, named, low_j, high_j, best, best_by_layer,
-                            self.BISECTIONS)
+        return self._bisect(tensors, marginal, fixed, budget_j, named, 0.0, selection_j, best, self.BISECTIONS)
 
-    def _grow(self, tensors, marginal, fixed, budget_j: float, named, selection_j: float, mask: Tensor,
-              by_layer: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    def _grow(self, tensors, marginal, fixed, budget_j: float, named, selection_j: float,
+              chosen: "_Priced") -> "_Priced":
         """Spend what the linear accounting left: bisect the selection budget upwards, keeping the
         largest selection the cost map prices within the budget."""
-        high_j = selection_j * max(2.0, 1.5 * budget_j / max(math.fsum(by_layer.values()), 1e-300))
-        return self._bisect(tensors, marginal, fixed, budget_j, named, selection_j, high_j, mask, by_layer,
-                            self.GROWTHS)
+        high_j = selection_j * max(2.0, 1.5 * budget_j / max(chosen.joules, 1e-300))
+        return self._bisect(tensors, marginal, fixed, budget_j, named, selection_j, high_j, chosen, self.GROWTHS)
 
     def _bisect(self, tensors, marginal, fixed, budget_j: float, named, low_j: float, high_j: float,
-                best: Tensor, best_by_layer: dict[str, float], steps: int) -> tuple[Tensor, dict[str, float]]:
+                best: "_Priced", steps: int) -> "_Priced":
         """Bisect the selection budget between ``low_j`` (whose selection ``best`` fits) and ``high_j``
         for ``steps`` steps; return the largest selection the cost map prices within ``budget_j``."""
         for _ in range(steps):
             middle_j = (low_j + high_j) / 2
-            mask = self._select(tensors, marginal, fixed, middle_j)
-            by_layer = self.cost_map.joules_by_layer(_views(mask, named))
-            if math.fsum(by_layer.values()) <= budget_j:
-                best, best_by_layer, low_j = mask, by_layer, middle_j
+            chosen = self._select(tensors, marginal, fixed, middle_j, named)
+            if chosen.joules <= budget_j:
+                best, low_j = chosen, middle_j
             else:
                 high_j = middle_j
-        return best, best_by_layer
+        return best
 
     def compress(
         self, updates: NamedTensors, feedback: ErrorFeedback | None = None, *, sparse: bool = False
