@@ -32,7 +32,7 @@ from torch import Tensor
 from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import MaskInputError
 from cwmp.feedback import ErrorFeedback
-from cwmp.masks import check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
+from cwmp.masks import Layers, check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
 from cwmp.parallel import map_largest_first
 from cwmp.sparse import SparseUpdate
 
@@ -123,10 +123,17 @@ class Pruner:
     GROWTHS = 8
 
     def __init__(
-        self, cost_map: CostMap, budget: Budget, method: str = "cwmp", power: float = 1.0, fill: bool = False
+        self, cost_map: CostMap, budget: Budget, method: str = "cwmp", power: float = 1.0, fill: bool = False,
+        skip_layers: int = 0,
     ) -> None:
         if method not in METHODS:
             raise MaskInputError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or skip_layers < 0:
+            raise MaskInputError(
+                f"skip_layers must be an int >= 0 (how many layers to try closing; 0: the greedy rule alone), "
+                f"got {skip_layers!r}"
+            )
+        self.skip_layers = skip_layers
         if not isinstance(budget, Budget):
             raise MaskInputError(
                 f"budget must be a Budget (Budget.of_joules or Budget.topk_keep_ratio), got {budget!r}"
@@ -163,6 +170,8 @@ class Pruner:
                 marginal = [self.cost_map.marginal_j(name, max(k, 1) / n)
                             for name, k, n in zip(names, chosen.counts, sizes)]
                 chosen = self._within(tensors, marginal, fixed, budget_j, named)
+            if self.skip_layers and self.method == "cwmp":
+                chosen = self._skip(tensors, marginal, fixed, budget_j, named, chosen)
         return PruneResult(
             method=self.method,
             masks=_views(chosen.mask, named),
@@ -173,6 +182,72 @@ class Pruner:
             total=total,
             simulated=self.cost_map.simulated,
         )
+
+    def _skip(self, tensors: Layers, marginal, fixed, budget_j: float, named, chosen: "_Priced") -> "_Priced":
+        """The layer-skipping rule: try closing layers, one at a time, at most ``skip_layers``
+        tries: first the untouched layer with the best entry (the one whose fixed cost stopped the
+        prefix, if any), then the open layers that return least for their joules (retained
+        ``sum |u|**power`` over the layer's predicted joules). Each try selects again at the same
+        budget without the closed layers, and is kept only if it retains strictly more
+        ``sum |u|**power``. Every candidate is a full selection within the budget and the greedy
+        result is the first, so the result is never worse than the greedy rule's at equal budget
+        (and never over it)."""
+        names = list(named)
+        values = self._values(tensors, chosen)
+        top = [m**self.power / c for m, c in zip(tensors.max_magnitudes, marginal)]  # each layer's best score
+        closed: set[int] = set()
+        tries = 0
+        while tries < self.skip_layers:
+            open_ = [i for i, k in enumerate(chosen.counts) if k and i not in closed]
+            order = sorted(open_, key=lambda i: values[i] / max(chosen.by_layer[names[i]], 1e-300))
+            # an untouched layer whose best entry ranks above what was kept stopped the prefix (its
+            # fixed cost did not fit): closing it lets the prefix go on; the highest one first
+            blocked = [i for i, k in enumerate(chosen.counts) if not k and i not in closed and tensors.flats[i].numel()]
+            if blocked:
+                order.insert(0, max(blocked, key=lambda i: (top[i], -i)))
+            for layer in order[: self.skip_layers - tries]:
+                tries += 1
+                trial = self._within_open(tensors, marginal, fixed, budget_j, named, closed | {layer})
+                trial_values = self._values(tensors, trial)
+                if math.fsum(trial_values) > math.fsum(values):
+                    chosen, values = trial, trial_values
+                    closed.add(layer)
+                    break
+            else:
+                break  # no candidate helped: stop
+        return chosen
+
+    def _within_open(self, tensors: Layers, marginal, fixed, budget_j: float, named, closed: set[int]) -> "_Priced":
+        """``_within`` over the layers not in ``closed`` (which keep nothing), as a full mask."""
+        names = list(named)
+        keep = [i for i in range(len(names)) if i not in closed]
+        sub = Layers([tensors.flats[i] for i in keep], [tensors.max_magnitudes[i] for i in keep],
+                     tensors.score_dtype, tensors.device)
+        part = self._within(sub, [marginal[i] for i in keep], [fixed[i] for i in keep], budget_j,
+                            {names[i]: named[names[i]] for i in keep})
+        sizes = [t.numel() for t in tensors.flats]
+        mask = torch.zeros(sum(sizes), dtype=torch.bool, device=tensors.device)
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        at = 0
+        for i in keep:
+            mask[starts[i] : starts[i + 1]] = part.mask[at : at + sizes[i]]
+            at += sizes[i]
+        return self._price(mask, named, sizes)
+
+    def _values(self, tensors: Layers, chosen: "_Priced") -> list[float]:
+        """Per layer, the retained ``sum |u|**power`` of the kept entries (float64)."""
+        out, start = [], 0
+        for flat, k in zip(tensors.flats, chosen.counts):
+            part = chosen.mask[start : start + flat.numel()]
+            start += flat.numel()
+            if not k:
+                out.append(0.0)
+                continue
+            kept = flat[part].to(torch.float64).abs_()
+            out.append(float(kept.pow_(self.power).sum()) if self.power != 1 else float(kept.sum()))
+        return out
 
     def _price(self, mask: Tensor, named: dict[str, Tensor], sizes: list[int]) -> "_Priced":
         """The mask with its per-layer counts (one pass over it) and the cost map's joules."""

@@ -425,3 +425,56 @@ def test_a_cost_map_with_shared_lines_is_priced_at_the_densities_selected_and_sp
     assert result.predicted_j > 0.99 * budget_j  # the budget is spent, not left at the 1 % pricing's estimate
     linear_guess = (budget_j - 2e-6) / (1e-9 + 8e-9)  # entries bought if every entry paid a whole line
     assert result.kept > 1.2 * linear_guess
+
+
+# ---------------------------------------------------------------------- the layer-skipping rule
+def retained(update: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], power: float = 1.0) -> float:
+    return math.fsum(float(update[n][m].double().abs().pow(power).sum()) for n, m in masks.items())
+
+
+def test_skipping_a_layer_whose_fixed_cost_buys_little_keeps_more_at_the_same_budget():
+    """Layer a's one large entry comes first in CWMP's order, so the greedy rule opens a and pays
+    its fixed cost for one entry; closing a buys 51 of b's entries instead."""
+    cmap = CostMap({"a": LayerPrice(1.0, "measured", fixed_j=50.0), "b": LayerPrice(1.0, "measured")},
+                   simulated=True)
+    update = {"a": torch.tensor([10.0, 0.01, 0.01]), "b": torch.ones(100)}
+    greedy = Pruner(cmap, Budget.of_joules(60.0)).masks(update)
+    skipped = Pruner(cmap, Budget.of_joules(60.0), skip_layers=1).masks(update)
+    assert {n: int(m.sum()) for n, m in greedy.masks.items()} == {"a": 1, "b": 9}
+    assert {n: int(m.sum()) for n, m in skipped.masks.items()} == {"a": 0, "b": 60}
+    assert retained(update, skipped.masks) == 60 > retained(update, greedy.masks) == 19
+    assert skipped.predicted_j == cmap.predicted_joules(skipped.masks) <= 60.0
+    # a layer whose fixed cost does not fit at all stops the prefix at its first entry: the greedy
+    # rule keeps nothing, closing that layer lets the prefix go on
+    greedy = Pruner(cmap, Budget.of_joules(40.0)).masks(update)
+    skipped = Pruner(cmap, Budget.of_joules(40.0), skip_layers=1).masks(update)
+    assert greedy.kept == 0 and {n: int(m.sum()) for n, m in skipped.masks.items()} == {"a": 0, "b": 40}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), fraction=st.floats(0, 1.05), power=st.sampled_from([1.0, 2.0]),
+       skips=st.integers(1, 5), fixed=st.lists(st.sampled_from([0.0, 2.0**-22, 2.0**-18, 2.0**-15]),
+                                                min_size=4, max_size=4))
+def test_the_skipping_rule_is_never_worse_than_the_greedy_rule_at_equal_budget(seed, fraction, power, skips, fixed):
+    marginal = [2.0**-30, 2.0**-27, 2.0**-29, 2.0**-26]
+    cmap = cost_map(LAYERS, marginal, fixed)
+    update = updates_of(seed)
+    budget = Budget.of_joules(layer_joules([t.numel() for t in update.values()], marginal, fixed) * fraction)
+    greedy = Pruner(cmap, budget, power=power).masks(update)
+    skipped = Pruner(cmap, budget, power=power, skip_layers=skips).masks(update)
+    assert retained(update, skipped.masks, power) >= retained(update, greedy.masks, power)
+    assert skipped.predicted_j == cmap.predicted_joules(skipped.masks) <= budget.joules
+    assert skipped.kept == sum(int(m.sum()) for m in skipped.masks.values())
+    same = all(torch.equal(skipped.masks[n], greedy.masks[n]) for n in update)
+    assert same or retained(update, skipped.masks, power) > retained(update, greedy.masks, power)  # kept if better
+
+
+def test_skip_layers_is_checked_and_leaves_topk_alone():
+    cmap = cost_map(LAYERS, [1.0] * 4, [5.0] * 4)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(MaskInputError, match="skip_layers must be an int >= 0"):
+            Pruner(cmap, Budget.of_joules(1.0), skip_layers=bad)
+    update = updates_of(1)
+    plain = Pruner(cmap, Budget.topk_keep_ratio(0.2), method="topk").masks(update)
+    asked = Pruner(cmap, Budget.topk_keep_ratio(0.2), method="topk", skip_layers=3).masks(update)
+    assert all(torch.equal(plain.masks[n], asked.masks[n]) for n in update)  # Top-K is cost-blind
