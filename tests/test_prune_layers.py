@@ -478,3 +478,12 @@ def test_skip_layers_is_checked_and_leaves_topk_alone():
     plain = Pruner(cmap, Budget.topk_keep_ratio(0.2), method="topk").masks(update)
     asked = Pruner(cmap, Budget.topk_keep_ratio(0.2), method="topk", skip_layers=3).masks(update)
     assert all(torch.equal(plain.masks[n], asked.masks[n]) for n in update)  # Top-K is cost-blind
+
+
+def test_the_skip_layers_benchmark_runs_and_is_never_worse(capsys):
+    spec = importlib.util.spec_from_file_location("skip_layers", ROOT / "benchmarks" / "skip_layers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", "cnn", "--keep", "0.01", "0.1", "--skips", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")][1:]
+    assert [row[1] for row in rows] == ["Top-K", "greedy", "skip", "Top-K", "greedy", "skip"]
