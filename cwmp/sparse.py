@@ -93,15 +93,18 @@ def kept_positions(mask: Tensor) -> Tensor:
     return take_kept(mask)[0]
 
 
-def take_kept(mask: Tensor, tensor: Tensor | None = None, *, clear: bool = False) -> tuple[Tensor, Tensor | None]:
+def take_kept(
+    mask: Tensor, tensor: Tensor | None = None, *, clear: bool = False, pieces: bool | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The positions of the True entries of ``mask`` (as ``kept_positions``) and, given a
     ``tensor`` of the mask's shape, its values there; with ``clear`` those entries of ``tensor``
     are then set to zero (``tensor`` must be contiguous). On the CPU the mask is walked in pieces
     of ``_PIECE`` entries, so no int64 index of all kept entries is ever made: the memory used is
-    the int32 positions and the values, what is sent."""
+    the int32 positions and the values, what is sent. ``pieces`` (default: on the CPU) chooses
+    that walk or one kernel each over the whole tensor (a device's way)."""
     flat_mask = mask.reshape(-1)
     flat = None if tensor is None else tensor.detach().view(-1) if clear else tensor.detach().reshape(-1)
-    if flat_mask.device.type != "cpu":  # one kernel each, no host round trip per piece
+    if not (flat_mask.device.type == "cpu" if pieces is None else pieces):  # one kernel each, no round trip per piece
         index = torch.nonzero(flat_mask).squeeze(1)
         values = None if flat is None else flat.index_select(0, index)
         if clear:

@@ -196,8 +196,11 @@ def test_kept_entries_are_gathered_the_same_piece_by_piece(piece):
                 assert torch.equal(sent[n].indices.long(), torch.nonzero(flat).squeeze(1))
                 assert torch.equal(sent[n].values, corrected[n].reshape(-1)[flat])
                 assert torch.equal(feedback.residuals[n], torch.where(mask, 0.0, corrected[n]))
-            positions, values = sparse.take_kept(result.masks["w"], corrected["w"])
-            assert torch.equal(positions, sent["w"].indices) and torch.equal(values, sent["w"].values)
+            for whole in (False, True):  # piece by piece, and the one-kernel way a device uses
+                target = corrected["w"].clone()
+                positions, values = sparse.take_kept(result.masks["w"], target, clear=True, pieces=not whole)
+                assert torch.equal(positions, sent["w"].indices) and torch.equal(values, sent["w"].values)
+                assert torch.equal(target, feedback.residuals["w"])
 
 
 def test_compensation_hands_the_pruner_each_residuals_min_and_max():
