@@ -235,3 +235,23 @@ def test_options_from_spec_validate():
     assert (opts.rate_hz, opts.max_gap_s, opts.scope, opts.period_s) == (50.0, 2.0, "usb", 0.02)
     with pytest.raises(MeterSpecError, match="rate_hz must be a positive number"):
         SampledOptions.from_spec(parse_spec("x:rate_hz=0"), default_rate_hz=10)
+
+
+def test_a_windows_seconds_span_exactly_the_interval_its_energy_integrates(monkeypatch):
+    """The edge's time is the one its energy is read at, even when reading the source's counters
+    at the window's end is slow (a busy machine): constant power times seconds is the energy."""
+    with make_meter(lambda: 2.5, period_s=0.002) as meter:
+        counters = meter._source.counters
+        slow = {"on": False}
+
+        def counters_slowly():
+            if slow["on"]:
+                time.sleep(0.05)  # after the edge's clock was read: the midpoint would be 25 ms late
+            return counters()
+
+        monkeypatch.setattr(meter._source, "counters", counters_slowly)
+        meter.begin("w")
+        time.sleep(0.1)
+        slow["on"] = True
+        m = meter.end("w")
+    assert m.energy_j == pytest.approx(2.5 * m.seconds, rel=1e-9)

@@ -398,6 +398,7 @@ class SampledMeter(Meter):
 
     def _snapshot(self) -> _Edge:
         edge = _Edge(self.clock(), self._source.counters())
+        self._read_t = edge.t  # the window's seconds span exactly the integrated interval
         with self._cond:
             edge.counters["dropped_samples"] = self._dropped
             self._edges.add(edge)
