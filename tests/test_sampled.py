@@ -255,3 +255,21 @@ def test_a_windows_seconds_span_exactly_the_interval_its_energy_integrates(monke
         slow["on"] = True
         m = meter.end("w")
     assert m.energy_j == pytest.approx(2.5 * m.seconds, rel=1e-9)
+
+
+def test_a_silent_meter_names_the_error_of_the_reads_that_failed():
+    """The meter's end gives up after max_gap_s; the source may still be retrying (its own give-up
+    is later, or it was held up): the failure names the reads' error all the same."""
+    state = {"broken": False}
+
+    def read():
+        if state["broken"]:
+            raise OSError(121, "Remote I/O error (chip overflow)")
+        return 1.0
+
+    with make_meter(read, period_s=0.005, max_gap_s=0.15, give_up_s=30.0) as meter:
+        meter.begin("w")
+        state["broken"] = True
+        time.sleep(0.3)
+        with pytest.raises(MeterFailure, match=r"for 0.15 s .*OSError: \[Errno 121\] Remote I/O error \(chip overflow\)"):
+            meter.end("w")

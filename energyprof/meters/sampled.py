@@ -77,6 +77,11 @@ class SampleSource(ABC):
         meter's failure message names it."""
         return None
 
+    def last_error(self) -> str | None:
+        """The error of the failed reads since the last good one (None when unknown or none); a
+        silent meter's failure message names it."""
+        return None
+
 
 class PolledSource(SampleSource):
     """Polls ``read_watts()`` every ``period_s`` (no catch-up bursts when a read is late).
@@ -108,10 +113,15 @@ class PolledSource(SampleSource):
         self._clock = clock
         self._stop = threading.Event()
         self._read_errors = 0
+        self._last_error: BaseException | None = None  # of the reads since the last good one
         self._caller = DeviceCaller(description, timeout_s=give_up_s)
 
     def in_flight(self) -> str | None:
         return self._caller.in_flight()
+
+    def last_error(self) -> str | None:
+        error = self._last_error
+        return None if error is None else f"{type(error).__name__}: {error}"
 
     def samples(self) -> Iterator[tuple[float, float]]:
         try:
@@ -124,12 +134,14 @@ class PolledSource(SampleSource):
                     if self._caller.wedged is not None:
                         raise
                     self._read_errors += 1
+                    self._last_error = exc
                     if self._clock() - last_good > self._give_up:
                         raise MeterFailure(
                             f"no good reading for {self._clock() - last_good:.1f} s; last error: {exc}"
                         ) from exc
                 else:
                     last_good = t1 = self._clock()
+                    self._last_error = None
                     yield (t0 + t1) / 2, watts
                 next_t += self._period
                 now = self._clock()
@@ -325,8 +337,10 @@ class SampledMeter(Meter):
             self._cond.notify_all()
 
     def _silence_cause(self) -> str:
-        pending = self._source.in_flight()
-        return f" ({pending})" if pending else ""
+        """What the source knows about its silence: a read still in flight, or the error of its
+        reads since the last good one (it may not have given up yet when the window's end does)."""
+        causes = [c for c in (self._source.in_flight(), self._source.last_error()) if c]
+        return f" ({'; '.join(causes)})" if causes else ""
 
     def _prune(self) -> None:
         keep_s = max(_KEEP_S, 4 * self.max_gap_s)
