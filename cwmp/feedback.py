@@ -9,7 +9,6 @@ per client, and is saved and restored beside the model's own state dict.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,23 +27,36 @@ _PIECE = 1 << 16  # entries per piece of the compensation (256 KiB of float32: i
 
 
 def _add_and_reduce(pair: tuple[Tensor, Tensor]) -> tuple[float, float] | None:
-    """residual += update, and the (min, max) of the result."""
+    """residual += update, and the (min, max) of the result (NaN anywhere makes both NaN); None
+    for an empty tensor. With numpy's addition, piece by piece, each piece reduced while in cache."""
     residual, update = pair
-    if not (residual.dtype == update.dtype and residual.is_contiguous() and update.is_contiguous()
-            and residual.dtype in (torch.float32, torch.float64)):
+    arrays = _numpy_views(residual, update)
+    if arrays is None:
         residual.add_(update)
         return extremes(residual) if residual.numel() else None
-    r, u = residual.numpy().reshape(-1), update.numpy().reshape(-1)
+    r, u = arrays
     if not r.size:
         return None
-    low, high = math.inf, -math.inf
-    for start in range(0, r.size, _PIECE):  # each piece reduced while it is in cache
+    lows, highs = [], []
+    for start in range(0, r.size, _PIECE):
         piece = r[start : start + _PIECE]
         np.add(piece, u[start : start + _PIECE], out=piece)  # IEEE addition, as torch's add_
-        low, high = min(low, float(piece.min())), max(high, float(piece.max()))
-        if math.isnan(low) or math.isnan(high):
-            return math.nan, math.nan  # as the min and max of the whole would be
-    return low, high
+        lows.append(piece.min())
+        highs.append(piece.max())
+    return float(np.min(lows)), float(np.max(highs))  # numpy's min and max keep a NaN
+
+
+def _numpy_views(residual: Tensor, update: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """Flat numpy views of both, when numpy's addition on them is torch's (plain contiguous CPU
+    tensors of one float32 or float64 dtype); None otherwise (then torch adds)."""
+    if not (residual.dtype == update.dtype and residual.dtype in (torch.float32, torch.float64)
+            and residual.device.type == update.device.type == "cpu"
+            and residual.is_contiguous() and update.is_contiguous()):
+        return None
+    try:  # a negative or conjugate view, or a tensor that needs grad, has no plain numpy view
+        return residual.numpy().reshape(-1), update.numpy().reshape(-1)
+    except (RuntimeError, TypeError):
+        return None
 
 
 class ErrorFeedback:
@@ -95,14 +107,28 @@ class ErrorFeedback:
             else:
                 corrected[name] = update.to(dtype) + residual.to(update.device)
         self.open_extremes = {}
-        if adds and all(residual.device.type == "cpu" for residual, _ in adds):
-            # on the caller's threads; each residual's (min, max) is taken while it is in cache, for
-            # the pruner's checks of the corrected update (``open_extremes``)
-            extremes = map_largest_first(_add_and_reduce, adds, [r.numel() for r, _ in adds])
-            self.open_extremes = {id(r): ext for (r, _), ext in zip(adds, extremes) if ext is not None}
-        else:
-            for residual, update in adds:
-                residual.add_(update)
+        done: list[tuple[Tensor, Tensor]] = []  # the additions that completed
+
+        def add(pair: tuple[Tensor, Tensor]) -> tuple[float, float] | None:
+            found = _add_and_reduce(pair)
+            done.append(pair)
+            return found
+
+        try:
+            if adds and all(residual.device.type == "cpu" for residual, _ in adds):
+                # on the caller's threads; each residual's (min, max) is taken while it is in cache,
+                # for the pruner's checks of the corrected update (``open_extremes``)
+                found = map_largest_first(add, adds, [r.numel() for r, _ in adds])
+                self.open_extremes = {id(r): ext for (r, _), ext in zip(adds, found) if ext is not None}
+            else:
+                for residual, update in adds:
+                    residual.add_(update)
+                    done.append((residual, update))
+        except BaseException:  # take back what was added; the state is as before the call
+            for residual, update in done:
+                residual.sub_(update)
+            self._close()
+            raise
         return corrected
 
     def extremes_of(self, corrected: Tensor) -> tuple[float, float] | None:

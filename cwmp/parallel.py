@@ -76,6 +76,17 @@ _EXECUTOR: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 _EXECUTOR_LOCK = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """A fork while another thread held the lock would leave the child's copy locked for good."""
+    global _EXECUTOR_LOCK, _EXECUTOR
+    _EXECUTOR_LOCK = threading.Lock()
+    _EXECUTOR = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
     """The helper threads, made on first use, and again in a forked child (whose copy of the
     parent's pool has no threads behind it: work given to it would never run)."""

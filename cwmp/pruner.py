@@ -185,8 +185,9 @@ class Pruner:
 
     def _skip(self, tensors: Layers, marginal, fixed, budget_j: float, named, chosen: "_Priced") -> "_Priced":
         """The layer-skipping rule: try closing layers, one at a time, at most ``skip_layers``
-        tries: first the untouched layer with the best entry (the one whose fixed cost stopped the
-        prefix, if any), then the open layers that return least for their joules (retained
+        tries: first the untouched layer whose fixed cost stopped the prefix, if one did (its first
+        entry does not fit in what is left while another entry would; the best-ranked such layer),
+        then the open layers that return least for their joules (retained
         ``sum |u|**power`` over the layer's predicted joules). Each try selects again at the same
         budget without the closed layers, and is kept only if it retains strictly more
         ``sum |u|**power``. Every candidate is a full selection within the budget and the greedy
@@ -200,10 +201,15 @@ class Pruner:
         while tries < self.skip_layers:
             open_ = [i for i, k in enumerate(chosen.counts) if k and i not in closed]
             order = sorted(open_, key=lambda i: values[i] / max(chosen.by_layer[names[i]], 1e-300))
-            # an untouched layer whose best entry ranks above what was kept stopped the prefix (its
-            # fixed cost did not fit): closing it lets the prefix go on; the highest one first
-            blocked = [i for i, k in enumerate(chosen.counts) if not k and i not in closed and tensors.flats[i].numel()]
-            if blocked:
+            # the prefix stopped at an untouched layer's best entry when that layer's first entry
+            # (its fixed cost included) does not fit in what is left, while some other entry would:
+            # closing it lets the prefix go on. Then the best-ranked such layer is tried first.
+            left = budget_j - chosen.joules
+            untouched = [i for i, k in enumerate(chosen.counts) if not k and i not in closed and tensors.flats[i].numel()]
+            blocked = [i for i in untouched if fixed[i] + marginal[i] > left]
+            room = any(marginal[i] <= left for i in open_ if chosen.counts[i] < tensors.flats[i].numel()) or any(
+                fixed[i] + marginal[i] <= left for i in untouched)
+            if blocked and room:
                 order.insert(0, max(blocked, key=lambda i: (top[i], -i)))
             for layer in order[: self.skip_layers - tries]:
                 tries += 1

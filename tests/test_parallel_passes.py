@@ -230,3 +230,48 @@ def test_a_finite_update_whose_sum_overflows_is_accepted_and_nan_is_not():
     with pytest.raises(MaskInputError, match=r"update 'v' has 1 NaN or infinite entries \(first at flat index 7\)"):
         big_pruner.compress(bad, feedback, sparse=True)
     assert all(torch.equal(feedback.residuals[n], saved[n]) for n in saved)
+
+
+def test_a_nan_in_a_held_residual_is_refused_whatever_piece_it_is_in():
+    feedback = ErrorFeedback()
+    residual = torch.zeros(200_000)
+    residual[150_000] = math.nan  # in a later piece than the first
+    feedback.load_state_dict({"residuals": {"w": residual}})
+    prices = CostMap({"w": LayerPrice(1.0, "measured")}, simulated=True)
+    with pytest.raises(MaskInputError, match="NaN or infinite"):
+        Pruner(prices, Budget.topk_keep_ratio(0.1)).compress({"w": torch.ones(200_000)}, feedback, sparse=True)
+    assert feedback.residuals["w"][0] == 0 and torch.isnan(feedback.residuals["w"][150_000])  # taken back
+    assert feedback.compensate({"w": torch.ones(200_000)}, in_place=True)  # not stuck half-open
+
+
+def test_a_compensation_that_fails_takes_back_what_it_added(two_threads, monkeypatch):
+    import cwmp.feedback as fb
+
+    feedback = ErrorFeedback()
+    names = [f"layer{i}" for i in range(6)]
+    feedback.load_state_dict({"residuals": {n: torch.full((1000 * (i + 1),), 2.0) for i, n in enumerate(names)}})
+    saved = {n: r.clone() for n, r in feedback.residuals.items()}
+    real = fb._add_and_reduce
+
+    def flaky(pair):
+        if pair[0].numel() == 3000:
+            raise RuntimeError("the addition of layer2 failed")
+        return real(pair)
+
+    monkeypatch.setattr(fb, "_add_and_reduce", flaky)
+    update = {n: torch.full((1000 * (i + 1),), 1.0) for i, n in enumerate(names)}
+    with pytest.raises(RuntimeError, match="layer2 failed"):
+        feedback.compensate(update, in_place=True)
+    assert all(torch.equal(feedback.residuals[n], saved[n]) for n in names)  # 2 + 1 - 1: exact here
+    monkeypatch.setattr(fb, "_add_and_reduce", real)
+    corrected = feedback.compensate(update, in_place=True)  # not stuck: the failed call closed itself
+    assert all(torch.equal(corrected[n], saved[n] + 1) for n in names)
+
+
+def test_views_without_a_plain_numpy_view_are_added_by_torch():
+    feedback = ErrorFeedback()
+    feedback.load_state_dict({"residuals": {"w": torch.ones(1000)}})
+    update = torch._neg_view(torch.full((1000,), 3.0))  # .numpy() refuses a negative view
+    corrected = feedback.compensate({"w": update}, in_place=True)
+    assert torch.equal(corrected["w"], torch.full((1000,), -2.0))
+    assert feedback.extremes_of(corrected["w"]) == (-2.0, -2.0)

@@ -451,6 +451,19 @@ def test_skipping_a_layer_whose_fixed_cost_buys_little_keeps_more_at_the_same_bu
     assert greedy.kept == 0 and {n: int(m.sum()) for n, m in skipped.masks.items()} == {"a": 0, "b": 40}
 
 
+def test_the_first_try_is_not_spent_on_a_layer_that_blocked_nothing():
+    """The budget runs out inside layer c (open, fixed 95 J): b, untouched, stopped nothing, so the
+    one try closes the layer that returns least for its joules, c, and b's entries take its place."""
+    cmap = CostMap({"a": LayerPrice(1.0, "measured"), "b": LayerPrice(1.0, "measured"),
+                    "c": LayerPrice(1.0, "measured", fixed_j=95.0)}, simulated=True)
+    update = {"a": torch.full((100,), 10.0), "b": torch.full((100,), 5.0), "c": torch.full((100,), 9.0)}
+    greedy = Pruner(cmap, Budget.of_joules(200.0)).masks(update)
+    skipped = Pruner(cmap, Budget.of_joules(200.0), skip_layers=1).masks(update)
+    assert {n: int(m.sum()) for n, m in greedy.masks.items()} == {"a": 100, "b": 0, "c": 5}
+    assert {n: int(m.sum()) for n, m in skipped.masks.items()} == {"a": 100, "b": 100, "c": 0}
+    assert retained(update, skipped.masks) == 1500 > retained(update, greedy.masks) == 1045
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), fraction=st.floats(0, 1.05), power=st.sampled_from([1.0, 2.0]),
        skips=st.integers(1, 5), fixed=st.lists(st.sampled_from([0.0, 2.0**-22, 2.0**-18, 2.0**-15]),
