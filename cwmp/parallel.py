@@ -18,7 +18,6 @@ import os
 import threading
 from typing import Callable, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 __all__ = ["MAX_WORKERS", "extremes", "in_parallel", "map_largest_first", "outer_threads", "workers"]

@@ -156,7 +156,7 @@ class Pruner:
         top = None
         if self.budget.keep_ratio is not None:
             top = self._price(layers_topk_mask(tensors, _k_of(self.budget.keep_ratio, total)), named, sizes)
-            budget_j = math.fsum(top.by_layer.values())
+            budget_j = top.joules
         else:
             budget_j = self.budget.joules
         if self.method == "topk" and top is not None:
@@ -176,7 +176,7 @@ class Pruner:
             method=self.method,
             masks=_views(chosen.mask, named),
             budget_j=budget_j,
-            predicted_j=math.fsum(chosen.by_layer.values()),
+            predicted_j=chosen.joules,
             joules_by_layer=chosen.by_layer,
             kept=sum(chosen.counts),
             total=total,
