@@ -513,8 +513,9 @@ def _magnitude_thresholds(pool: "_LayeredPool", bound: float, strict: bool) -> n
     """Per layer, the least magnitude x (in the score dtype) whose score passes ``bound``
     (score > bound when ``strict``, else score >= bound); inf when none does. The score, computed
     by ``numpy_scores``, never decreases as x grows (each IEEE operation rounds monotonically), so
-    the entries that pass are exactly those with magnitude >= x. Found from an estimate and
-    corrected one float at a time with that very arithmetic, for all layers at once."""
+    the entries that pass are exactly those with magnitude >= x. Found from an estimate,
+    corrected one float at a time with that very arithmetic, and by bisection over the bit
+    patterns when a few such steps do not settle it; for all layers at once."""
     dtype = pool.numpy_dtype
     n_layers = len(pool.flats)
     if math.isnan(bound):
