@@ -52,7 +52,6 @@ import math
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -60,11 +59,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calibrate.profile import DeviceProfile, load_profile  # noqa: E402
 from cwmp import Budget, CostMap, ErrorFeedback, Pruner  # noqa: E402
 from cwmp.masks import cwmp_scores  # noqa: E402
 from energyprof.models import build_model  # noqa: E402
+from mask_speed import timed  # noqa: E402
 
 GOAL_TIME, GOAL_MEMORY = 0.3, 1.0
 
@@ -163,16 +164,6 @@ def flat(masks: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ measuring
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -13,14 +13,15 @@ one thread meanwhile (``cwmp.masks.single_threaded``), which records the caller'
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import os
 import threading
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-__all__ = ["MAX_WORKERS", "extremes", "in_parallel", "map_largest_first", "outer_threads", "workers"]
+__all__ = ["MAX_WORKERS", "extremes", "in_parallel", "map_largest_first", "outer_threads", "torch_threads", "workers"]
 
 MAX_WORKERS = 8  # threads a CPU pass may use
 G = TypeVar("G")
@@ -28,6 +29,17 @@ R = TypeVar("R")
 
 #: torch's thread count outside the pruner's single-threaded section (None: not inside one)
 outer_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar("cwmp_outer_threads", default=None)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the duration, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def workers() -> int:

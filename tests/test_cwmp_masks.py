@@ -5,7 +5,6 @@ brackets, several chunks, deep recursion) on small tensors."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 from pathlib import Path
@@ -22,22 +21,9 @@ import cwmp.masks as masks
 from cwmp import cwmp_mask, cwmp_scores, magnitude_budget_mask, topk_mask
 from cwmp.errors import MaskInputError
 from energyprof.errors import EnergyprofError
+from tests.mask_tuning import TUNINGS, tuning
 
 ROOT = Path(__file__).resolve().parent.parent
-TUNINGS = ["shipped", "tiny", "tiny_torch_kernels"]
-
-
-@contextlib.contextmanager
-def tuning(name: str):
-    """'tiny' makes the selection sample, chunk and recurse on tensors of a few dozen entries;
-    'tiny_torch_kernels' also runs the torch kernels that CUDA uses instead of numpy's."""
-    settings = {}
-    if name.startswith("tiny"):
-        settings.update(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16, _MIN_GROUP=8)
-    if name.endswith("torch_kernels"):
-        settings.update(_NUMPY_ON_CPU=False)
-    with mock.patch.multiple(masks, **settings) if settings else contextlib.nullcontext():
-        yield
 
 
 # --------------------------------------------------------------------------- reference reading

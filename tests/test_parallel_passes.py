@@ -21,19 +21,15 @@ import cwmp.parallel as parallel
 import cwmp.sparse as sparse
 from cwmp import Budget, CostMap, ErrorFeedback, LayerPrice, MaskInputError, Pruner
 from cwmp.masks import layers_budget_mask, layers_topk_mask
+from tests.mask_tuning import TINY
 
-TINY = dict(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16, _MIN_GROUP=8)
 
 
 # ------------------------------------------------------------------------------ in_parallel
 @pytest.fixture
 def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with parallel.torch_threads(2):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_in_parallel_keeps_the_group_order_and_runs_each_group_once(two_threads):
@@ -159,13 +155,9 @@ def test_the_masks_do_not_depend_on_the_thread_count(seed, sizes, ratio, power):
     k = int(ratio * sum(sizes))
     results = []
     for workers in (1, 3):
-        with mock.patch.multiple(masks, **TINY), mock.patch.object(parallel, "MAX_WORKERS", workers):
-            torch.set_num_threads(max(workers, 1))
-            try:
-                results.append((layers_budget_mask(tensors, marginal, fixed, budget, power),
-                                layers_topk_mask(tensors, k)))
-            finally:
-                torch.set_num_threads(2)
+        with mock.patch.multiple(masks, **TINY), mock.patch.object(parallel, "MAX_WORKERS", workers), \
+                parallel.torch_threads(workers):
+            results.append((layers_budget_mask(tensors, marginal, fixed, budget, power), layers_topk_mask(tensors, k)))
     with mock.patch.multiple(masks, **TINY, _NUMPY_ON_CPU=False):  # the torch kernels (CUDA's path)
         results.append((layers_budget_mask(tensors, marginal, fixed, budget, power), layers_topk_mask(tensors, k)))
     for cwmp_mask, topk_mask in results[1:]:

@@ -5,11 +5,9 @@ agreement."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,27 +15,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import cwmp.masks as masks
 from calibrate.profile import DeviceProfile
+from tests.mask_tuning import TUNINGS, tuning
 from tests.profile_helpers import layer_entry, profile_with_layers
 from cwmp import Budget, CostMap, CostMapError, ErrorFeedback, FeedbackStateError, LayerPrice, MaskInputError, Pruner
 from cwmp.masks import cwmp_scores, layers_budget_mask, layers_topk_mask
 
 ROOT = Path(__file__).resolve().parent.parent
-TUNINGS = ["shipped", "tiny", "tiny_torch_kernels"]
-
-
-@contextlib.contextmanager
-def tuning(name: str):
-    """'tiny' samples, chunks and recurses on a few dozen entries; 'tiny_torch_kernels' also runs
-    the torch kernels and the gather-once-per-pass path that CUDA uses."""
-    settings = {}
-    if name.startswith("tiny"):
-        settings.update(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16, _MIN_GROUP=8)
-    if name.endswith("torch_kernels"):
-        settings.update(_NUMPY_ON_CPU=False)
-    with mock.patch.multiple(masks, **settings) if settings else contextlib.nullcontext():
-        yield
 
 
 # ---------------------------------------------------------------------------- the reference

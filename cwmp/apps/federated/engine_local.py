@@ -8,7 +8,7 @@ initial weights from the run seed. The same config gives the same CSV, bit for b
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -34,20 +34,16 @@ from cwmp.apps.federated.experiment import (
     wire_bytes,
 )
 from cwmp.feedback import ErrorFeedback
+from cwmp.parallel import torch_threads
 
 __all__ = ["run_local", "one_thread"]
 
 Progress = Callable[[int, str], None]  # (rounds just finished, description)
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """torch with one intra-op thread for the duration (each simulated client has one CPU)."""
+    return torch_threads(1)
 
 
 def run_local(config: FLConfig, dataset: Dataset, progress: Optional[Progress] = None) -> list[RoundRecord]:
