@@ -58,6 +58,7 @@ class LayerPrice:
     joules_per_line: float = 0.0
     itemsize: int = 4
     joules_per_update_density: float = 0.0
+    compensation_j: float = 0.0
 
     def marginal_j(self, numel: int, density: float = 0.01) -> float:
         """Average cost per kept entry at ``density`` of the tensor's ``numel`` entries (its lines
@@ -83,7 +84,7 @@ class CostMap:
             if not j + price.joules_per_line > 0:
                 raise CostMapError(f"layer {name!r}: keeping an entry must cost something "
                                    f"(joules_per_update {j!r}, joules_per_line {price.joules_per_line!r})")
-            for what in ("fixed_j", "joules_per_line", "joules_per_update_density"):
+            for what in ("fixed_j", "joules_per_line", "joules_per_update_density", "compensation_j"):
                 v = getattr(price, what)
                 if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                     raise CostMapError(f"layer {name!r}: {what} must be finite and >= 0, got {v!r}")
@@ -163,6 +164,16 @@ class CostMap:
     def fixed_j(self, name: str) -> float:
         """Joules the layer costs once any of its entries is kept."""
         return self.price(name).fixed_j
+
+    def compensation_j(self, name: str) -> float:
+        """Joules the layer pays every round whatever the mask keeps (error feedback's dense
+        ``residual += update``): never part of what a mask decides."""
+        return self.price(name).compensation_j
+
+    def floor_j(self, names: Iterable[str] | None = None) -> float:
+        """Joules a round pays whatever the masks keep: the compensation of every tensor in
+        ``names`` (default: every tensor of the map). A whole-round budget below it cannot be met."""
+        return math.fsum(self.compensation_j(n) for n in (self.prices if names is None else names))
 
     def marginal_j(self, name: str, density: float | None = None) -> float:
         """Joules per kept entry of ``name`` at ``density`` of its entries kept (lines shared at that
