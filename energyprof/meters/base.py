@@ -76,6 +76,8 @@ class MeterInfo:
     simulated: True for every number that did not come from a physical sensor.
     domains: names of the domains a Measurement reports.
     details: device name, driver, index, sysfs path... (JSON-friendly values only).
+    torch_device: the torch device whose kernels the meter sees (``cuda:0`` for ``nvml:index=0``);
+        None where the meter sees the host (CPU package, board, battery): kernels then run on ``cpu``.
     """
 
     backend: str
@@ -87,6 +89,7 @@ class MeterInfo:
     domains: tuple[str, ...]
     averaging_window_s: float | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    torch_device: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
