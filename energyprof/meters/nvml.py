@@ -657,6 +657,8 @@ class NvmlMeter(CounterMeter):
             simulated=False,
             domains=tuple(g.domain for g in self.gpus),
             averaging_window_s=min(windows) if all(w is not None for w in windows) else None,
+            # the kernels run on the first selected GPU (its CUDA ordinal, as this process sees it)
+            torch_device=f"cuda:{self.gpus[0].cuda_index}",
             details={
                 "driver_version": self.driver_version,
                 "cuda_visible_devices": self._env.get("CUDA_VISIBLE_DEVICES"),
