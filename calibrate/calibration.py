@@ -16,15 +16,20 @@ The plan (:func:`build_plan`) has two parts:
 
 Every finished measurement is appended to ``<out>.measurements.csv`` (flushed and synced), with
 ``<out>.calibration.json`` holding what the run was (meter, device, models, plan). Ctrl-C, a meter
-failure or a crash loses only the measurement in flight; ``--resume`` skips what the CSV holds and
-refuses if the meter, device or models differ. The profile is written atomically, and an existing
-one only with ``force``.
+failure or a crash loses only the measurement in flight; ``--resume`` checks every row of the CSV
+(a bad one is named by ``file:line`` and never fitted), skips what it holds and refuses if the
+meter, device or models differ. One run at a time writes a given ``--out`` (an advisory lock; see
+:mod:`calibrate.runfiles`), and nothing is written before the models, the output folder, the meter
+and the kernel device (the meter's unless ``--device`` is given) are known good. The profile is
+written atomically, and an existing one only with ``force``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import platform
@@ -57,6 +62,18 @@ from energyprof.costmodel import LAYER_DENSITIES as LAYER_DENSITIES_ALL
 from energyprof.errors import EnergyprofError
 from energyprof.meters.spec import parse_spec
 from energyprof.workloads import UpdatePhase, itemsize_of, make_workload
+from calibrate.runfiles import (
+    CalibrationError,
+    CalibrationInterrupted,
+    CsvAppender,
+    RunLock,
+    check_output_path,
+    read_rows,
+    replace_text,
+    resume_command,
+    row_problem,
+    write_new,
+)
 
 __all__ = ["PlanItem", "CalibrationError", "build_plan", "calibrate", "protocol_settings", "resolve_meter_spec"]
 
@@ -69,11 +86,9 @@ SPARSE_KERNELS = ("scatter", "pack", "residual", "runs", "update")
 COMPUTE_KERNELS = ("sgd", "momentum", "adam", "fma")
 
 
-class CalibrationError(EnergyprofError):
-    """A calibration that cannot start or continue (its message says what to do)."""
-
-
-IDLE_EVERY_S = 120.0  # the shared idle baseline is re-measured after this much meter time
+IDLE_EVERY_S = 120.0
+MEASURE_ATTEMPTS = 3  # a measurement whose row is not finite (NaN, inf) is taken again, at most this often
+log = logging.getLogger(__name__)  # the shared idle baseline is re-measured after this much meter time
 
 
 def protocol_settings(quick: bool) -> dict[str, Any]:
@@ -199,7 +214,10 @@ def _drop_torn_line(csv_path: Path) -> None:
         csv_path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def _append(csv_path: Path, row: dict[str, Any]) -> None:
+def _append(csv_path: Any, row: dict[str, Any]) -> None:
+    if hasattr(csv_path, "append_row"):  # the run's open CSV (runfiles.CsvAppender)
+        csv_path.append_row(row)
+        return
     frame = pd.DataFrame([row])
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     with open(csv_path, "a", newline="") as f:
@@ -226,7 +244,7 @@ def calibrate(
     meter_spec: str,
     models: Iterable[str] = ("resnet18",),
     out: str | os.PathLike[str] = "profile.yaml",
-    device: str = "cpu",
+    device: str | None = None,
     quick: bool = False,
     force: bool = False,
     resume: bool = False,
@@ -234,28 +252,83 @@ def calibrate(
     progress: bool = True,
     say: Callable[[str], None] = print,
     model_shape: dict[str, int] | None = None,
+    allow_device_mismatch: bool = False,
 ) -> DeviceProfile:
-    """Run a calibration and write its profile; returns the profile (see the module docstring)."""
+    """Run a calibration and write its profile; returns the profile (see the module docstring).
+
+    Nothing is written before the inputs are known good: the models, the output folder, the meter
+    (opened) and the kernel device (``device``, or the meter's: :func:`energyprof.devices.kernel_device`).
+    Then the run takes ``<out>.lock`` (:mod:`calibrate.runfiles`) for as long as it writes."""
+    from energyprof.devices import kernel_device
     from energyprof.meters import open_meter
-    from energyprof.models import resolve_model
+    from energyprof.models import load_model
     from energyprof.protocol import MeasurementProtocol
 
     out = Path(out)
     csv_path = out.with_name(out.name + ".measurements.csv")
     meta_path = out.with_name(out.name + ".calibration.json")
+    if min_layer_numel is not None and min_layer_numel < 0:
+        raise CalibrationError(f"min_layer_numel={min_layer_numel}: give a number of entries >= 0")
+    labels = list(models)
+    if not labels:
+        raise CalibrationError("no model to calibrate; give --model mlp, cnn, resnet18 or module:attribute")
+    modules = {label: load_model(label, **(model_shape or {})) for label in labels}
+    items, model_plans = build_plan(modules, quick, min_layer_numel)
+    check_output_path(out)
     if out.exists() and not force:
         raise CalibrationError(f"{out} already exists; choose another --out, or pass --force to replace it")
+    if resume and not meta_path.exists():
+        raise CalibrationError(f"nothing to resume: {meta_path} does not exist; start without --resume")
+    if not resume and (csv_path.exists() or meta_path.exists()) and not force:
+        raise CalibrationError(
+            f"measurements of an earlier run exist ({csv_path if csv_path.exists() else meta_path}); continue it "
+            "with --resume, or pass --force to start over (the old files are kept with a timestamp)"
+        )
     spec = resolve_meter_spec(meter_spec)
-    labels = list(models)
-    modules = {label: resolve_model(label, **(model_shape or {})) for label in labels}
-    items, model_plans = build_plan(modules, quick, min_layer_numel)
-    meta = {"meter": spec, "device": str(torch.device(device)), "models": labels, "quick": quick,
-            "min_layer_numel": min_layer_numel, "plan": [i.id for i in items], "toolkit_version": __version__}
+    again = resume_command(meter_spec, labels, out, device, quick, min_layer_numel, allow_device_mismatch)
+    try:
+        meter = open_meter(spec)
+    except EnergyprofError as exc:
+        raise CalibrationError(_no_meter_message(spec, exc)) from None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(meter)
+        info = meter.info
+        dev = kernel_device(info, device, allow_device_mismatch)
+        meta = {"meter": spec, "device": str(dev), "models": labels, "quick": quick,
+                "min_layer_numel": min_layer_numel, "plan": [i.id for i in items], "toolkit_version": __version__}
+        # the inputs are good: from here on this run writes, holding the lock
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(RunLock(out))
+        done = _open_run(meta, meta_path, csv_path, items, resume, force, again, say)
+        sink = stack.enter_context(contextlib.closing(CsvAppender(csv_path, exclusive=not resume)))
+        settings = protocol_settings(quick)
+        pending = [i for i in items if i.id not in done]
+        say(f"calibration plan: {len(items)} measurements ({len(items) - len(pending)} already in {csv_path.name})"
+            f", meter {spec}, kernels on {dev}")
+        if info.simulated:
+            say("the meter is SIMULATED: every number of this profile is simulated, not a measurement")
+        protocol = MeasurementProtocol(random_state=0, **settings)
+        _run_items(pending, meter, protocol, dev, sink, done, progress)
+        meter.close()
+        table = pd.DataFrame([done[i.id] for i in items])
+        fit_started = time.monotonic()
+        profile = _fit_profile(table, items, model_plans, out, spec, info, dev, settings, quick, fit_started)
+        save_profile(profile, out, overwrite=force)
+    return profile
+
+
+def _open_run(meta: dict[str, Any], meta_path: Path, csv_path: Path, items: list[PlanItem], resume: bool,
+              force: bool, again: str, say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Under the lock: check a resumed run's saved description and every row of its CSV (the rows it
+    returns are finished measurements), or move an old run aside (``force``) and create this run's
+    description exclusively."""
     done: dict[str, dict[str, Any]] = {}
     if resume:
-        if not meta_path.exists():
-            raise CalibrationError(f"nothing to resume: {meta_path} does not exist; start without --resume")
-        before = json.loads(meta_path.read_text())
+        try:
+            before = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CalibrationError(f"{meta_path} is not this toolkit's run description ({exc}); start over with "
+                                   f"{again.replace(' --resume', ' --force')}") from None
         for key in ("meter", "device", "models", "quick", "min_layer_numel"):
             if before.get(key) != meta[key]:
                 raise CalibrationError(
@@ -263,41 +336,28 @@ def calibrate(
                     "resume with the same --meter, --device, --model and --quick, or start a new --out"
                 )
         if csv_path.exists() and csv_path.stat().st_size:
-            _drop_torn_line(csv_path)
+            plan = {i.id: i for i in items}
+            _good, torn = read_rows(csv_path, plan, again)
+            if torn:
+                say(f"the last line of {csv_path.name} was cut off (a run stopped while writing it): it is measured "
+                    "again")
+                _drop_torn_line(csv_path)
             for row in pd.read_csv(csv_path).to_dict("records"):
                 done[row["id"]] = row
-    elif csv_path.exists() or meta_path.exists():
-        if not force:
-            raise CalibrationError(
-                f"measurements of an earlier run exist ({csv_path}); continue it with --resume, or pass --force "
-                "to start over (the old files are kept with a timestamp)"
-            )
+        replace_text(meta_path, json.dumps(meta, indent=1))
+        return done
+    if force:
         stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
         for p in (csv_path, meta_path):
             if p.exists():
                 p.rename(p.with_name(f"{p.name}.{stamp}"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=1))
-    settings = protocol_settings(quick)
-    pending = [i for i in items if i.id not in done]
-    say(f"calibration plan: {len(items)} measurements ({len(items) - len(pending)} already in {csv_path.name})"
-        f", meter {spec}, kernels on {device}")
-    dev = torch.device(device)
     try:
-        meter = open_meter(spec)
-    except EnergyprofError as exc:
-        raise CalibrationError(_no_meter_message(spec, exc)) from None
-    with meter:
-        info = meter.info
-        if info.simulated:
-            say("the meter is SIMULATED: every number of this profile is simulated, not a measurement")
-        protocol = MeasurementProtocol(random_state=0, **settings)
-        _run_items(pending, meter, protocol, dev, csv_path, done, progress)
-    table = pd.DataFrame([done[i.id] for i in items])
-    fit_started = time.monotonic()
-    profile = _fit_profile(table, items, model_plans, out, spec, info, dev, settings, quick, fit_started)
-    save_profile(profile, out, overwrite=force)
-    return profile
+        write_new(meta_path, json.dumps(meta, indent=1))
+    except FileExistsError:
+        raise CalibrationError(f"{meta_path} appeared while this run started; another run is using this --out") from None
+    if csv_path.exists():
+        raise CalibrationError(f"{csv_path} appeared while this run started; another run is using this --out")
+    return done
 
 
 def _no_meter_message(spec: str, exc: Exception) -> str:
@@ -329,14 +389,25 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
                 kept = int(positions.numel()) if positions is not None else 0
                 lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
                 run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
-                result = protocol.measure(run, meter, idle=idle)
-                row = _row(item, workload, result, kept, lines, time.monotonic() - t0, idle)
+                for attempt in range(1, MEASURE_ATTEMPTS + 1):
+                    result = protocol.measure(run, meter, idle=idle)
+                    row = _row(item, workload, result, kept, lines, time.monotonic() - t0, idle)
+                    problem = row_problem(row)
+                    if problem is None:
+                        break
+                    log.warning("measurement %s gave a row that cannot be fitted (%s); measuring it again (%d of %d)",
+                                item.id, problem, attempt, MEASURE_ATTEMPTS)
+                else:
+                    raise CalibrationError(
+                        f"measurement {item.id} gave a row that cannot be fitted {MEASURE_ATTEMPTS} times ({problem}); "
+                        f"{len(done)} finished measurements are saved in {csv_path}: give the meter longer windows "
+                        "or a quieter machine, and continue with the same command and --resume")
                 _append(csv_path, row)
                 done[item.id] = row
                 del workload, run
                 bar.advance(task)
     except KeyboardInterrupt:
-        raise CalibrationError(
+        raise CalibrationInterrupted(
             f"interrupted during {current.id if current else '?'}; {len(done)} finished measurements are saved "
             f"in {csv_path}: continue with the same command and --resume"
         ) from None

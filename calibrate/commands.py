@@ -15,20 +15,18 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_calibrate(args: Any) -> int:
-    from calibrate.calibration import CalibrationError, calibrate
-    from energyprof.errors import EnergyprofError
+    from calibrate.calibration import calibrate
+    from energyprof.models import model_names
 
-    models = [m for part in args.model for m in part.split(",") if m] or ["resnet18"]
+    # errors (ours, and OSError) reach the command line's guard: one line, the exit status they carry
+    models = model_names(args.model, default="resnet18")
     if args.dry_run:
         return _dry_run(args, models)
-    try:
-        profile = calibrate(
-            args.meter, models=models, out=args.out, device=args.device, quick=args.quick, force=args.force,
-            resume=args.resume, min_layer_numel=args.min_layer_numel, progress=not args.no_progress,
-            say=lambda line: print(line, file=sys.stderr),
-        )
-    except (CalibrationError, ProfileError, EnergyprofError, ValueError) as exc:
-        return _fail(str(exc))
+    profile = calibrate(
+        args.meter, models=models, out=args.out, device=args.device, quick=args.quick, force=args.force,
+        resume=args.resume, min_layer_numel=args.min_layer_numel, progress=not args.no_progress,
+        say=lambda line: print(line, file=sys.stderr), allow_device_mismatch=args.allow_device_mismatch,
+    )
     print(profile.summary())
     print(f"\nprofile written to {args.out}")
     wall = profile.provenance.wall_time_s
@@ -39,18 +37,21 @@ def cmd_calibrate(args: Any) -> int:
 
 def _dry_run(args: Any, models: list[str]) -> int:
     from calibrate.calibration import build_plan, estimate_seconds, protocol_settings, resolve_meter_spec
+    from energyprof.devices import describe, kernel_device
     from energyprof.errors import EnergyprofError
     from energyprof.meters import open_meter
-    from energyprof.models import resolve_model
+    from energyprof.models import load_model
 
+    modules = {m: load_model(m) for m in models}
     spec = resolve_meter_spec(args.meter)
     try:
         with open_meter(spec) as meter:
             info = meter.info
     except EnergyprofError as exc:
         return _fail(f"cannot open meter {spec!r}: {exc}")
-    modules = {m: resolve_model(m) for m in models}
+    dev = kernel_device(info, args.device, args.allow_device_mismatch)
     items, plans = build_plan(modules, args.quick, args.min_layer_numel)
+    print(describe(info, dev, args.device))
     sweep = sum(i.kind == "sweep" for i in items)
     print(f"plan: {len(items)} measurements: {sweep} workload-sweep points, {len(items) - sweep} layer replays")
     for label, plan in plans.items():

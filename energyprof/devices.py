@@ -20,7 +20,7 @@ import torch
 
 from energyprof.errors import EnergyprofError
 
-__all__ = ["DeviceError", "parse_device", "kernel_device", "MISMATCH_FLAG"]
+__all__ = ["DeviceError", "parse_device", "kernel_device", "describe", "MISMATCH_FLAG"]
 
 MISMATCH_FLAG = "--allow-device-mismatch"
 

@@ -17,7 +17,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "resolve_model", "model_label"]
+from energyprof.errors import EnergyprofError
+
+__all__ = ["MODELS", "ModelError", "build_model", "resolve_model", "model_label", "model_names", "load_model"]
+
+
+class ModelError(EnergyprofError, ValueError):
+    """A model spec that names no usable model (unknown, not importable, a factory that fails, no
+    parameters)."""
 
 
 class MLP(nn.Sequential):
@@ -113,7 +120,7 @@ def build_model(
     """A built-in model by name, with seeded initial weights. Unset shapes take the model's defaults
     (digits for ``mlp``, CIFAR-10 for ``cnn`` and ``resnet18``)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}, or give module:attribute")
+        raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}, or give module:attribute")
     kwargs: dict[str, int] = {"num_classes": num_classes}
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
@@ -127,27 +134,58 @@ def build_model(
 def resolve_model(spec: str, *, seed: int = 0, **shape: int) -> nn.Module:
     """A built-in name, or ``module:attribute`` naming an ``nn.Module`` instance or a zero-argument
     factory (a class or function) that returns one."""
+    if not spec.strip():
+        raise ModelError("an empty model name; give mlp, cnn, resnet18 or module:attribute")
     if ":" not in spec:
         return build_model(spec, seed=seed, **shape)
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"model {spec!r}: give module:attribute, both parts non-empty")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    except Exception as exc:  # ImportError, or whatever the module raises while it is imported
+        raise ModelError(f"cannot import {module_name!r} for model {spec!r}: {type(exc).__name__}: {exc}") from None
     try:
         obj = getattr(module, attr)
     except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (model {spec!r})") from None
+        raise ModelError(f"module {module_name!r} has no attribute {attr!r} (model {spec!r})") from None
     if isinstance(obj, nn.Module):
         return obj
     if callable(obj):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            made = obj()
+            try:
+                made = obj()
+            except Exception as exc:  # the user's factory: its failure is the user's error, said in one line
+                raise ModelError(f"model {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc}") from None
         if isinstance(made, nn.Module):
             return made
-        raise ValueError(f"{spec} returned a {type(made).__name__}, not a torch.nn.Module")
-    raise ValueError(f"{spec} is a {type(obj).__name__}; give a torch.nn.Module or a zero-argument factory")
+        raise ModelError(f"{spec} returned a {type(made).__name__}, not a torch.nn.Module")
+    raise ModelError(f"{spec} is a {type(obj).__name__}; give a torch.nn.Module or a zero-argument factory")
+
+
+def model_names(values: list[str] | tuple[str, ...], default: str | None = None) -> list[str]:
+    """Names given as repeated and/or comma-separated options (``--model a,b --model c``); an
+    empty name is an error, never the default; no value at all gives ``[default]``."""
+    if not values:
+        if default is None:
+            raise ModelError("no model given")
+        return [default]
+    names = [m.strip() for part in values for m in part.split(",")]
+    if any(not m for m in names):
+        raise ModelError(f"--model {','.join(values)!r} holds an empty model name; give mlp, cnn, resnet18 or "
+                         "module:attribute")
+    return names
+
+
+def load_model(spec: str, *, seed: int = 0, **shape: int) -> nn.Module:
+    """:func:`resolve_model`, and a model with parameters to price (anything else is a
+    :class:`ModelError` saying so)."""
+    module = resolve_model(spec, seed=seed, **shape)
+    if not any(p.numel() for p in module.parameters()):
+        raise ModelError(f"model {spec!r} has no parameters: it makes no update, so there is nothing to calibrate "
+                         "or prune; give a model with trainable tensors")
+    return module
 
 
 def model_label(spec: str) -> str:
