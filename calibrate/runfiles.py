@@ -46,20 +46,10 @@ class RunLocked(CalibrationError):
 
 # ---------------------------------------------------------------------------- output folder
 def check_output_path(out: Path, what: str = "--out") -> None:
-    """Refuse, before any work, an output path that cannot be written: a folder where a file is
-    meant, or a nearest existing folder this user cannot write. Creates nothing."""
-    if out.is_dir():
-        raise CalibrationError(f"{what} {out} is a folder; give a file path, e.g. {out / 'profile.yaml'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CalibrationError(f"{what} {out}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CalibrationError(f"{what} {out}: cannot write in {probe} (permission denied); choose another {what}")
+    """Refuse, before any work, a profile path that cannot be written. Creates nothing."""
+    from energyprof.outputs import check_output_file
+
+    check_output_file(out, what)
 
 
 # ---------------------------------------------------------------------------- the lock

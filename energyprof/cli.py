@@ -22,6 +22,44 @@ def _fail(message: str, code: int = EXIT_METER) -> int:
     return code
 
 
+# ---------------------------------------------------------------------------- argument types (checked before any work)
+def _number(text: str, kind: type = float) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def _at_least(low: float, kind: type = float):
+    def check(text: str) -> Any:
+        value = _number(text, kind)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low:g}")
+        return value
+    return check
+
+
+def _fraction(text: str) -> float:
+    """A keep ratio: 0 < r <= 1."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]; 10 % is 0.1")
+    return value
+
+
+def _fractions(text: str) -> list[float]:
+    return [_fraction(part.strip()) for part in text.split(",") if part.strip()] or [_fraction(text)]
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name")
+    return text
+
+
 # ---------------------------------------------------------------------------- detect
 def cmd_detect(args: argparse.Namespace) -> int:
     from energyprof.meters import probe_all
@@ -47,38 +85,37 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     from energyprof.errors import EnergyprofError
     from energyprof.meters import open_meter
+    from energyprof.outputs import check_output_file
+    from energyprof.wrapper import CommandError, HeldSignals, run_measured
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         return _fail("no command to measure; usage: energyprof measure --meter SPEC -- COMMAND [ARGS...]")
-    try:
-        meter = open_meter(args.meter)
-    except EnergyprofError as exc:
-        return _fail(f"cannot start meter {args.meter!r}: {exc}")
-    try:
-        with meter:
-            meter.begin("command")
-            try:
-                proc = subprocess.Popen(command)
-            except FileNotFoundError:
-                meter.discard("command")
-                return _fail(f"command not found: {command[0]}", EXIT_NOT_FOUND)
-            except PermissionError:
-                meter.discard("command")
-                return _fail(f"command is not executable: {command[0]}", 126)
-            try:
-                returncode = proc.wait()
-            except KeyboardInterrupt:
-                proc.terminate()
-                returncode = proc.wait()
-            measurement = meter.end("command")
-    except EnergyprofError as exc:
-        return _fail(f"measurement failed: {exc}")
+    if args.output:
+        check_output_file(args.output, "--output")
+    # --json on stdout: the command's own output goes to stderr, so that stdout is one JSON object
+    child_stdout = 2 if args.json and not args.output else None
+    with HeldSignals() as held:  # before the meter opens: its threads inherit the blocked signals
+        try:
+            meter = open_meter(args.meter)
+        except EnergyprofError as exc:
+            return _fail(f"cannot start meter {args.meter!r}: {exc}")
+        try:
+            with meter:
+                outcome = run_measured(command, meter, held, stdout=child_stdout)
+        except CommandError:
+            raise
+        except EnergyprofError as exc:
+            return _fail(f"measurement failed: {exc}")
+    measurement = outcome.measurement
     result: dict[str, Any] = measurement.to_dict()
     result["command"] = command
-    result["returncode"] = returncode
+    result["returncode"] = outcome.exit_status  # as a shell says: 128+N when killed by signal N
+    result["signal"] = outcome.signal
+    if outcome.forwarded:
+        result["forwarded_signals"] = outcome.forwarded
     if measurement.energy_j == 0.0:
         period = measurement.meter.update_period_s
         result["warning"] = (
@@ -88,11 +125,17 @@ def cmd_measure(args: argparse.Namespace) -> int:
             "or use 'energyprof bench-kernel', which repeats a kernel until the meter sees it"
         )
         print(f"energyprof: warning: {result['warning']}", file=sys.stderr)
-    if args.json:
+    if args.output:
+        with open(args.output, "w") as out:
+            if args.json:
+                print(json.dumps(result), file=out)
+            else:
+                _print_perf_stat(result, out)
+    elif args.json:
         print(json.dumps(result))
     else:
         _print_perf_stat(result, sys.stderr if args.stderr else sys.stdout)
-    return returncode  # like perf stat: the measured command's status
+    return outcome.exit_status  # like perf stat: the measured command's status
 
 
 def _print_perf_stat(r: dict[str, Any], out) -> None:
@@ -110,7 +153,9 @@ def _print_perf_stat(r: dict[str, Any], out) -> None:
     if period and r["duration_s"] < 10 * period:
         print(f"\n meter updates every {meter['update_period_s'] * 1e3:.3g} ms; a command much shorter than "
               "that is not resolved (use 'energyprof bench-kernel' for short kernels)", file=out)
-    if r["returncode"]:
+    if r.get("signal"):
+        print(f"\n command was killed by {r['signal']} (status {r['returncode']})", file=out)
+    elif r["returncode"]:
         print(f"\n command exited with status {r['returncode']}", file=out)
     print(file=out)
 
@@ -130,6 +175,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- bench-kernel
 def cmd_bench_kernel(args: argparse.Namespace) -> int:
+    from energyprof.devices import kernel_device
     from energyprof.errors import EnergyprofError
     from energyprof.meters import open_meter
     from energyprof.protocol import MeasurementProtocol
@@ -137,7 +183,6 @@ def cmd_bench_kernel(args: argparse.Namespace) -> int:
 
     try:
         workload = make_workload(args.workload, size=args.size, density=args.density, dtype=args.dtype)
-        workload.setup(args.device)
     except (ValueError, RuntimeError) as exc:
         return _fail(f"cannot set up workload {args.workload!r}: {exc}", 1)
     try:
@@ -145,11 +190,16 @@ def cmd_bench_kernel(args: argparse.Namespace) -> int:
     except EnergyprofError as exc:
         return _fail(f"cannot start meter {args.meter!r}: {exc}")
     protocol = MeasurementProtocol(min_window_s=args.min_window_s, trials=args.trials)
-    try:
-        with meter:
+    with meter:
+        device = kernel_device(meter.info, args.device, args.allow_device_mismatch)
+        try:
+            workload.setup(device)
+        except (ValueError, RuntimeError) as exc:
+            return _fail(f"cannot set up workload {args.workload!r} on {device}: {exc}", 1)
+        try:
             result = protocol.measure(workload, meter)
-    except EnergyprofError as exc:
-        return _fail(f"measurement failed: {exc}")
+        except EnergyprofError as exc:
+            return _fail(f"measurement failed: {exc}")
     print(json.dumps(result.to_dict()) if args.json else result.summary())
     return 0
 
@@ -157,13 +207,10 @@ def cmd_bench_kernel(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from cwmp.apps.demo import run
-    from energyprof.errors import EnergyprofError
 
-    try:
-        result = run(meter_spec=args.meter, device=args.device, keep_ratio=args.keep_ratio, out=args.out,
-                     progress=not args.json, say=(lambda line: print(line, file=sys.stderr)) if args.json else print)
-    except EnergyprofError as exc:
-        return _fail(str(exc), 1)
+    result = run(meter_spec=args.meter, device=args.device, keep_ratio=args.keep_ratio, out=args.out,
+                 progress=not args.json, say=(lambda line: print(line, file=sys.stderr)) if args.json else print,
+                 allow_device_mismatch=args.allow_device_mismatch)
     if args.json:
         print(json.dumps(result, default=str))
     return 0
@@ -171,17 +218,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- validate
 def cmd_validate(args: argparse.Namespace) -> int:
-    from calibrate.profile import ProfileError
     from cwmp.apps.validate import DEFAULT_RATIOS, console_table, validate
-    from energyprof.errors import EnergyprofError
 
-    ratios = tuple(float(r) for part in (args.ratios or []) for r in part.split(",") if r) or DEFAULT_RATIOS
-    try:
-        result = validate(args.profile, args.meter, model=args.model, device=args.device, ratios=ratios,
-                          updates=args.updates, report=args.report, progress=not args.json,
-                          say=lambda line: print(line, file=sys.stderr))
-    except (ProfileError, EnergyprofError, ValueError) as exc:
-        return _fail(str(exc), 1)
+    ratios = tuple(r for part in (args.ratios or []) for r in part) or DEFAULT_RATIOS
+    result = validate(args.profile, args.meter, model=args.model, device=args.device, ratios=ratios,
+                      updates=args.updates, report=args.report, progress=not args.json,
+                      say=lambda line: print(line, file=sys.stderr), allow_device_mismatch=args.allow_device_mismatch)
     if args.json:
         print(json.dumps(result.summary))
     else:
@@ -243,6 +285,14 @@ def cmd_fl(args: argparse.Namespace) -> int:
         fleet = Fleet(config, build_model_for(config, dataset, 0))
     except (ValueError, DataError, ProfileError, CostMapError) as exc:
         return _fail(str(exc), 1)
+    from cwmp.apps.federated.report import OUTPUT_FILES
+    from energyprof.outputs import check_output_folder
+
+    out = check_output_folder(args.out)
+    earlier = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if earlier and not args.force:
+        return _fail(f"--out {out} already holds {', '.join(earlier)} of an earlier run; choose another --out, "
+                     "or pass --force to replace them", 1)
     total = len(list(runs_of(config))) * config.rounds
     command = "energyprof fl " + " ".join(_shlex.quote(str(a)) for a in (
         "--dataset", args.dataset, "--model", args.model, "--clients", args.clients, "--alpha", args.alpha,
@@ -274,7 +324,7 @@ def cmd_fl(args: argparse.Namespace) -> int:
         except (ValueError, DataError, CostMapError) as exc:
             return _fail(str(exc), 1)
     summary = summarize(records, config, fleet.describe(), args.engine, command)
-    paths = write_outputs(records, summary, config, Path(args.out))
+    paths = write_outputs(records, summary, config, out, say=lambda line: print(line, file=sys.stderr))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -304,12 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
         "measure",
         help="run a command and report its energy, like perf stat",
         description="Run COMMAND and report the energy the meter saw while it ran; exits with the "
-        "command's status (also in the JSON as returncode). A meter that cannot start exits 2 with "
-        "a one-line reason. Example: energyprof measure --meter rapl -- python train.py",
+        "command's status (also in the JSON as returncode), 128+N when it died of signal N. SIGTERM, SIGINT, "
+        "SIGHUP and SIGQUIT sent to energyprof are passed on to the command, which is never left running. "
+        "A meter that cannot start exits 2 with a one-line reason. "
+        "Example: energyprof measure --meter rapl -- python train.py",
     )
     p.add_argument("--meter", default="auto", help="meter spec BACKEND[:key=value,...] (default: auto)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (the command's own stdout then goes to stderr)")
     p.add_argument("--stderr", action="store_true", help="print the human-readable report on stderr")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="write the report (JSON with --json) to FILE; stdout stays the command's")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_measure)
 
@@ -322,14 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Example: energyprof calibrate --meter nvml --device cuda:0 --model resnet18 --out h100.yaml",
     )
     p.add_argument("--meter", default="auto", help="meter spec (default: auto; 'sim:preset=...' for the simulator)")
-    p.add_argument("--device", default="cpu", help="torch device the kernels run on: cpu, cuda:N (default: cpu)")
-    p.add_argument("--model", action="append", default=[],
+    p.add_argument("--device", default=None,
+                   help="torch device the kernels run on (default: the meter's: cuda:N for nvml:index=N, else cpu)")
+    p.add_argument("--allow-device-mismatch", action="store_true",
+                   help="run the kernels on --device even where the meter does not look")
+    p.add_argument("--model", action="append", default=[], type=_name,
                    help="mlp, cnn, resnet18 or module:attr; repeat or comma-separate (default: resnet18)")
     p.add_argument("--out", default="profile.yaml", help="profile path (default: profile.yaml)")
     p.add_argument("--quick", action="store_true", help="a shorter plan and shorter windows (CI, first look)")
     p.add_argument("--force", action="store_true", help="replace an existing profile (and restart its measurements)")
     p.add_argument("--resume", action="store_true", help="continue a run: skip what OUT.measurements.csv holds")
-    p.add_argument("--min-layer-numel", type=int, default=None,
+    p.add_argument("--min-layer-numel", type=_at_least(0, int), default=None,
                    help="tensors smaller than this are predicted, not replayed (default: 16384 quick, 4096 full)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate; measure nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -364,12 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--meter", default="auto", help="meter spec BACKEND[:key=value,...] (default: auto)")
     p.add_argument("--workload", required=True, help="workload name (see above)")
-    p.add_argument("--size", type=int, default=2**20, help="elements of the updated tensor (default: 2^20)")
+    p.add_argument("--size", type=_at_least(1, int), default=2**20, help="elements of the updated tensor (default: 2^20)")
     p.add_argument("--density", type=float, help="fraction of entries kept, 0.001..1 (sparse workloads)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda:N (default: cpu)")
-    p.add_argument("--min-window-s", type=float, default=1.0, help="shortest measurement window (default: 1)")
-    p.add_argument("--trials", type=int, default=4, help="kernel windows, >= 2 (default: 4)")
+    p.add_argument("--device", default=None,
+                   help="torch device the kernels run on (default: the meter's: cuda:N for nvml:index=N, else cpu)")
+    p.add_argument("--allow-device-mismatch", action="store_true",
+                   help="run the kernels on --device even where the meter does not look")
+    p.add_argument("--min-window-s", type=_at_least(0.0), default=1.0, help="shortest measurement window (default: 1)")
+    p.add_argument("--trials", type=_at_least(2, int), default=4, help="kernel windows, >= 2 (default: 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object, every window included")
     p.set_defaults(func=cmd_bench_kernel)
 
@@ -382,8 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--meter", default=None, help="meter spec (default: auto, else the simulator)")
     p.add_argument("--device", default=None,
-                   help="torch device for the kernels (default: cuda:0 with an NVML meter, else cpu)")
-    p.add_argument("--keep-ratio", type=float, default=0.1, help="Top-K keep ratio that sets the budget")
+                   help="torch device the kernels run on (default: the meter's: cuda:N for nvml:index=N, else cpu)")
+    p.add_argument("--allow-device-mismatch", action="store_true",
+                   help="run the kernels on --device even where the meter does not look")
+    p.add_argument("--keep-ratio", type=_fraction, default=0.1, help="Top-K keep ratio that sets the budget, in (0, 1]")
     p.add_argument("--out", default="out", help="folder for the demo's profile and report (default: out)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress on stderr)")
     p.set_defaults(func=cmd_demo)
@@ -397,13 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", required=True, help="profile name or YAML path")
     p.add_argument("--meter", required=True, help="meter spec (the same meter the profile was calibrated with)")
-    p.add_argument("--model", default="mlp", help="mlp, cnn, resnet18 or module:attr (default: mlp)")
-    p.add_argument("--device", default="cpu", help="torch device for the kernels (default: cpu)")
-    p.add_argument("--ratios", action="append", help="Top-K keep ratios, comma-separated (default: 0.001,0.01,0.05,0.1,0.2)")
+    p.add_argument("--model", default="mlp", type=_name, help="mlp, cnn, resnet18 or module:attr (default: mlp)")
+    p.add_argument("--device", default=None,
+                   help="torch device the kernels run on (default: the meter's: cuda:N for nvml:index=N, else cpu)")
+    p.add_argument("--allow-device-mismatch", action="store_true",
+                   help="run the kernels on --device even where the meter does not look")
+    p.add_argument("--ratios", action="append", type=_fractions,
+                   help="Top-K keep ratios, comma-separated (default: 0.001,0.01,0.05,0.1,0.2)")
     p.add_argument("--updates", choices=["train", "random"], default="train",
                    help="updates from a short training run on digits, or heavy-tailed random ones (default: train)")
     p.add_argument("--report", default=None, help="folder for the CSV, plots and Markdown summary")
-    p.add_argument("--max-mape", type=float, default=None, help="fail (exit 3) when the MAPE exceeds this fraction")
+    p.add_argument("--max-mape", type=_at_least(0.0), default=None, help="fail (exit 3) when the MAPE exceeds this fraction")
     p.add_argument("--json", action="store_true", help="print the summary object (mape, n, worst, bias, simulated)")
     p.set_defaults(func=cmd_validate)
 
@@ -432,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="flower engine: join a running Ray cluster (auto or HOST:PORT)")
     p.add_argument("--verbose", action="store_true", help="flower engine: show Flower's and Ray's logs")
     p.add_argument("--out", default="fl-results", help="output folder (default: fl-results)")
+    p.add_argument("--force", action="store_true", help="replace the outputs of an earlier run in --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_fl)
 
@@ -440,9 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done; 1 a user error (bad input, a path that cannot be written, ...), said in one
+    line (the traceback with -vv); 2 a meter that cannot start or failed; 3 validate's --max-mape
+    gate; 126/127 a command measure cannot run / find; 128+N a command killed by signal N;
+    130 interrupted (Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     setup_logging(args.verbose)
+    from energyprof.errors import EnergyprofError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -451,6 +525,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         # e.g. `energyprof detect | head`: not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (EnergyprofError, OSError) as exc:
+        return _guarded(exc, args.verbose)
+
+
+def _guarded(exc: BaseException, verbosity: int) -> int:
+    """One line for an error of ours or of the system (OSError); the traceback with -vv."""
+    if verbosity >= 2:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    from energyprof.errors import EnergyprofError
+
+    if isinstance(exc, OSError) and not isinstance(exc, EnergyprofError):
+        where = exc.filename if exc.filename is not None else ""
+        message = f"{where}: {exc.strerror or exc}" if where else str(exc.strerror or exc)
+        if exc.filename2 is not None:
+            message += f" ({exc.filename2})"
+    else:
+        message = str(exc) or type(exc).__name__
+    code = getattr(exc, "exit_code", 1)
+    print(f"energyprof: {message}", file=sys.stderr)
+    return code if isinstance(code, int) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

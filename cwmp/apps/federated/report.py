@@ -207,16 +207,28 @@ def write_plot(records: Sequence[RoundRecord], config: FLConfig, path: Path, sim
     return path
 
 
-def write_outputs(records: Sequence[RoundRecord], summary: dict[str, Any], config: FLConfig, out: Path) -> dict[str, Path]:
+OUTPUT_FILES = ("rounds.csv", "summary.md", "summary.json", "pareto.png")
+
+
+def write_outputs(records: Sequence[RoundRecord], summary: dict[str, Any], config: FLConfig, out: Path,
+                  say: Any = None) -> dict[str, Path]:
+    """The CSV and the summaries first, the plot last: a plot that fails loses nothing (it is said
+    on ``say`` and left out of the returned paths)."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
     simulated = summary["simulated"]
     paths = {
         "csv": write_csv(records, out / "rounds.csv", simulated),
-        "plot": write_plot(records, config, out / "pareto.png", simulated),
         "summary": write_summary(summary, out / "summary.md"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     paths["json"] = out / "summary.json"
+    try:
+        paths["plot"] = write_plot(records, config, out / "pareto.png", simulated)
+    except Exception as exc:  # matplotlib missing or failing: the numbers are written already
+        if say is None:
+            raise
+        say(f"energyprof: warning: no plot ({type(exc).__name__}: {exc}); {', '.join(str(p) for p in paths.values())} "
+            "are written")
     return paths
