@@ -18,8 +18,6 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from cwmp.costmap import CostMap
 from cwmp.pruner import Budget, Pruner
 
@@ -42,25 +40,31 @@ def _pick_meter(meter_spec: str | None, say: Callable[[str], None]) -> str:
 
 
 def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: float = 0.1,
-        out: str | Path = "out", progress: bool = True, say: Callable[[str], None] = print) -> dict:
+        out: str | Path = "out", progress: bool = True, say: Callable[[str], None] = print,
+        allow_device_mismatch: bool = False) -> dict:
+    """``device`` None: the kernels run where the meter looks (:func:`energyprof.devices.kernel_device`,
+    which calibrate and validate call with the same arguments)."""
     from calibrate.calibration import calibrate
     from cwmp.apps.validate import console_table, model_updates, validate
     from energyprof.models import build_model
+    from energyprof.outputs import check_output_folder
 
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep ratio {keep_ratio:g} is not a fraction in (0, 1]; 10 % is 0.1")
+    check_output_folder(out)
     spec = _pick_meter(meter_spec, say)
-    if device is None:  # run the kernels where the meter looks
-        device = "cuda:0" if spec.startswith("nvml") and torch.cuda.is_available() else "cpu"
     folder = Path(out) / f"demo-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     profile_path = folder / "profile.yaml"
-    say(f"\n[1/3] energyprof calibrate --meter {spec} --model {MODEL} --quick --device {device} --out {profile_path}")
+    where = f" --device {device}" if device else ""
+    say(f"\n[1/3] energyprof calibrate --meter {spec} --model {MODEL} --quick{where} --out {profile_path}")
     profile = calibrate(spec, models=[MODEL], out=profile_path, device=device, quick=True, progress=progress,
-                        say=say)
+                        say=say, allow_device_mismatch=allow_device_mismatch)
     tag = "  [SIMULATED]" if profile.simulated else ""
     say(profile.summary())
     say(f"\n[2/3] energyprof validate --profile {profile_path} --meter {spec} --model {MODEL} "
         f"--report {folder / 'validation'}")
     result = validate(str(profile_path), spec, model=MODEL, device=device, report=folder / "validation",
-                      progress=progress, say=say)
+                      progress=progress, say=say, allow_device_mismatch=allow_device_mismatch)
     say(console_table(result))
     say(f"\n[3/3] one real update of {MODEL}, pruned with Top-K and with CWMP at Top-K's predicted energy "
         f"(keep ratio {keep_ratio:g}){tag}")

@@ -105,7 +105,7 @@ def validate(
     profile_ref: str,
     meter_spec: str,
     model: str = "mlp",
-    device: str = "cpu",
+    device: str | None = None,
     ratios: tuple[float, ...] = DEFAULT_RATIOS,
     updates: str = "train",
     report: str | Path | None = None,
@@ -113,24 +113,37 @@ def validate(
     progress: bool = True,
     protocol_kwargs: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
+    allow_device_mismatch: bool = False,
 ) -> ValidationResult:
+    """Every input is checked before any work (the profile, the model and the profile's table of it,
+    the ratios, the report folder, the meter, the kernel device: the meter's unless ``device``)."""
     from calibrate.calibration import resolve_meter_spec
     from calibrate.profile import load_profile
+    from energyprof.devices import kernel_device
     from energyprof.meters import open_meter
-    from energyprof.models import resolve_model
+    from energyprof.models import load_model
+    from energyprof.outputs import check_output_folder
     from energyprof.protocol import MeasurementProtocol
     from energyprof.workloads import LayerReplay
 
+    bad = [r for r in ratios if not 0 < r <= 1]
+    if bad or not ratios:
+        raise ValueError(f"keep ratios must be fractions in (0, 1]; got {list(ratios)}")
+    if updates not in ("train", "random"):
+        raise ValueError(f"updates={updates!r}: use train or random")
     profile = load_profile(profile_ref)
-    module = resolve_model(model, seed=seed)
-    dev = torch.device(device)
+    module = load_model(model, seed=seed)
     warnings: list[str] = []
-    if model not in profile.models:
+    if model in profile.models:
+        # the table must be this model's: a table of another model's layers is refused, never priced
+        # silently from the global coefficients
+        cost_map = CostMap.from_profile(profile, model, module.named_parameters())
+    else:
         warnings.append(f"profile {profile.name} has no per-layer table for {model}: every layer is predicted "
                         "from its global coefficients")
-    update, update_kind = model_updates(module, model, updates, seed=seed)
-    cost_map = CostMap.from_profile(profile, model, module.named_parameters(), allow_predicted=True)
-    masks = pruner_masks(cost_map, update, tuple(ratios))
+        cost_map = CostMap.from_profile(profile, model, module.named_parameters(), allow_predicted=True)
+    if report is not None:
+        check_output_folder(report, "--report")
     spec = resolve_meter_spec(meter_spec)
     protocol = MeasurementProtocol(random_state=seed, **(protocol_kwargs or dict(
         min_window_s=1.0, min_periods=10, trials=4, idle_windows=4, warmup_s=0.05)))
@@ -139,6 +152,9 @@ def validate(
 
     with open_meter(spec) as meter:
         info = meter.info
+        dev = kernel_device(info, device, allow_device_mismatch)
+        update, update_kind = model_updates(module, model, updates, seed=seed)
+        masks = pruner_masks(cost_map, update, tuple(ratios))
         warnings.extend(_mismatch(profile, info, spec, dev))
         sim = "  [SIMULATED]" if info.simulated else ""
         say(f"validate {profile.name} on {model} with meter {spec}, kernels on {dev}{sim}")
@@ -178,7 +194,7 @@ def validate(
         summary["measurement_mape"] = float(table["measurement_error"].abs().mean())
     result = ValidationResult(table, summary, warnings)
     if report is not None:
-        result.report = write_report(result, Path(report), profile)
+        result.report = write_report(result, Path(report), profile, say=say)
     return result
 
 
@@ -219,18 +235,37 @@ def console_table(result: ValidationResult) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
+def write_report(result: ValidationResult, folder: Path, profile: Any, say: Callable[[str], None] | None = None) -> Path:
+    """The CSV and the summaries (Markdown, JSON) first, then the plots: a plot that fails (no
+    matplotlib, a backend error) loses nothing; it is said on ``say`` (raised when ``say`` is None,
+    after the rest is written) and the summary then links no image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t, s = result.table, result.summary
+    prefix = "SIMULATED-" if s["simulated"] else ""
+    t.to_csv(folder / f"{prefix}validation.csv", index=False)
+    (folder / f"{prefix}summary.json").write_text(json.dumps(s, indent=1))
+    summary = folder / f"{prefix}summary.md"
+    summary.write_text(_summary_markdown(result, profile, images=()))
+    try:
+        images = _write_plots(result, folder, profile)
+    except Exception as exc:
+        if say is None:
+            raise
+        say(f"energyprof: warning: no plots ({type(exc).__name__}: {exc}); the CSV and {summary.name} are written")
+        return folder
+    summary.write_text(_summary_markdown(result, profile, images=images))
+    return folder
+
+
+def _write_plots(result: ValidationResult, folder: Path, profile: Any) -> tuple[tuple[str, Path], ...]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     t, s = result.table, result.summary
     tag = " [SIMULATED]" if s["simulated"] else ""
     prefix = "SIMULATED-" if s["simulated"] else ""
-    csv = folder / f"{prefix}validation.csv"
-    t.to_csv(csv, index=False)
     fig, ax = plt.subplots(figsize=(6, 5.5))
     lo = float(min(t.predicted_j.min(), t.measured_j.min())) * 0.7
     hi = float(max(t.predicted_j.max(), t.measured_j.max())) * 1.4
@@ -269,6 +304,12 @@ def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
     by_ratio = folder / f"{prefix}error-by-ratio.png"
     fig.savefig(by_ratio, dpi=110)
     plt.close(fig)
+    return (("predicted vs measured", scatter), ("error by ratio", by_ratio))
+
+
+def _summary_markdown(result: ValidationResult, profile: Any, images: tuple[tuple[str, Path], ...]) -> str:
+    s = result.summary
+    tag = " [SIMULATED]" if s["simulated"] else ""
     p = profile.provenance
     md = [
         f"# Energy-model validation: {s['model']} on profile {profile.name}{tag}", "",
@@ -293,11 +334,11 @@ def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
     ]
     for w in result.warnings:
         md.append(f"- **Warning:** {w}")
-    md += ["", f"![predicted vs measured]({scatter.name})", "", f"![error by ratio]({by_ratio.name})", "",
-           "```", console_table(result), "```", ""]
-    (folder / f"{prefix}summary.md").write_text("\n".join(md))
-    (folder / f"{prefix}summary.json").write_text(json.dumps(s, indent=1))
-    return folder
+    md.append("")
+    for caption, path in images:
+        md += [f"![{caption}]({path.name})", ""]
+    md += ["```", console_table(result), "```", ""]
+    return "\n".join(md)
 
 
 def doubled(profile: Any) -> Any:
