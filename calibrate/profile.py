@@ -430,6 +430,10 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str], overwrite
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp makes the file 0600; a profile is an ordinary file: 0666 less the umask, like open()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             f.write(profile.to_yaml())
             f.flush()

@@ -146,11 +146,23 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     from numpy._core import multiarray  # numpy >= 2; the files name numpy.core (numpy 1.x)
 
     return {
+        # Python 3's pickle (protocols 0-2) writes a bytes object as _codecs.encode(str, "latin1"):
+        # a batch re-pickled by Python 3 holds its bytes keys and its dtype's bytes that way
+        ("_codecs", "encode"): _latin1_encode,
         ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
+
+
+def _latin1_encode(text: object, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3's pickle uses it for bytes, and nothing else: a str to bytes
+    through latin-1."""
+    if not isinstance(text, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise DataError(f"refused _codecs.encode({type(text).__name__}, {encoding!r}): a CIFAR-10 batch uses it only "
+                        "to rebuild bytes from latin-1 text")
+    return text.encode("latin1", errors)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
