@@ -68,14 +68,20 @@ def test_a_command_killed_by_a_signal_gives_128_plus_n():
 
 def test_the_command_is_not_left_running_when_energyprof_is_killed_outright(tmp_path):
     pidfile = tmp_path / "pid"
-    proc = start("--json", "--", "sh", "-c", f"echo $$ > {pidfile}; exec sleep 60")
+    proc = subprocess.Popen([sys.executable, "-m", "energyprof", "measure", "--meter", METER, "--", "sh", "-c",
+                             f"echo $$ > {pidfile}; exec sleep 600"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     child = wait_for(pidfile, proc)
-    proc.kill()  # SIGKILL: no handler runs; the kernel's parent-death signal ends the command
-    proc.communicate(timeout=60)
-    deadline = time.monotonic() + 20
-    while alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(child)
+    try:
+        proc.kill()  # SIGKILL: no handler runs; the kernel's parent-death signal ends the command
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child), "the command was left running, orphaned"
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_the_commands_stdout_stays_out_of_json_and_output_file_keeps_it_apart(tmp_path):
