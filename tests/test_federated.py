@@ -91,11 +91,18 @@ def test_client_energy_is_the_cost_map_plus_the_radio_datasheet_figure(digits):
     cmap = CostMap.from_profile(profile, "mlp", model.named_parameters(), allow_predicted=True)
     masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.1 for n, p in model.named_parameters()}
     e = client_energy(cmap, profile, masks, bytes_sent=1000)
-    assert e.update_j == cmap.predicted_joules(masks) and e.radio_j == 0.0
+    assert e.joules == pytest.approx(cmap.predicted_joules(masks)) and e.radio_j == 0.0
+    # the whole round: every tensor's compensation (the floor) beside what the masks add
+    assert e.floor_j == pytest.approx(sum(cmap.compensation_j(n) for n in cmap.prices)) and e.floor_j > 0
+    assert e.mask_j == pytest.approx(cmap.mask_joules(masks)) and e.mask_j > 0
     radio = profile.model_copy(update={"radio": Radio(joules_per_byte=5e-8, source="datasheet: test figure")})
     e2 = client_energy(cmap, radio, masks, bytes_sent=1000)
-    assert e2.radio_j == pytest.approx(5e-5) and e2.joules == pytest.approx(e.update_j + 5e-5)
+    assert e2.radio_j == pytest.approx(5e-5) and e2.joules == pytest.approx(e.joules + 5e-5)
     assert e2.kept == sum(int(m.sum()) for m in masks.values())
+    # an empty mask still pays the floor: the compensation runs every round whatever is kept
+    empty = client_energy(cmap, profile, {n: torch.zeros_like(m) for n, m in masks.items()}, bytes_sent=0)
+    assert empty.mask_j == 0.0 and empty.joules == pytest.approx(e.floor_j)
+    assert set(empty.kept_by_layer) == set(masks) and not any(empty.kept_by_layer.values())
 
 
 def test_local_engine_is_deterministic_and_fair(digits):
