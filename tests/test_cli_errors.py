@@ -163,7 +163,7 @@ def test_fl_writes_its_summary_when_the_plot_fails(tmp_path, capsys, no_matplotl
     out = tmp_path / "fl"
     assert main(["fl", "--model", "mlp", "--clients", "3", "--rounds", "1", "--seeds", "0", "--ratios", "5%",
                  "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["rounds.csv", "summary.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["layers.csv", "rounds.csv", "summary.json", "summary.md"]
     assert "no plot" in capsys.readouterr().err
 
 
