@@ -120,3 +120,56 @@ def test_a_command_line_over_the_kernels_limit_is_one_line(capsys):
     assert main(["measure", "--meter", METER, "--", "sh", "-c", "true", "y" * 300_000]) == 126
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the command line is too long" in err[0]
+
+
+COUNT_SIGINTS = """
+import signal, sys, time
+ready, out = sys.argv[1], sys.argv[2]
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+open(ready, "w").write("1")
+seen = []  # si_code of every SIGINT: 128 (SI_KERNEL) from the terminal, 0 (SI_USER) from kill()
+first = signal.sigtimedwait({signal.SIGINT}, 60)
+if first is not None:
+    seen.append(first.si_code)
+    deadline = time.monotonic() + 1.5  # a second, forwarded SIGINT would arrive meanwhile
+    while (left := deadline - time.monotonic()) > 0:
+        more = signal.sigtimedwait({signal.SIGINT}, left)
+        if more is not None:
+            seen.append(more.si_code)
+open(out, "w").write(",".join(map(str, seen)))
+"""
+
+
+def test_ctrl_c_from_the_terminal_reaches_the_command_once(tmp_path):
+    """The terminal sends SIGINT to its whole foreground process group (energyprof and the command):
+    energyprof must not send it a second time. A pseudo-terminal with the standard line discipline
+    (ISIG: the INTR character, ^C, raises SIGINT; termios(3)) plays the terminal."""
+    import fcntl
+    import termios
+
+    ready, out = tmp_path / "ready", tmp_path / "count"
+    master, slave = os.openpty()
+
+    def controlling_terminal():
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "energyprof", "measure", "--meter", METER, "--json", "--output",
+                             str(tmp_path / "report.txt"), "--", sys.executable, "-c", COUNT_SIGINTS, str(ready),
+                             str(out)], cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                            preexec_fn=controlling_terminal)
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.write(master, b"\x03")  # Ctrl-C
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert out.read_text() == "128"  # the terminal's SIGINT, once; none from energyprof
+    report = json.loads((tmp_path / "report.txt").read_text())
+    assert report["returncode"] == 0 and "forwarded_signals" not in report
