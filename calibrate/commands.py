@@ -102,6 +102,9 @@ def cmd_profile(args: Any) -> int:
                 print(line)
             return 0
         if action == "export":
+            from energyprof.outputs import check_output_file
+
+            check_output_file(args.out)
             profile = load_profile(args.target)
             path = save_profile(profile, args.out, overwrite=args.force)
             print(f"exported {profile.name} to {path}")

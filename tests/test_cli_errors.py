@@ -64,7 +64,7 @@ def test_unwritable_outputs_are_refused_before_any_work(a_file, capsys, monkeypa
     assert main(["fl", "--rounds", "1", "--out", bad]) == 1
     one_error_line(capsys, "is a file, not a folder")
     assert main(["profile", "export", "sim-rpi4", "--out", bad + "/p.yaml"]) == 1
-    one_error_line(capsys)
+    one_error_line(capsys, "is a file, not a folder")
     assert a_file.read_text() == "x"
 
 
