@@ -10,7 +10,7 @@
 * Never an orphan: on Linux the command gets SIGTERM if energyprof itself dies (``PR_SET_PDEATHSIG``),
   and any error of energyprof's own while the command runs terminates and reaps it.
 
-The signals are blocked in energyprof and waited for with ``sigtimedwait``, so no handler runs
+The signals are blocked in energyprof and waited for with ``sigwaitinfo``, so no handler runs
 in the middle of a meter read; the command starts with the signal mask energyprof had.
 """
 
@@ -133,8 +133,12 @@ def run_measured(command: Sequence[str], meter: Any, held: HeldSignals, stdout: 
             meter.discard(window)
             raise
         while proc.poll() is None:
-            info = signal.sigtimedwait(held.watched, 0.5)
-            if info is None or info.si_signo == signal.SIGCHLD:
+            # no timeout: SIGCHLD (blocked since before the command started, so never lost) ends the
+            # wait when the command exits. (CPython's sigtimedwait returns an uninitialised siginfo
+            # when a stop/continue interrupts it past its timeout, a phantom signal; sigwaitinfo
+            # just waits again.)
+            info = signal.sigwaitinfo(held.watched)
+            if info.si_signo == signal.SIGCHLD:
                 continue
             if info.si_code != SI_KERNEL:  # sent to energyprof (kill): the command has not had it
                 proc.send_signal(info.si_signo)
