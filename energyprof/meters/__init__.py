@@ -63,6 +63,8 @@ BACKENDS: dict[str, str] = {
     "stream": "energyprof.meters.stream",
     "pmic": "energyprof.meters.pmic",
     "hwmon": "energyprof.meters.hwmon",
+    "battery": "energyprof.meters.battery",
+    "amdsmi": "energyprof.meters.amdsmi",
 }
 
 # real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)
