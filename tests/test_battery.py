@@ -81,9 +81,9 @@ def test_a_constant_9_w_discharge_is_measured_within_3_percent_over_8_s(tmp_path
         r = measure_cli(f"battery:root={tree.root}", 8)
     finally:
         gauge.stop.set()
-    print(json.dumps({k: r[k] for k in ("energy_j", "duration_s")}), r["meter"]["details"]["source"])
+    print(json.dumps({k: r[k] for k in ("energy_j", "duration_s")}), r["details"]["battery_source"])
     assert r["meter"]["backend"] == "battery" and r["meter"]["scope"] == "battery" and not r["simulated"]
-    assert r["meter"]["details"]["source"] == source and r["meter"]["torch_device"] is None
+    assert r["meter"]["details"]["battery_source"] == r["details"]["battery_source"] == source and r["meter"]["torch_device"] is None
     assert abs(r["energy_j"] - 9.0 * r["duration_s"]) <= 0.03 * 9.0 * r["duration_s"], r
     assert r["duration_s"] >= 8.0 and abs(r["energy_j"] - 72.0) <= 0.03 * 72.0 + 9.0 * (r["duration_s"] - 8.0), r
 
@@ -203,7 +203,7 @@ def test_auto_falls_back_to_energy_now_and_says_why(tmp_path):
     (tree.root / "BAT0" / "voltage_now").unlink()
     with open_meter(f"battery:root={tree.root}") as meter:
         b = meter.info.details["batteries"][0]
-        assert meter.info.details["source"] == "energy" and meter.info.kind == "counter"
+        assert meter.info.details["battery_source"] == "energy" and meter.info.kind == "counter"
         assert any("power_now" in note for note in b["notes"])
         assert "assumed" in meter.info.details["refresh_period_basis"] and meter.info.update_period_s == 5.0
 

@@ -19,7 +19,7 @@ counters move in steps of several joules every few seconds. ``source=energy`` or
 ``source=charge_counter`` reads a counter at the window edges (a :class:`CounterMeter`); its slow
 refresh is declared as the meter's ``update_period_s`` (``period=SECONDS``, default 5 s), so that
 the measurement protocol makes windows long against it and aligns them to the counter's moves.
-The chosen source is in ``info.details["source"]`` and in every measurement's meter.
+The chosen source is in ``info.details["battery_source"]`` and in every measurement's details.
 
 Quirks, explicit and never guessed silently:
 
@@ -437,6 +437,11 @@ class BatterySampledMeter(SampledMeter):
         details["refresh_period_basis"] = basis
         return replace(base, update_period_s=period, details=details)
 
+    def _window_details(self, start: Any, end: Any) -> dict[str, Any]:
+        details = super()._window_details(start, end)
+        details["battery_source"] = self._base_info.details["battery_source"]
+        return details
+
 
 class BatteryCounterMeter(CounterMeter):
     """``energy_now`` or ``charge_counter`` read at the window edges (joules drawn since opening)."""
@@ -454,6 +459,10 @@ class BatteryCounterMeter(CounterMeter):
     @property
     def info(self) -> MeterInfo:
         return self._info
+
+    def _window_details(self, start: Any, end: Any) -> dict[str, Any]:
+        return {"battery_source": self._info.details["battery_source"],
+                "counter_moved": any(end["drawn"][k] != start["drawn"][k] for k in end["drawn"])}
 
     def _snapshot(self) -> dict[str, Any]:
         drawn = self.read_counters()
@@ -500,7 +509,7 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
     details: dict[str, Any] = {
         "root": opts.root,
         "batteries": [b.to_dict() for b in batteries],
-        "source": "+".join(sorted({b.source for b in batteries})),
+        "battery_source": "+".join(sorted({b.source for b in batteries})),
         "status_at_open": statuses,
         "external_supplies": [s["name"] for s in external],
         "scope_note": "everything the device draws from its battery (screen, radios, SoC)",
