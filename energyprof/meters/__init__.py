@@ -1,4 +1,4 @@
-"""Meters: NVML, RAPL (powercap), external power-meter adapters, and a simulator.
+"""Meters: NVML, amdsmi, RAPL (powercap), hwmon, batteries, external power-meter adapters, and a simulator.
 
 ``open_meter("rapl")``, ``open_meter("nvml:index=0")``, ``open_meter("sim:preset=h100,seed=1")``,
 ``open_meter("auto")``. ``probe_all()`` tells, for every backend, whether it is usable here and why
@@ -67,8 +67,11 @@ BACKENDS: dict[str, str] = {
     "amdsmi": "energyprof.meters.amdsmi",
 }
 
-# real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)
-AUTO_ORDER: tuple[str, ...] = ("nvml", "rapl")
+# real on-device meters that ``auto`` tries, best first (adapters need wiring parameters): the
+# GPU meters (NVIDIA through NVML, AMD through amdsmi, then a GPU's own hwmon node: amdgpu, Intel
+# xe/i915), the CPU package (RAPL), and last the whole device's battery (laptops, phones), whose
+# readings are slow and cover everything the device powers
+AUTO_ORDER: tuple[str, ...] = ("nvml", "amdsmi", "hwmon:gpu=any", "rapl", "battery")
 
 
 def _module(backend: str):
