@@ -136,3 +136,30 @@ def test_no_gpu_node_is_said(tmp_path):
     assert not p.available and "no GPU power sensor" in p.reason
     with pytest.raises(MeterUnavailable, match="no GPU power sensor"):
         open_meter(f"hwmon:root={tree.root},gpu=any")
+
+
+# ------------------------------------------------------------------------------ the kernels' torch device
+def test_a_gpu_torch_cannot_drive_is_refused_before_calibrating(tmp_path, rocm_box):
+    """This torch is a CPU build: an Intel GPU's meter (xpu) and an AMD GPU's meter (cuda under ROCm)
+    are refused in one line that says what to install, before any measurement."""
+    import torch
+
+    from energyprof.meters.base import torch_device_problem
+
+    intel = FakeHwmon(tmp_path / "intel")
+    intel.add_gpu("xe", "0000:03:00.0", card=0, microjoules=10)
+    if torch.xpu.is_available() or torch.cuda.is_available():  # pragma: no cover - a GPU build of torch
+        pytest.skip("this torch can drive a GPU")
+    with open_meter(f"hwmon:root={intel.root},name=xe") as meter:
+        assert "torch.xpu.is_available() is False" in torch_device_problem(meter.info)
+    with open_meter(f"hwmon:root={rocm_box.root},gpu=cuda:0") as meter:
+        assert "not a ROCm build" in torch_device_problem(meter.info)
+    out = tmp_path / "p.yaml"
+    run = subprocess.run(
+        [sys.executable, "-m", "energyprof", "calibrate", "--meter", f"hwmon:root={intel.root},name=xe",
+         "--model", "mlp", "--quick", "--out", str(out), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("energyprof: the hwmon meter sees xpu:0, an Intel GPU") and "whl/xpu" in last
+    assert not out.exists()
