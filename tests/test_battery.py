@@ -276,3 +276,37 @@ def test_two_laptop_batteries_are_summed(tmp_path):
         m = window(meter, 0.3)
     assert [b["name"] for b in m.meter.details["batteries"]] == ["BAT0", "BAT1"]
     assert m.energy_j == pytest.approx(9.0 * m.seconds, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ over adb
+@pytest.fixture
+def fake_adb(tmp_path):
+    """A stand-in for Android's adb client: `adb -s SERIAL exec-out COMMAND` runs COMMAND with the
+    device's shell and prints its output; an unknown serial gives adb's "device 'X' not found"."""
+    exe = tmp_path / "adb"
+    exe.write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys\n"
+        "args = sys.argv[1:]\n"
+        "if args[:1] != ['-s'] or args[2:3] != ['exec-out']:\n"
+        "    sys.exit('adb: usage')\n"
+        "if args[1] != 'R58M123ABC':\n"
+        "    sys.stderr.write(f\"adb: device '{args[1]}' not found\\n\"); sys.exit(1)\n"
+        "done = subprocess.run(['sh', '-c', ' '.join(args[3:])])\n"
+        "sys.exit(done.returncode)\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_an_android_phone_over_wireless_adb(phone, fake_adb):
+    spec = f"battery:adb=R58M123ABC,adb_path={fake_adb},root={phone.root},rate_hz=5"
+    with open_meter(spec) as meter:
+        m = window(meter, 1.0)
+        assert meter.info.details["read_on"] == "adb device R58M123ABC"
+    assert m.details["battery_source"] == "current" and m.details["samples"] >= 2
+    assert m.energy_j == pytest.approx(9.0 * m.seconds, rel=0.03)
+    phone.set_online("usb", True)  # the phone plugged into the computer's USB port: it charges
+    with pytest.raises(battery.BatteryCharging, match="unplug the charger.*usb"):
+        open_meter(spec)
+    with pytest.raises(MeterUnavailable, match="device 'emulator-5554' not found.*adb devices"):
+        open_meter(f"battery:adb=emulator-5554,adb_path={fake_adb},root={phone.root}")

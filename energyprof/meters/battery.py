@@ -37,8 +37,12 @@ Quirks, explicit and never guessed silently:
   refuses to open (and a window fails) with "the battery is charging: unplug the charger to
   measure". ``Unknown`` counts as discharging only while no external supply is online.
 
+Over adb (``adb=SERIAL``, ``adb_path=adb``): the files of an Android phone are read from this
+host with ``adb -s SERIAL exec-out``, one round trip per poll; the phone must be on its battery,
+so connect over Wi-Fi (wireless debugging), not a USB cable, which would charge it.
+
 Keys: ``root`` (default ``/sys/class/power_supply``; tests pass a tree written in a temporary
-folder), ``name`` (a supply, or several joined with ``+``; default every system battery),
+folder), ``adb``, ``adb_path``, ``name`` (a supply, or several joined with ``+``; default every system battery),
 ``source``, ``current_sign``, ``current_unit``, ``voltage_unit``, ``period`` and the sampled-meter
 keys ``rate_hz``, ``max_gap_s``, ``startup_s``. Scope ``battery``: everything the device draws
 from its battery (screen, radios, SoC), not one chip.
@@ -48,6 +52,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
+import subprocess
 import statistics
 import threading
 import time
@@ -95,14 +101,103 @@ class _Charging(EnergyprofError):
 
 
 # --------------------------------------------------------------------------- files
-def _read(path: str) -> str:
-    with open(path, encoding="ascii", errors="replace") as f:
-        return f.read().strip()
+class Files:
+    """Where the power_supply files are read: this machine's sysfs (or a tree under ``root``)."""
+
+    description = "this machine"
+
+    def read(self, path: str) -> str:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def prefetch(self, paths: list[str]) -> None:
+        """Read ``paths`` in one go before they are read one by one (a no-op for local files)."""
 
 
-def _read_int(path: str) -> int:
+class AdbFiles(Files):
+    """The files of an Android device, read over adb (``adb -s SERIAL exec-out``): each poll is one
+    round trip that reads every file it needs (``prefetch``), since a round trip takes tens of
+    milliseconds over Wi-Fi. The phone must not be on a USB cable to a computer (it would charge):
+    use wireless debugging (``adb pair``, ``adb connect``)."""
+
+    _MARK = "@energyprof@"
+
+    def __init__(self, serial: str, adb: str = "adb", timeout_s: float = 5.0) -> None:
+        self.serial, self.adb, self.timeout_s = serial, adb, timeout_s
+        self.description = f"adb device {serial}"
+        self._cache = threading.local()
+        self.measuring = False  # set once the meter is open: errors are then retried, not fatal
+
+    def _run(self, script: str) -> str:
+        argv = [self.adb, "-s", self.serial, "exec-out", script]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s, check=False)
+        except FileNotFoundError:
+            raise MeterUnavailable(f"{self.adb} not found: install Android's platform-tools (adb)") from None
+        except subprocess.TimeoutExpired:
+            raise OSError(errno.ETIMEDOUT, f"adb -s {self.serial} did not answer within {self.timeout_s:g} s") from None
+        if done.returncode != 0 and not done.stdout:
+            said = (done.stderr or "").strip().splitlines()
+            if self.measuring:  # a Wi-Fi hiccup: the polling core retries until max_gap_s
+                raise OSError(errno.ECOMM, f"adb -s {self.serial}: {said[-1] if said else done.returncode}")
+            raise MeterUnavailable(f"adb -s {self.serial}: {said[-1] if said else f'exit status {done.returncode}'}; "
+                                   "check 'adb devices' (wireless debugging: adb pair / adb connect)")
+        return done.stdout
+
+    def prefetch(self, paths: list[str]) -> None:
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        out = self._run(f'for f in {quoted}; do v=$(cat "$f" 2>&1) && echo "{self._MARK}OK $v" '
+                        f'|| echo "{self._MARK}ERR $v"; done')
+        answers = out.split(self._MARK)[1:]  # one "OK value" or "ERR message" per path, in order
+        self._cache.values = dict(zip(paths, (answer.strip() for answer in answers)))
+
+    def read(self, path: str) -> str:
+        cache = getattr(self._cache, "values", None) or {}
+        line = cache.pop(path, None)
+        if line is None:
+            self.prefetch([path])
+            line = self._cache.values.pop(path, "ERR no answer")
+        status, _, value = line.partition(" ")
+        if status == "OK":
+            return value.strip()
+        if "Permission denied" in value:
+            raise PermissionError(errno.EACCES, f"{value.strip()} (the adb shell user may not read it)", path)
+        if "No such file" in value:
+            raise FileNotFoundError(errno.ENOENT, value.strip(), path)
+        raise OSError(errno.EIO, value.strip(), path)
+
+    def listdir(self, path: str) -> list[str]:
+        out = self._run(f"ls -1 {shlex.quote(path)} 2>/dev/null && echo {self._MARK}")
+        if self._MARK not in out:
+            raise FileNotFoundError(errno.ENOENT, "not found on the device", path)
+        return [l.strip() for l in out.split(self._MARK)[0].splitlines() if l.strip()]
+
+    def isdir(self, path: str) -> bool:
+        return self._MARK in self._run(f"[ -d {shlex.quote(path)} ] && echo {self._MARK}")
+
+    def exists(self, path: str) -> bool:
+        return self._MARK in self._run(f"[ -e {shlex.quote(path)} ] && echo {self._MARK}")
+
+
+LOCAL = Files()
+
+
+def _read(path: str, fs: Files = LOCAL) -> str:
+    return fs.read(path)
+
+
+def _read_int(path: str, fs: Files = LOCAL) -> int:
     try:
-        text = _read(path)
+        text = _read(path, fs)
     except PermissionError as exc:
         raise MeterPermissionError(
             f"cannot read {path}: {exc}. On Android an app (Termux) is often denied the battery files by "
@@ -119,34 +214,39 @@ def _read_int(path: str) -> int:
         raise MeterFailure(f"{path} holds {text[:40]!r}, not an integer") from None
 
 
-def _read_opt(path: str) -> str | None:
+def _read_opt(path: str, fs: Files = LOCAL) -> str | None:
     try:
-        return _read(path)
+        return _read(path, fs)
     except OSError:
         return None
 
 
-def list_supplies(root: str = DEFAULT_ROOT) -> list[dict[str, Any]]:
+_READINGS = ("power_now", "current_now", "voltage_now", "energy_now", "charge_counter")
+_ATTRS = ("type", "scope", "status", "online", "model_name") + _READINGS
+
+
+def list_supplies(root: str = DEFAULT_ROOT, fs: Files = LOCAL) -> list[dict[str, Any]]:
     """Every supply under ``root``: name, type, scope, status, online, and which readings it has."""
-    if not os.path.isdir(root):
-        raise MeterUnavailable(f"no power supplies: {root} does not exist (not Linux, or no power_supply class)")
+    if not fs.isdir(root):
+        raise MeterUnavailable(f"no power supplies: {root} does not exist on {fs.description} (not Linux, or "
+                               "no power_supply class)")
+    names = sorted(fs.listdir(root))
+    fs.prefetch([os.path.join(root, n, a) for n in names for a in _ATTRS])
     out = []
-    for name in sorted(os.listdir(root)):
+    for name in names:
         folder = os.path.join(root, name)
-        kind = _read_opt(os.path.join(folder, "type"))
-        if kind is None:
+        values = {a: _read_opt(os.path.join(folder, a), fs) for a in _ATTRS}
+        if values["type"] is None:
             continue
-        files = set(os.listdir(folder))
         out.append({
             "name": name,
             "path": folder,
-            "type": kind,
-            "scope": _read_opt(os.path.join(folder, "scope")),
-            "status": _read_opt(os.path.join(folder, "status")),
-            "online": _read_opt(os.path.join(folder, "online")),
-            "model": _read_opt(os.path.join(folder, "model_name")),
-            "readings": [f for f in ("power_now", "current_now", "voltage_now", "energy_now", "charge_counter")
-                         if f in files],
+            "type": values["type"],
+            "scope": values["scope"],
+            "status": values["status"],
+            "online": values["online"],
+            "model": values["model_name"],
+            "readings": [f for f in _READINGS if values[f] is not None],
         })
     return out
 
@@ -156,10 +256,10 @@ def _system_batteries(supplies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [s for s in supplies if s["type"] == "Battery" and (s["scope"] or "System") != "Device"]
 
 
-def _online_chargers(external: list[dict[str, Any]]) -> list[str]:
+def _online_chargers(external: list[dict[str, Any]], fs: Files = LOCAL) -> list[str]:
     names = []
     for s in external:
-        online = _read_opt(os.path.join(s["path"], "online"))
+        online = _read_opt(os.path.join(s["path"], "online"), fs)
         if online is not None and online.strip() not in ("", "0"):
             names.append(s["name"])
     return names
@@ -178,21 +278,28 @@ class Battery:
     voltage_unit: str = "uV"
     sign_basis: str = ""
     notes: list[str] = field(default_factory=list)
+    fs: Files = field(default=LOCAL, repr=False)
 
     def file(self, attr: str) -> str:
         return os.path.join(self.path, attr)
 
+    def files(self) -> list[str]:
+        """Every file one reading of this battery takes (for a one-round-trip prefetch)."""
+        names = {"power": ["power_now"], "current": ["current_now", "voltage_now"], "energy": ["energy_now"],
+                 "charge_counter": ["charge_counter", "voltage_now"]}[self.source]
+        return [self.file(n) for n in ["status", *names]]
+
     def status(self) -> str:
-        return _read_opt(self.file("status")) or "Unknown"
+        return _read_opt(self.file("status"), self.fs) or "Unknown"
 
     def volts(self) -> float:
-        return _read_int(self.file("voltage_now")) * _UNIT[self.voltage_unit]
+        return _read_int(self.file("voltage_now"), self.fs) * _UNIT[self.voltage_unit]
 
     def raw_watts(self) -> float:
         """The instantaneous reading in watts, with the device's sign."""
         if self.source == "power":
-            return _read_int(self.file("power_now")) * 1e-6
-        return _read_int(self.file("current_now")) * _UNIT[self.current_unit] * self.volts()
+            return _read_int(self.file("power_now"), self.fs) * 1e-6
+        return _read_int(self.file("current_now"), self.fs) * _UNIT[self.current_unit] * self.volts()
 
     def watts(self) -> float:
         """Power out of the battery (negative when charge flows in)."""
@@ -203,8 +310,8 @@ class Battery:
         ``charge_counter`` is turned into joules at the present voltage; a window takes its
         difference at the mean of its edges' voltages (see BatteryCounterMeter)."""
         if self.source == "energy":
-            return _read_int(self.file("energy_now")) * UWH_TO_J
-        return _read_int(self.file("charge_counter")) * UAH_TO_C
+            return _read_int(self.file("energy_now"), self.fs) * UWH_TO_J
+        return _read_int(self.file("charge_counter"), self.fs) * UAH_TO_C
 
     def to_dict(self) -> dict[str, Any]:
         reading = {"power": "power_now (uW)", "current": f"current_now ({self.current_unit}) x voltage_now "
@@ -224,7 +331,7 @@ class Battery:
 def _check_discharging(batteries: list[Battery], external: list[dict[str, Any]]) -> dict[str, str]:
     """Statuses of the batteries; raise BatteryCharging when any does not carry the load."""
     statuses = {b.name: b.status() for b in batteries}
-    online = _online_chargers(external)
+    online = _online_chargers(external, batteries[0].fs if batteries else LOCAL)
     bad = {n: s for n, s in statuses.items() if s in NOT_DISCHARGING}
     if bad or online:
         parts = [f"{n} reports status {s!r}" for n, s in bad.items()]
@@ -244,6 +351,7 @@ class _Options:
     current_unit: str
     voltage_unit: str
     period_s: float | None
+    fs: Files = LOCAL
 
 
 def _options(spec: MeterSpec) -> _Options:
@@ -256,6 +364,10 @@ def _options(spec: MeterSpec) -> _Options:
         voltage_unit=spec.get_str("voltage_unit", "uV") or "uV",
         period_s=spec.get_float("period"),
     )
+    serial = spec.get_str("adb")
+    adb_path = spec.get_str("adb_path", "adb") or "adb"
+    if serial:
+        opts = replace(opts, fs=AdbFiles(serial, adb_path))
     checks = (("source", opts.source, ("auto",) + SOURCES), ("current_sign", opts.current_sign,
               ("auto", "negative", "positive")), ("current_unit", opts.current_unit, ("uA", "mA")),
               ("voltage_unit", opts.voltage_unit, ("uV", "mV")))
@@ -268,7 +380,7 @@ def _options(spec: MeterSpec) -> _Options:
 
 
 def _pick_batteries(opts: _Options) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    supplies = list_supplies(opts.root)
+    supplies = list_supplies(opts.root, opts.fs)
     external = [s for s in supplies if s["type"] in EXTERNAL_TYPES]
     if opts.names:
         by_name = {s["name"]: s for s in supplies}
@@ -290,7 +402,7 @@ def _pick_batteries(opts: _Options) -> tuple[list[dict[str, Any]], list[dict[str
 
 
 def _check_volts(b: Battery) -> float:
-    raw = _read_int(b.file("voltage_now"))
+    raw = _read_int(b.file("voltage_now"), b.fs)
     volts = raw * _UNIT[b.voltage_unit]
     if not MIN_VOLTS <= abs(volts) <= MAX_VOLTS:
         hint = (" (this gauge seems to write millivolts: give voltage_unit=mV)"
@@ -304,17 +416,18 @@ def _check_volts(b: Battery) -> float:
 
 def _setup(s: dict[str, Any], source: str, opts: _Options, status: str) -> Battery:
     """A Battery reading ``source``; raises MeterUnavailable (with the fix) when it cannot."""
-    b = Battery(s["name"], s["path"], source, current_unit=opts.current_unit, voltage_unit=opts.voltage_unit)
+    b = Battery(s["name"], s["path"], source, current_unit=opts.current_unit, voltage_unit=opts.voltage_unit,
+                fs=opts.fs)
     needs = {"power": ["power_now"], "current": ["current_now", "voltage_now"], "energy": ["energy_now"],
              "charge_counter": ["charge_counter", "voltage_now"]}[source]
-    missing = [f for f in needs if not os.path.exists(b.file(f))]
+    missing = [f for f in needs if f not in s["readings"]]
     if missing:
         raise MeterUnavailable(f"battery {b.name} has no {', '.join(missing)} (it has: "
                                f"{', '.join(s['readings']) or 'no readings'})")
     if "voltage_now" in needs:
         _check_volts(b)
     if source in ("energy", "charge_counter"):
-        _read_int(b.file(needs[0]))
+        _read_int(b.file(needs[0]), b.fs)
         return b
     raw = b.raw_watts()
     if raw == 0:
@@ -348,7 +461,7 @@ def _setup(s: dict[str, Any], source: str, opts: _Options, status: str) -> Batte
 
 def _open_batteries(opts: _Options) -> tuple[list[Battery], list[dict[str, Any]], dict[str, str]]:
     picked, external = _pick_batteries(opts)
-    probe_batteries = [Battery(s["name"], s["path"], "power") for s in picked]
+    probe_batteries = [Battery(s["name"], s["path"], "power", fs=opts.fs) for s in picked]
     statuses = _check_discharging(probe_batteries, external)
     for name, status in statuses.items():
         if status not in ("Discharging", "Unknown"):
@@ -380,6 +493,10 @@ def _open_batteries(opts: _Options) -> tuple[list[Battery], list[dict[str, Any]]
     return batteries, external, statuses
 
 
+def _poll_files(batteries: list[Battery], external: list[dict[str, Any]]) -> list[str]:
+    return [f for b in batteries for f in b.files()] + [os.path.join(s["path"], "online") for s in external]
+
+
 class _BatterySource(PolledSource):
     """Polls the batteries' power; a battery found charging ends sampling at once."""
 
@@ -394,6 +511,7 @@ class _BatterySource(PolledSource):
                          give_up_s=give_up_s)
 
     def _read_watts(self) -> float:
+        self.batteries[0].fs.prefetch(_poll_files(self.batteries, self.external))
         try:
             _check_discharging(self.batteries, self.external)
         except BatteryCharging as exc:
@@ -479,6 +597,7 @@ class BatteryCounterMeter(CounterMeter):
         return out
 
     def read_counters(self) -> dict[str, float]:
+        self.batteries[0].fs.prefetch(_poll_files(self.batteries, self.external))
         try:
             _check_discharging(self.batteries, self.external)
         except BatteryCharging as exc:
@@ -508,6 +627,7 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
     batteries, external, statuses = _open_batteries(opts)
     details: dict[str, Any] = {
         "root": opts.root,
+        "read_on": opts.fs.description,
         "batteries": [b.to_dict() for b in batteries],
         "battery_source": "+".join(sorted({b.source for b in batteries})),
         "status_at_open": statuses,
@@ -522,6 +642,8 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
         info = MeterInfo(backend="battery", scope="battery", kind="counter", update_period_s=period,
                          resolution_j=resolution, simulated=False, domains=tuple(b.name for b in batteries),
                          details=details, torch_device=None)
+        if isinstance(opts.fs, AdbFiles):
+            opts.fs.measuring = True
         return BatteryCounterMeter(batteries, external, info, **kwargs)
     poll_s = sampled.period_s or 1.0 / DEFAULT_RATE_HZ
     if sampled.max_gap_s is None:  # the gap limit is about polls, not about the gauge's refresh
@@ -530,13 +652,15 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
                      resolution_j=None, simulated=False, domains=(sampled.scope,), details=details,
                      torch_device=None)
     source = _BatterySource(batteries, external, poll_s, give_up_s=sampled.max_gap_s)
+    if isinstance(opts.fs, AdbFiles):
+        opts.fs.measuring = True
     return BatterySampledMeter(source, info, sampled, opts.period_s, **kwargs)
 
 
 def probe(spec: MeterSpec) -> Probe:
     try:
         opts = _options(spec)
-        supplies = list_supplies(opts.root)
+        supplies = list_supplies(opts.root, opts.fs)
     except (MeterUnavailable, MeterSpecError) as exc:
         return Probe("battery", False, str(exc))
 
