@@ -310,3 +310,33 @@ def test_an_android_phone_over_wireless_adb(phone, fake_adb):
         open_meter(spec)
     with pytest.raises(MeterUnavailable, match="device 'emulator-5554' not found.*adb devices"):
         open_meter(f"battery:adb=emulator-5554,adb_path={fake_adb},root={phone.root}")
+
+
+def test_the_protocol_aligns_its_windows_to_a_slow_battery_counter(laptop):
+    """energy_now moves only when the embedded controller refreshes it (here every 0.25 s, in the
+    tree's files, by the actual time elapsed since the last refresh). The meter declares that
+    period; the measurement protocol then opens and closes its windows right after the counter
+    moves, so each window holds whole refreshes: the 9 W come out within 3 % although one refresh
+    is an eighth of a window."""
+    from energyprof.protocol import MeasurementProtocol
+
+    stop = threading.Event()
+
+    def controller():
+        last = time.perf_counter()
+        while not stop.wait(0.25):
+            now = time.perf_counter()
+            laptop.refresh("BAT0", now - last)  # what was drawn since the last refresh, at 9 W
+            last = now
+
+    ec = threading.Thread(target=controller, daemon=True)
+    ec.start()
+    try:
+        with open_meter(f"battery:root={laptop.root},source=energy,period=0.25") as meter:
+            protocol = MeasurementProtocol(min_window_s=2.0, min_periods=4, idle_windows=2, random_state=0)
+            idle = protocol.measure_idle(meter)
+    finally:
+        stop.set()
+        ec.join()
+    assert idle.windows == 2
+    assert idle.power_w == pytest.approx(9.0, rel=0.03), idle
