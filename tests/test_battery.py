@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from energyprof import cli
-from energyprof.errors import MeterFailure, MeterSpecError, MeterUnavailable
+from energyprof.errors import MeterFailure, MeterPermissionError, MeterSpecError, MeterUnavailable
 from energyprof.meters import battery, open_meter, probe_backend
 from fakes_power_supply import FakePowerSupply
 
@@ -340,3 +340,19 @@ def test_the_protocol_aligns_its_windows_to_a_slow_battery_counter(laptop):
         ec.join()
     assert idle.windows == 2
     assert idle.power_w == pytest.approx(9.0, rel=0.03), idle
+
+
+def test_a_file_this_user_may_not_read_is_said_with_the_fix(phone, monkeypatch):
+    """As on a phone whose SELinux policy denies an app (Termux) the fuel gauge's files: the
+    read fails with EACCES (monkeypatched at the file read, the hardware boundary; root reads
+    everything, so chmod cannot show it here)."""
+    real = battery.Files.read
+
+    def read(self, path):
+        if path.endswith("current_now"):
+            raise PermissionError(13, "Permission denied", path)
+        return real(self, path)
+
+    monkeypatch.setattr(battery.Files, "read", read)
+    with pytest.raises(MeterPermissionError, match=r"cannot read .*battery/current_now .*permission denied.*adb"):
+        open_meter(f"battery:root={phone.root}")

@@ -235,7 +235,16 @@ def list_supplies(root: str = DEFAULT_ROOT, fs: Files = LOCAL) -> list[dict[str,
     out = []
     for name in names:
         folder = os.path.join(root, name)
-        values = {a: _read_opt(os.path.join(folder, a), fs) for a in _ATTRS}
+        values: dict[str, str | None] = {}
+        denied = []
+        for attr in _ATTRS:
+            try:
+                values[attr] = fs.read(os.path.join(folder, attr))
+            except PermissionError:
+                values[attr] = None
+                denied.append(attr)
+            except OSError:
+                values[attr] = None
         if values["type"] is None:
             continue
         out.append({
@@ -247,6 +256,7 @@ def list_supplies(root: str = DEFAULT_ROOT, fs: Files = LOCAL) -> list[dict[str,
             "online": values["online"],
             "model": values["model_name"],
             "readings": [f for f in _READINGS if values[f] is not None],
+            "denied": denied,
         })
     return out
 
@@ -420,6 +430,13 @@ def _setup(s: dict[str, Any], source: str, opts: _Options, status: str) -> Batte
                 fs=opts.fs)
     needs = {"power": ["power_now"], "current": ["current_now", "voltage_now"], "energy": ["energy_now"],
              "charge_counter": ["charge_counter", "voltage_now"]}[source]
+    denied = [f for f in needs if f in s.get("denied", ())]
+    if denied:
+        raise MeterPermissionError(
+            f"battery {b.name}: cannot read {', '.join(b.file(f) for f in denied)} on {b.fs.description}: "
+            "permission denied. On Android an app (Termux) is often denied the battery files by SELinux: "
+            "read them over adb (battery:adb=SERIAL) or as root"
+        )
     missing = [f for f in needs if f not in s["readings"]]
     if missing:
         raise MeterUnavailable(f"battery {b.name} has no {', '.join(missing)} (it has: "
@@ -477,7 +494,7 @@ def _open_batteries(opts: _Options) -> tuple[list[Battery], list[dict[str, Any]]
         for source in SOURCES:
             try:
                 b = _setup(s, source, opts, status)
-            except (BatteryCharging, QuirkUnresolved):  # never fall through a quirk silently
+            except (BatteryCharging, QuirkUnresolved, MeterPermissionError):  # never fall through these silently
                 raise
             except MeterUnavailable as exc:
                 skipped.append(f"{source}: {exc}")
