@@ -108,7 +108,10 @@ def test_i915_counter_within_1_percent_and_a_reset_fails(tmp_path):
 def test_detect_says_which_gpu_each_node_belongs_to(rocm_box, monkeypatch, capsys):
     monkeypatch.setattr(hwmon, "DEFAULT_ROOT", str(rocm_box.root))
     assert cli.main(["detect"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("hwmon"))
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("hwmon"))
+    if "  yes  " not in next(l for l in out.splitlines() if l.startswith(("nvml ", "amdsmi "))):
+        assert "'--meter auto' picks hwmon:gpu=any" in out  # the order auto follows, not the listing's
     assert "amdgpu hwmon1 (GPU 0000:03:00.0, card1, cuda:0) PPT" in line
     assert "amdgpu hwmon2 (GPU 0000:43:00.0, card2, cuda:1) PPT" in line
     p = probe_backend(f"hwmon:root={rocm_box.root},gpu=any")

@@ -37,6 +37,7 @@ __all__ = [
     "Probe",
     "Window",
     "WrapTracker",
+    "auto_choice",
     "format_spec",
     "open_meter",
     "parse_spec",
@@ -105,6 +106,18 @@ def probe_backend(spec: str | MeterSpec) -> Probe:
 def probe_all() -> list[Probe]:
     """Probe every backend with default parameters (each one exactly once)."""
     return [probe_backend(parse_spec(name)) for name in BACKENDS]
+
+
+def auto_choice(probes: list[Probe] | None = None) -> str | None:
+    """The spec ``auto`` would open here (the first usable entry of :data:`AUTO_ORDER`), reusing
+    ``probes`` (from :func:`probe_all`) for plain backend names."""
+    known = {p.backend: p for p in probes or []}
+    for name in AUTO_ORDER:
+        spec = parse_spec(name)
+        probe = known.get(spec.backend) if not spec.params else None
+        if (probe or probe_backend(spec)).available:
+            return name
+    return None
 
 
 def open_meter(spec: str | MeterSpec, **kwargs: Any) -> Meter:
