@@ -65,6 +65,11 @@ def kernel_device(info: Any, requested: str | None = None, allow_mismatch: bool 
     meter_text = getattr(info, "torch_device", None) or "cpu"
     where = f"meter {info.backend} ({info.scope})"
     if requested is None:
+        from energyprof.meters.base import torch_device_problem
+
+        problem = torch_device_problem(info)  # a GPU this torch cannot drive: what to install
+        if problem:
+            raise DeviceError(problem)
         try:
             return parse_device(meter_text)
         except DeviceError as exc:
