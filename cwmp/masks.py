@@ -130,14 +130,17 @@ def layers_budget_mask(
     *,
     rank_by_cost: bool = True,
     fill: bool = False,
+    caps: Sequence[float] | None = None,
 ) -> Tensor:
     """One bool mask over the (virtual) concatenation of ``tensors``, flat, in their order: the
     longest prefix of the score order (``|u|**power / marginal_j[layer]`` when ``rank_by_cost``,
     else ``|u|``; ties by concatenated position) whose cost is ``<= budget_j``, a layer with k > 0
     kept entries costing ``fixed_j[layer] + marginal_j[layer] * k``. With ``fill=True`` the budget
-    left is spent on later entries that still fit, in score order (the greedy walk)."""
+    left is spent on later entries that still fit, in score order (the greedy walk). ``caps``, one
+    per tensor (inf: none), clip each layer's scores to at most its cap before ordering: the
+    set-up-aware rule's order (``cwmp.setup_rule``)."""
     with single_threaded(_device_of(tensors)):
-        return _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill)
+        return _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill, caps)
 
 
 def _device_of(tensors: Sequence[Tensor]) -> torch.device | None:
@@ -147,7 +150,7 @@ def _device_of(tensors: Sequence[Tensor]) -> torch.device | None:
     return first.device if isinstance(first, Tensor) else None
 
 
-def _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill) -> Tensor:
+def _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill, caps=None) -> Tensor:
     layers = tensors if isinstance(tensors, Layers) else check_layers(tensors)
     n_layers = len(layers.flats)
     if len(marginal_j) != n_layers or (fixed_j is not None and len(fixed_j) != n_layers):
@@ -165,7 +168,11 @@ def _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_c
             f"scores overflow {layers.score_dtype}: max |update|**{power} / marginal cost = {max(top):.3g}; "
             "express the costs in larger units (they only need to be proportional) or use float64 updates"
         )
-    pool = _LayeredPool(layers, divisors, power)
+    if caps is not None:
+        if len(caps) != n_layers or any(math.isnan(c) or c < 0 for c in caps):
+            raise MaskInputError(f"give one cap >= 0 per tensor (inf: none): {n_layers} tensors, caps {list(caps)!r}")
+        top = [min(s, c) for s, c in zip(top, caps)]
+    pool = _LayeredPool(layers, divisors, power, caps)
     if pool.n == 0:
         return torch.zeros(0, dtype=torch.bool, device=pool.device)
     pool.cost = _LayerCosts(marginal, fixed, pool.offsets, top, pool.device)

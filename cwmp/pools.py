@@ -207,11 +207,16 @@ def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] 
 
 class _LayeredPool(_Pool):
     """The concatenation of several tensors, never made: chunks never cross a layer, and each
-    layer's scores are its magnitudes (to the power) divided by the layer's one divisor."""
+    layer's scores are its magnitudes (to the power) divided by the layer's one divisor, and then
+    at most the layer's cap, when ``caps`` are given (the set-up-aware rule's clipped scores,
+    ``cwmp.setup_rule``; inf: no cap). ``min(score, cap)`` is still a monotone function of the
+    magnitude, so everything below holds with caps too."""
 
     computes_scores = True
 
-    def __init__(self, layers: Layers, divisors: Sequence[float] | None, power: float) -> None:
+    def __init__(
+        self, layers: Layers, divisors: Sequence[float] | None, power: float, caps: Sequence[float] | None = None
+    ) -> None:
         self.flats, self.power, self.samples = layers.flats, power, layers.samples
         self.device, self.score_dtype = layers.device, layers.score_dtype
         self.sizes = [f.numel() for f in self.flats]
@@ -235,6 +240,8 @@ class _LayeredPool(_Pool):
         self.defer_gather = not (_k.NUMPY_ON_CPU and self.device.type == "cpu")
         self._numpy = not self.defer_gather
         self._divisors_np = None if self.divisors is None or not self._numpy else self.divisors.numpy()
+        self.caps = None if caps is None else torch.tensor(list(caps), dtype=self.score_dtype, device=self.device)
+        self._caps_np = None if self.caps is None or not self._numpy else self.caps.numpy()
         # the all-numpy pass: float32 or float64 layers of the score dtype, power 1 or 2
         self.numpy_pass = (
             self._numpy and power in (1, 2) and all(f.dtype == self.score_dtype for f in self.flats)
@@ -255,6 +262,14 @@ class _LayeredPool(_Pool):
             np.multiply(s, s, out=s)
         if self.numpy_divisors is not None:
             np.divide(s, self.numpy_divisors[layer], out=s)
+        if self._caps_np is not None:
+            np.minimum(s, self._caps_np[layer], out=s)
+        return s
+
+    def _capped(self, s: Tensor, layer: int) -> Tensor:
+        """``s`` (a layer's scores, written in place) at most the layer's cap."""
+        if self.caps is not None:
+            torch.minimum(s, self.caps[layer], out=s)
         return s
 
     def chunk_groups(self) -> list[list[tuple[int, int, int, int]]]:
@@ -291,8 +306,10 @@ class _LayeredPool(_Pool):
                 np.multiply(o, o, out=o)
             if self._divisors_np is not None:
                 np.divide(o, self._divisors_np[layer], out=o)  # IEEE division, as torch's
+            if self._caps_np is not None:
+                np.minimum(o, self._caps_np[layer], out=o)
             return out
-        return _score(piece, self._divisor(layer), self.power, out)
+        return self._capped(_score(piece, self._divisor(layer), self.power, out), layer)
 
     def all_scores(self) -> Tensor:
         out = torch.empty(self.n, dtype=self.score_dtype, device=self.device)
@@ -310,7 +327,7 @@ class _LayeredPool(_Pool):
             if b > a:
                 local = index[a:b] - self.offsets[layer]
                 magnitudes = self.flats[layer][local].to(self.score_dtype)
-                parts.append(_score(magnitudes, self._divisor(layer), self.power))
+                parts.append(self._capped(_score(magnitudes, self._divisor(layer), self.power), layer))
         return torch.cat(parts) if parts else torch.empty(0, dtype=self.score_dtype, device=self.device)
 
     def sample_scores(self, index: Tensor) -> Tensor:
@@ -324,7 +341,8 @@ class _LayeredPool(_Pool):
             parts = [self.flats[layer][index[a:b] - self.offsets[layer]].to(self.score_dtype).abs_()
                      for layer, (a, b) in enumerate(zip(bounds, bounds[1:]))]
             cached[1], cached[2] = parts, bounds
-        parts = [_score(part, self._divisor(layer), self.power) for layer, part in enumerate(cached[1]) if part.numel()]
+        parts = [self._capped(_score(part, self._divisor(layer), self.power), layer)
+                 for layer, part in enumerate(cached[1]) if part.numel()]
         return torch.cat(parts) if parts else torch.empty(0, dtype=self.score_dtype, device=self.device)
 
     def sample_index(self, size: int, generator: torch.Generator) -> Tensor:
