@@ -144,6 +144,11 @@ class Pruner:
     #: share of the budget is left, larger selection budgets are tried (GROWTHS bisection steps)
     UNDERSPENT = 0.005
     GROWTHS = 8
+    #: the set-up rule repairs its envelope prefix only when the best candidate may be more than
+    #: this share below the optimum (by the fractional bound); then with at most REPAIRS selections
+    #: of local search over the open layers
+    CERTIFIED = 0.002
+    REPAIRS = 6
 
     def __init__(
         self, cost_map: CostMap, budget: Budget, method: str = "cwmp", power: float = 1.0, fill: bool = False,
@@ -229,27 +234,69 @@ class Pruner:
         opens = openings(tensors, marginal, fixed, budget_j, self.power)
         caps = [o.cap for o in opens]
         envelope = self._within(tensors, marginal, fixed, budget_j, named, caps=caps)
-        candidates = [("envelope", envelope, self._value(tensors, envelope))]
+        envelope_value = self._value(tensors, envelope)
+        candidates = [("envelope", envelope, envelope_value)]
         b = _break_layer(opens, envelope.counts)
-        if b is not None:
-            open_ = {i for i, k in enumerate(envelope.counts) if k}
+        # an upper bound on the optimum (linear accounting): the fractional knapsack over the
+        # layers' envelopes is the envelope prefix plus at most the item it broke at: the break
+        # layer's open item, or one entry (at most the largest |u|**power of any layer)
+        bound = envelope_value + (opens[b].value if b is not None else max(
+            (m**self.power for m in tensors.max_magnitudes), default=0.0))
+        if top is None:  # a budget in joules: Top-K's order at this energy
+            top = self._within(tensors, marginal, fixed, budget_j, named, rank_by_cost=False)
+        if top.joules <= budget_j:
+            candidates.append(("topk", top, self._value(tensors, top)))
+        if b is not None and max(c[2] for c in candidates) < (1 - self.CERTIFIED) * bound:
             everything = set(range(len(opens)))
+            open_ = {i for i, k in enumerate(envelope.counts) if k}
             tried: list[set[int]] = []
             for label, keep in (("open set", open_ | {b}), ("open set - 1", open_ - {b})):
                 if keep and keep not in tried:
                     tried.append(keep)
                     trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep)
                     candidates.append((label, trial, self._value(tensors, trial)))
-            best = max(value for _, _, value in candidates)
-            if best < (candidates[0][2] + opens[b].value) / 2:  # the half-approximation needs the layer alone
+            if max(c[2] for c in candidates) < bound / 2:  # the half-approximation needs the layer alone
                 alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b})
                 candidates.append(("single layer", alone, self._value(tensors, alone)))
-        if top is None:  # a budget in joules: Top-K's order at this energy
-            top = self._within(tensors, marginal, fixed, budget_j, named, rank_by_cost=False)
-        if top.joules <= budget_j:
-            candidates.append(("topk", top, self._value(tensors, top)))
+            candidates.append(self._local_search(tensors, marginal, fixed, budget_j, named, opens,
+                                                 max(candidates, key=lambda c: c[2]), bound, tried))
         label, chosen, _ = max(candidates, key=lambda c: c[2])  # max keeps the first of equals
         return chosen, label
+
+    def _local_search(self, tensors: Layers, marginal, fixed, budget_j: float, named, opens: list[Opening],
+                      best: tuple, bound: float, tried: list[set[int]]) -> tuple:
+        """Improve the best candidate's open set by closing one of its layers with a set-up (the
+        least value per joule first) or opening a layer it left closed (the largest cap first), a
+        selection each, keeping a move only if it retains more; at most ``REPAIRS`` selections, and
+        none once the best is within ``CERTIFIED`` of the bound."""
+        everything = set(range(len(opens)))
+        label, chosen, value = best
+        tries = 0
+        improved = True
+        while improved and tries < self.REPAIRS and value < (1 - self.CERTIFIED) * bound:
+            improved = False
+            values = self._values(tensors, chosen)
+            names = list(named)
+            open_ = {i for i, k in enumerate(chosen.counts) if k}
+            closing = sorted((i for i in open_ if fixed[i] > 0),
+                             key=lambda i: values[i] / max(chosen.by_layer[names[i]], 1e-300))
+            opening = sorted((i for i in everything - open_ if opens[i].affordable),
+                             key=lambda i: (-opens[i].ratio, i))
+            moves = [open_ - {i} for i in closing] + [open_ | {i} for i in opening[:2]]
+            for keep in moves:
+                if not keep or keep in tried:
+                    continue
+                if tries >= self.REPAIRS:
+                    break
+                tries += 1
+                tried.append(keep)
+                trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep)
+                trial_value = self._value(tensors, trial)
+                if trial_value > value:
+                    label, chosen, value = "local search", trial, trial_value
+                    improved = True
+                    break
+        return label, chosen, value
 
     def _value(self, tensors: Layers, chosen: "_Priced") -> float:
         return math.fsum(self._values(tensors, chosen))

@@ -52,7 +52,8 @@ class Opening:
     - ``ratio``: r*, the open item's retained ``|u|**power`` per joule, times ``marginal_j`` (score units);
     - ``cap``: r* in the score dtype, the most a score of this layer counts in the rule's order
       (inf: no set-up cost, nothing is clipped; 0: the layer cannot be opened);
-    - ``count``: entries whose score is at least ``cap`` (the open item, ties included);
+    - ``count``: entries whose score is at least ``cap`` (the open item, ties included), at most
+      ``affordable``;
     - ``value``: their retained ``sum |u|**power`` (float64).
     """
 
@@ -103,7 +104,7 @@ def openings(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
         cap = float(np.array(ratio, dtype=dtype))
         if cap > ratio:  # round down: never clip an entry of the open item below r*
             cap = float(np.nextafter(np.array(ratio, dtype=dtype), dtype.type(0)))
-        count = int(torch.count_nonzero(scores >= cap))
+        count = min(k_max, int(torch.count_nonzero(scores >= cap)))  # ties at the cap, never past what fits
         magnitudes = flat[index[:count].to(flat.device)].double().abs()
         value = float(magnitudes.pow(power).sum()) if power != 1 else float(magnitudes.sum())
         out.append(Opening(k_max, ratio, cap, count, value))
