@@ -148,7 +148,7 @@ class Pruner:
     #: this share below the optimum (by the fractional bound); then with at most REPAIRS selections
     #: of local search over the open layers
     CERTIFIED = 0.002
-    REPAIRS = 6
+    REPAIRS = 8
 
     def __init__(
         self, cost_map: CostMap, budget: Budget, method: str = "cwmp", power: float = 1.0, fill: bool = False,
@@ -246,18 +246,22 @@ class Pruner:
             top = self._within(tensors, marginal, fixed, budget_j, named, rank_by_cost=False)
         if top.joules <= budget_j:
             candidates.append(("topk", top, self._value(tensors, top)))
-        if b is not None and max(c[2] for c in candidates) < (1 - self.CERTIFIED) * bound:
+        if max(c[2] for c in candidates) < (1 - self.CERTIFIED) * bound:
             everything = set(range(len(opens)))
             open_ = {i for i, k in enumerate(envelope.counts) if k}
-            tried: list[set[int]] = []
-            for label, keep in (("open set", open_ | {b}), ("open set - 1", open_ - {b})):
-                if keep and keep not in tried:
-                    tried.append(keep)
-                    trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep)
-                    candidates.append((label, trial, self._value(tensors, trial)))
-            if max(c[2] for c in candidates) < bound / 2:  # the half-approximation needs the layer alone
-                alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b})
-                candidates.append(("single layer", alone, self._value(tensors, alone)))
+            tried: list[set[int]] = [open_]
+            if not self.fill:  # the greedy walk on: the entries after the break that still fit
+                filled = self._within(tensors, marginal, fixed, budget_j, named, caps=caps, fill=True)
+                candidates.append(("envelope + fill", filled, self._value(tensors, filled)))
+            if b is not None:
+                for label, keep in (("open set", open_ | {b}), ("open set - 1", open_ - {b})):
+                    if keep and keep not in tried[1:]:
+                        tried.append(keep)
+                        trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep)
+                        candidates.append((label, trial, self._value(tensors, trial)))
+                if max(c[2] for c in candidates) < bound / 2:  # the half-approximation needs the layer alone
+                    alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b})
+                    candidates.append(("single layer", alone, self._value(tensors, alone)))
             candidates.append(self._local_search(tensors, marginal, fixed, budget_j, named, opens,
                                                  max(candidates, key=lambda c: c[2]), bound, tried))
         label, chosen, _ = max(candidates, key=lambda c: c[2])  # max keeps the first of equals
@@ -266,8 +270,8 @@ class Pruner:
     def _local_search(self, tensors: Layers, marginal, fixed, budget_j: float, named, opens: list[Opening],
                       best: tuple, bound: float, tried: list[set[int]]) -> tuple:
         """Improve the best candidate's open set by closing one of its layers with a set-up (the
-        least value per joule first) or opening a layer it left closed (the largest cap first), a
-        selection each, keeping a move only if it retains more; at most ``REPAIRS`` selections, and
+        least value per joule first), opening one it left closed (of the two of largest ratio), or
+        swapping one for the other, a selection each, keeping a move only if it retains more; at most ``REPAIRS`` selections, and
         none once the best is within ``CERTIFIED`` of the bound."""
         everything = set(range(len(opens)))
         label, chosen, value = best
@@ -283,6 +287,7 @@ class Pruner:
             opening = sorted((i for i in everything - open_ if opens[i].affordable),
                              key=lambda i: (-opens[i].ratio, i))
             moves = [open_ - {i} for i in closing] + [open_ | {i} for i in opening[:2]]
+            moves += [(open_ | {i}) - {j} for i in opening[:2] for j in closing]  # swaps
             for keep in moves:
                 if not keep or keep in tried:
                     continue
@@ -360,20 +365,22 @@ class Pruner:
         return _Priced(mask, self.cost_map.joules_by_layer(_views(mask, named), counts), counts)
 
     def _select(self, tensors: Layers, marginal, fixed, budget_j: float, named, caps=None,
-                closed: frozenset | set = frozenset(), rank_by_cost: bool | None = None) -> "_Priced":
+                closed: frozenset | set = frozenset(), rank_by_cost: bool | None = None,
+                fill: bool | None = None) -> "_Priced":
         """One selection with the linear accounting, priced by the cost map. ``closed`` layers keep
         nothing (the selection runs over the others); ``caps`` clip the scores (the set-up rule)."""
         rank = self.method == "cwmp" if rank_by_cost is None else rank_by_cost
+        fill = self.fill if fill is None else fill
         sizes = [t.numel() for t in tensors.flats]
         if not closed:
             mask = layers_budget_mask(tensors, marginal, fixed, budget_j, self.power, rank_by_cost=rank,
-                                      fill=self.fill, caps=caps)
+                                      fill=fill, caps=caps)
             return self._price(mask, named, sizes)
         keep = [i for i in range(len(sizes)) if i not in closed]
         sub = Layers([tensors.flats[i] for i in keep], [tensors.max_magnitudes[i] for i in keep],
                      tensors.score_dtype, tensors.device)
         part = layers_budget_mask(sub, [marginal[i] for i in keep], [fixed[i] for i in keep], budget_j, self.power,
-                                  rank_by_cost=rank, fill=self.fill,
+                                  rank_by_cost=rank, fill=fill,
                                   caps=None if caps is None else [caps[i] for i in keep])
         mask = torch.zeros(sum(sizes), dtype=torch.bool, device=tensors.device)
         starts = [0]
