@@ -233,7 +233,8 @@ class Pruner:
         del plain
         opens = openings(tensors, marginal, fixed, budget_j, self.power)
         caps = [o.cap for o in opens]
-        envelope = self._within(tensors, marginal, fixed, budget_j, named, caps=caps)
+        envelope = self._largest(tensors, self._within(tensors, marginal, fixed, budget_j, named, caps=caps),
+                                 opens, budget_j, named)
         envelope_value = self._value(tensors, envelope)
         candidates = [("envelope", envelope, envelope_value)]
         b = _break_layer(opens, envelope.counts)
@@ -251,7 +252,8 @@ class Pruner:
             open_ = {i for i, k in enumerate(envelope.counts) if k}
             tried: list[set[int]] = [open_]
             if not self.fill:  # the greedy walk on: the entries after the break that still fit
-                filled = self._within(tensors, marginal, fixed, budget_j, named, caps=caps, fill=True)
+                filled = self._largest(tensors, self._within(tensors, marginal, fixed, budget_j, named, caps=caps,
+                                                             fill=True), opens, budget_j, named)
                 candidates.append(("envelope + fill", filled, self._value(tensors, filled)))
             if b is not None:
                 for label, keep in (("open set", open_ | {b}), ("open set - 1", open_ - {b})):
@@ -302,6 +304,23 @@ class Pruner:
                     improved = True
                     break
         return label, chosen, value
+
+    def _largest(self, tensors: Layers, chosen: "_Priced", opens: list[Opening], budget_j: float,
+                 named) -> "_Priced":
+        """Within a layer the clipped scores tie at its cap, and ties go by position: where the
+        prefix kept only part of a layer's tied entries, keep that many of its largest instead
+        (same count, same joules by the linear accounting; kept only if the cost map agrees)."""
+        partial = [i for i, (o, k) in enumerate(zip(opens, chosen.counts)) if 0 < k < o.at_cap]
+        if not partial:
+            return chosen
+        mask = chosen.mask.clone()
+        start = [0]
+        for flat in tensors.flats:
+            start.append(start[-1] + flat.numel())
+        for i in partial:
+            mask[start[i] : start[i + 1]] = layers_topk_mask([tensors.flats[i]], chosen.counts[i])
+        fixed = self._price(mask, named, [f.numel() for f in tensors.flats])
+        return fixed if fixed.joules <= budget_j else chosen
 
     def _value(self, tensors: Layers, chosen: "_Priced") -> float:
         return math.fsum(self._values(tensors, chosen))

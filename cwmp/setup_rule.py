@@ -54,6 +54,8 @@ class Opening:
       (inf: no set-up cost, nothing is clipped; 0: the layer cannot be opened);
     - ``count``: entries whose score is at least ``cap`` (the open item, ties included), at most
       ``affordable``;
+    - ``at_cap``: all the entries whose score is at least ``cap`` (more than ``count`` when the
+      budget cuts the open item short: its ratio still rises at ``affordable``);
     - ``value``: their retained ``sum |u|**power`` (float64).
     """
 
@@ -62,6 +64,7 @@ class Opening:
     cap: float
     count: int
     value: float
+    at_cap: int = 0  # entries whose score is at least ``cap`` (``count`` is at most ``affordable``)
 
 
 def affordable_count(fixed: float, marginal: float, budget_j: float, n: int) -> int:
@@ -104,10 +107,11 @@ def openings(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
         cap = float(np.array(ratio, dtype=dtype))
         if cap > ratio:  # round down: never clip an entry of the open item below r*
             cap = float(np.nextafter(np.array(ratio, dtype=dtype), dtype.type(0)))
-        count = min(k_max, int(torch.count_nonzero(scores >= cap)))  # ties at the cap, never past what fits
+        at_cap = int(torch.count_nonzero(scores >= cap))
+        count = min(k_max, at_cap)  # ties at the cap, never past what fits
         magnitudes = flat[index[:count].to(flat.device)].double().abs()
         value = float(magnitudes.pow(power).sum()) if power != 1 else float(magnitudes.sum())
-        out.append(Opening(k_max, ratio, cap, count, value))
+        out.append(Opening(k_max, ratio, cap, count, value, at_cap))
     return out
 
 
