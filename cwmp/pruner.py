@@ -259,10 +259,12 @@ class Pruner:
                 for label, keep in (("open set", open_ | {b}), ("open set - 1", open_ - {b})):
                     if keep and keep not in tried[1:]:
                         tried.append(keep)
-                        trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep)
+                        trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep,
+                                         fill=True)
                         candidates.append((label, trial, self._value(tensors, trial)))
                 if max(c[2] for c in candidates) < bound / 2:  # the half-approximation needs the layer alone
-                    alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b})
+                    alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b},
+                                         fill=True)
                     candidates.append(("single layer", alone, self._value(tensors, alone)))
             candidates.append(self._local_search(tensors, marginal, fixed, budget_j, named, opens,
                                                  max(candidates, key=lambda c: c[2]), bound, tried))
@@ -297,7 +299,8 @@ class Pruner:
                     break
                 tries += 1
                 tried.append(keep)
-                trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep)
+                trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep,
+                                     fill=True)
                 trial_value = self._value(tensors, trial)
                 if trial_value > value:
                     label, chosen, value = "local search", trial, trial_value
