@@ -34,6 +34,8 @@ from cwmp.errors import BudgetError, MaskInputError
 from cwmp.feedback import ErrorFeedback
 from cwmp.masks import Layers, check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
 from cwmp.parallel import map_largest_first
+from cwmp.pools import _LayeredPool
+from cwmp.selection import retained
 from cwmp.setup_rule import Opening, openings
 from cwmp.sparse import SparseUpdate
 
@@ -147,7 +149,7 @@ class Pruner:
     #: the set-up rule repairs its envelope prefix only when the best candidate may be more than
     #: this share below the optimum (by the fractional bound); then with at most REPAIRS selections
     #: of local search over the open layers
-    CERTIFIED = 0.002
+    CERTIFIED = 0.005
     REPAIRS = 8
 
     def __init__(
@@ -195,16 +197,19 @@ class Pruner:
         if self.method == "topk" and top is not None:
             chosen, candidate = top, "topk"
         else:
-            chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
+            chosen = None
             candidate = self.method
+            setup = self.method == "cwmp" and self.rule == "setup"
+            if not setup or not self.cost_map.linear:
+                chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
             if not self.cost_map.linear:
                 # a layer's cost per entry depends on how many of its entries are kept (shared cache
                 # lines, the density term): select again, priced at the densities just selected
                 marginal = [self.cost_map.marginal_j(name, max(k, 1) / n)
                             for name, k, n in zip(names, chosen.counts, sizes)]
                 chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
-            if self.method == "cwmp" and self.rule == "setup":
-                chosen, candidate = self._setup_rule(tensors, marginal, fixed, mask_budget_j, named, chosen, top)
+            if setup:
+                chosen, candidate = self._setup_rule(tensors, marginal, fixed, mask_budget_j, named, top)
             if self.skip_layers and self.method == "cwmp":
                 chosen = self._skip(tensors, marginal, fixed, mask_budget_j, named, chosen)
         mask_j = chosen.joules
@@ -223,30 +228,22 @@ class Pruner:
         )
 
     # ------------------------------------------------------------------------ the set-up-aware rule
-    def _setup_rule(self, tensors: Layers, marginal, fixed, budget_j: float, named, plain: "_Priced",
+    def _setup_rule(self, tensors: Layers, marginal, fixed, budget_j: float, named,
                     top: "_Priced | None") -> tuple["_Priced", str]:
         """The set-up-aware rule (see the module's docstring): the envelope prefix, the repairs of
         the layer it broke at, the break layer alone when the guarantee needs it, and Top-K's own
-        mask when it fits; the one that retains the most ``sum |u|**power`` (the first on ties).
-        ``plain`` is the prefix rule's selection (``_within`` without caps), used for the layers'
-        densities only."""
-        del plain
+        mask when it fits; the one that retains the most ``sum |u|**power`` (the first on ties)."""
         opens = openings(tensors, marginal, fixed, budget_j, self.power)
         caps = [o.cap for o in opens]
         envelope = self._largest(tensors, self._within(tensors, marginal, fixed, budget_j, named, caps=caps),
                                  opens, budget_j, named)
-        envelope_value = self._value(tensors, envelope)
-        candidates = [("envelope", envelope, envelope_value)]
-        b = _break_layer(opens, envelope.counts)
-        # an upper bound on the optimum (linear accounting): the fractional knapsack over the
-        # layers' envelopes is the envelope prefix plus at most the item it broke at: the break
-        # layer's open item, or one entry (at most the largest |u|**power of any layer)
-        bound = envelope_value + (opens[b].value if b is not None else max(
-            (m**self.power for m in tensors.max_magnitudes), default=0.0))
         if top is None:  # a budget in joules: Top-K's order at this energy
             top = self._within(tensors, marginal, fixed, budget_j, named, rank_by_cost=False)
-        if top.joules <= budget_j:
-            candidates.append(("topk", top, self._value(tensors, top)))
+        fits = top.joules <= budget_j
+        values = self._retained(tensors, [envelope, top] if fits else [envelope])
+        candidates = [("envelope", envelope, values[0])] + ([("topk", top, values[1])] if fits else [])
+        b = _break_layer(opens, envelope.counts)
+        bound = self._bound(tensors, envelope, values[0], opens, b, budget_j, named)
         if max(c[2] for c in candidates) < (1 - self.CERTIFIED) * bound:
             everything = set(range(len(opens)))
             open_ = {i for i, k in enumerate(envelope.counts) if k}
@@ -254,18 +251,18 @@ class Pruner:
             if not self.fill:  # the greedy walk on: the entries after the break that still fit
                 filled = self._largest(tensors, self._within(tensors, marginal, fixed, budget_j, named, caps=caps,
                                                              fill=True), opens, budget_j, named)
-                candidates.append(("envelope + fill", filled, self._value(tensors, filled)))
+                candidates.append(("envelope + fill", filled, self._retained(tensors, [filled])[0]))
             if b is not None:
                 for label, keep in (("open set", open_ | {b}), ("open set - 1", open_ - {b})):
                     if keep and keep not in tried[1:]:
                         tried.append(keep)
                         trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep,
                                          fill=True)
-                        candidates.append((label, trial, self._value(tensors, trial)))
+                        candidates.append((label, trial, self._retained(tensors, [trial])[0]))
                 if max(c[2] for c in candidates) < bound / 2:  # the half-approximation needs the layer alone
                     alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b},
                                          fill=True)
-                    candidates.append(("single layer", alone, self._value(tensors, alone)))
+                    candidates.append(("single layer", alone, self._retained(tensors, [alone])[0]))
             candidates.append(self._local_search(tensors, marginal, fixed, budget_j, named, opens,
                                                  max(candidates, key=lambda c: c[2]), bound, tried))
         label, chosen, _ = max(candidates, key=lambda c: c[2])  # max keeps the first of equals
@@ -275,8 +272,8 @@ class Pruner:
                       best: tuple, bound: float, tried: list[set[int]]) -> tuple:
         """Improve the best candidate's open set by closing one of its layers with a set-up (the
         least value per joule first), opening one it left closed (of the two of largest ratio), or
-        swapping one for the other, a selection each, keeping a move only if it retains more; at most ``REPAIRS`` selections, and
-        none once the best is within ``CERTIFIED`` of the bound."""
+        swapping one for the other, a selection each, keeping a move only if it retains more; at
+        most ``REPAIRS`` selections, and none once the best is within ``CERTIFIED`` of the bound."""
         everything = set(range(len(opens)))
         label, chosen, value = best
         tries = 0
@@ -301,7 +298,7 @@ class Pruner:
                 tried.append(keep)
                 trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep,
                                      fill=True)
-                trial_value = self._value(tensors, trial)
+                trial_value = self._retained(tensors, [trial])[0]
                 if trial_value > value:
                     label, chosen, value = "local search", trial, trial_value
                     improved = True
@@ -325,8 +322,25 @@ class Pruner:
         fixed = self._price(mask, named, [f.numel() for f in tensors.flats])
         return fixed if fixed.joules <= budget_j else chosen
 
-    def _value(self, tensors: Layers, chosen: "_Priced") -> float:
-        return math.fsum(self._values(tensors, chosen))
+    def _retained(self, tensors: Layers, chosen: list["_Priced"]) -> list[float]:
+        """The retained ``sum |u|**power`` of each selection, in one pass over the update."""
+        return retained(_LayeredPool(tensors, None, self.power), [c.mask for c in chosen])
+
+    def _bound(self, tensors: Layers, envelope: "_Priced", value: float, opens: list[Opening], b: int | None,
+               budget_j: float, named) -> float:
+        """An upper bound on the optimum (linear accounting): the fractional knapsack over the layers'
+        envelopes. It takes what the envelope prefix took before the item it broke at, then spends
+        the rest of the budget at that item's value per joule at most: the break layer's r* when
+        the prefix broke inside an open item (without what it kept of that layer), else the value
+        per joule of one entry, which is also at most the largest ``|u|**power`` of any layer."""
+        left = max(0.0, budget_j - envelope.joules)
+        if b is None:
+            per_joule = max((min(o.cap, o.ratio) for o in opens if o.affordable), default=0.0)
+            top = max((m**self.power for m in tensors.max_magnitudes), default=0.0)
+            return value + min(left * per_joule, top)
+        name = list(named)[b]
+        kept_b = self._values(tensors, envelope)[b] if envelope.counts[b] else 0.0
+        return value - kept_b + (left + envelope.by_layer[name]) * opens[b].ratio
 
     def _skip(self, tensors: Layers, marginal, fixed, budget_j: float, named, chosen: "_Priced") -> "_Priced":
         """The layer-skipping rule: try closing layers, one at a time, at most ``skip_layers``

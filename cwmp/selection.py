@@ -20,6 +20,7 @@ The same code runs on CPU and CUDA tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -365,3 +366,84 @@ def _fill_layers(pool: _LayeredPool, mask: Tensor, budget_j: float) -> None:
             return
         stopper = outside[torch.argmax(candidates.stored[outside])]  # first maximum: lowest index
         alive = set(fits) - {int(candidates.cost.layers[stopper])}
+
+
+# ------------------------------------------------------------- passes for the set-up-aware rule
+def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float]) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the local indices (ascending) and scores of the entries with ``|u| >=
+    thresholds[layer]`` (inf: none), in one pass over the layers concerned, shared among the
+    worker threads on the CPU; scores exactly as the selection computes them."""
+    n_layers = len(pool.flats)
+    found: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    scores: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    wanted = [i for i in range(n_layers) if thresholds[i] < math.inf and pool.sizes[i]]
+    if pool.numpy_pass:
+        t = np.asarray(thresholds, dtype=np.float64)
+        width = max((stop - start for start, stop, _, _ in pool.chunk_info), default=0)
+        groups = [[c for c in group if t[c[2]] < math.inf] for group in pool.chunk_groups()]
+
+        def run(group):
+            buffer = np.empty(width, dtype=pool.numpy_dtype)
+            passing = np.empty(width, dtype=np.bool_)
+            out = []
+            for start, stop, layer, local in group:
+                m = stop - start
+                s, p = buffer[:m], passing[:m]
+                np.abs(pool.numpy_flats[layer][local : local + m], out=s)
+                np.greater_equal(s, t[layer], out=p)
+                inside = np.flatnonzero(p)
+                out.append((layer, inside + local, pool.numpy_scores(s[inside], layer, in_place=True)))
+            return out
+
+        for layer, inside, s in in_parallel(run, [g for g in groups if g]):
+            found[layer].append(torch.from_numpy(inside))
+            scores[layer].append(torch.from_numpy(s))
+    else:
+        for layer in wanted:
+            flat = pool.flats[layer]
+            inside = torch.nonzero(flat.abs() >= thresholds[layer]).squeeze(1)
+            found[layer].append(inside)
+            scores[layer].append(pool.scores_at(inside + pool.offsets[layer]))
+    out = []
+    for layer in range(n_layers):
+        if found[layer]:
+            out.append((torch.cat(found[layer]), torch.cat(scores[layer])))
+        else:
+            empty = torch.empty(0, dtype=torch.int64, device=pool.device)
+            out.append((empty, torch.empty(0, dtype=pool.score_dtype, device=pool.device)))
+    return out
+
+
+def retained(pool: _LayeredPool, masks: Sequence[Tensor]) -> list[float]:
+    """For each flat mask over the layers' concatenation, the retained ``sum |u|**power`` (float64,
+    summed chunk by chunk in a fixed order), all masks in one pass shared among the worker threads."""
+    if not pool.n or not masks:
+        return [0.0] * len(masks)
+    if pool.numpy_pass:
+        flags = [m.numpy() for m in masks]
+        width = max((stop - start for start, stop, _, _ in pool.chunk_info), default=0)
+
+        def run(group):
+            buffer = np.empty(width, dtype=np.float64)
+            out = []
+            for start, stop, layer, local in group:
+                m = stop - start
+                s = buffer[:m]
+                np.abs(pool.numpy_flats[layer][local : local + m], out=s)
+                if pool.power == 2:
+                    np.multiply(s, s, out=s)
+                elif pool.power != 1:
+                    np.power(s, pool.power, out=s)
+                out.append([float(np.sum(s, where=f[start:stop])) for f in flags])
+            return out
+
+        parts = in_parallel(run, pool.chunk_groups())
+        return [math.fsum(p[i] for p in parts) for i in range(len(masks))]
+    totals = []
+    for mask in masks:
+        total = []
+        for layer, flat in enumerate(pool.flats):
+            kept = flat[mask[pool.offsets[layer] : pool.offsets[layer + 1]]].to(torch.float64).abs_()
+            total.append(float(kept.pow_(pool.power).sum()) if pool.power != 1 else float(kept.sum()))
+        totals.append(math.fsum(total))
+    return totals

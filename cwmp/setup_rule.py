@@ -36,10 +36,10 @@ from torch import Tensor
 
 from cwmp import kernels as _k
 from cwmp.pools import Layers, _LayeredPool, _score
+from cwmp.selection import gather_at_least
 
 __all__ = ["Opening", "openings"]
 
-_SAMPLE = 4096  # sampled scores per layer to estimate its open item
 _SIGMAS = 3.0  # margin below the estimated open item, in binomial standard deviations of its sample rank
 
 
@@ -83,100 +83,107 @@ def affordable_count(fixed: float, marginal: float, budget_j: float, n: int) -> 
 def openings(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], budget_j: float,
              power: float) -> list[Opening]:
     """Every layer's open item under ``budget_j`` (the mask's budget), scores as the selection
-    computes them (``|u|**power / marginal_j`` in the score dtype)."""
+    computes them (``|u|**power / marginal_j`` in the score dtype). One pass over the layers with
+    a set-up gathers their candidates (``gather_at_least``); a layer whose check fails is gathered
+    whole in a second pass."""
     pool = _LayeredPool(layers, marginal, power)
-    dtype = np.dtype(str(layers.score_dtype).removeprefix("torch."))
+    n_layers = len(layers.flats)
+    k_max = [affordable_count(fixed[i], marginal[i], budget_j, pool.sizes[i]) for i in range(n_layers)]
+    wanted = [i for i in range(n_layers) if k_max[i] and fixed[i] > 0]
+    bounds = _estimated_bounds(pool, wanted, [fixed[i] / marginal[i] for i in range(n_layers)], k_max)
+    thresholds = [math.inf] * n_layers
+    for i in wanted:
+        thresholds[i] = _magnitude_below(bounds[i], float(pool.divisors[i]), power)
+    gathered = gather_at_least(pool, thresholds)
+    found: dict[int, tuple] = {}
+    retry = [math.inf] * n_layers
+    for i in wanted:
+        index, scores = gathered[i]
+        result = _best_prefix(scores, index, fixed[i] / marginal[i], k_max[i], layers.score_dtype)
+        complete = index.numel() == pool.sizes[i]
+        if complete or result[-1] or result[0] >= bounds[i]:  # every entry left out scores below r*
+            found[i] = result
+        else:
+            retry[i] = 0.0
+    if any(t == 0.0 for t in retry):
+        for i, (index, scores) in enumerate(gather_at_least(pool, retry)):
+            if retry[i] == 0.0:
+                found[i] = _best_prefix(scores, index, fixed[i] / marginal[i], k_max[i], layers.score_dtype)
     out = []
-    for layer, flat in enumerate(layers.flats):
-        n = flat.numel()
-        k_max = affordable_count(fixed[layer], marginal[layer], budget_j, n)
-        if k_max == 0:
+    for i, flat in enumerate(layers.flats):
+        if not k_max[i]:
             out.append(Opening(0, 0.0, 0.0, 0, 0.0))
-            continue
-        if fixed[layer] == 0:
-            top = _top_score(pool, layers, layer)
-            out.append(Opening(k_max, top, math.inf, 0, 0.0))
-            continue
-        scores, index = _top_scores(pool, layer, fixed[layer] / marginal[layer], k_max)
-        f_entries = fixed[layer] / marginal[layer]
-        m = min(k_max, scores.numel())
-        s = scores[:m].double()
-        ratios = torch.cumsum(s, 0) / (f_entries + torch.arange(1, m + 1, dtype=torch.float64, device=s.device))
-        best = int(torch.argmax(ratios))
-        ratio = float(ratios[best])
-        cap = float(np.array(ratio, dtype=dtype))
-        if cap > ratio:  # round down: never clip an entry of the open item below r*
-            cap = float(np.nextafter(np.array(ratio, dtype=dtype), dtype.type(0)))
-        at_cap = int(torch.count_nonzero(scores >= cap))
-        count = min(k_max, at_cap)  # ties at the cap, never past what fits
-        magnitudes = flat[index[:count].to(flat.device)].double().abs()
-        value = float(magnitudes.pow(power).sum()) if power != 1 else float(magnitudes.sum())
-        out.append(Opening(k_max, ratio, cap, count, value, at_cap))
+        elif fixed[i] == 0:
+            out.append(Opening(k_max[i], _top_score(pool, layers, i), math.inf, 0, 0.0))
+        else:
+            ratio, cap, at_cap, order, _ = found[i]
+            count = min(k_max[i], at_cap)  # ties at the cap, never past what fits
+            magnitudes = flat[order[:count].to(flat.device)].double().abs()
+            value = float(magnitudes.pow(power).sum()) if power != 1 else float(magnitudes.sum())
+            out.append(Opening(k_max[i], ratio, cap, count, value, at_cap))
     return out
+
+
+def _best_prefix(scores: Tensor, index: Tensor, f_entries: float, k_max: int, score_dtype: torch.dtype) -> tuple:
+    """From a layer's gathered scores: (r*, its cap in the score dtype rounded down, how many
+    scores are at least the cap, the gathered indices by descending score (ties by lower index),
+    whether every affordable k was examined)."""
+    dtype = np.dtype(str(score_dtype).removeprefix("torch."))
+    if _k.NUMPY_ON_CPU and scores.device.type == "cpu":
+        order = np.argsort(-scores.numpy(), kind="stable")  # the index is ascending: ties by lower index
+        ordered = torch.from_numpy(scores.numpy()[order])
+        order = torch.from_numpy(order)
+    else:
+        ordered, order = torch.sort(scores, descending=True, stable=True)
+    m = min(k_max, ordered.numel())
+    if m == 0:
+        return 0.0, 0.0, 0, index[order], False
+    ratios = torch.cumsum(ordered[:m].double(), 0) / (
+        f_entries + torch.arange(1, m + 1, dtype=torch.float64, device=ordered.device))
+    best = int(torch.argmax(ratios))
+    ratio = float(ratios[best])
+    cap = np.array(ratio, dtype=dtype)
+    if float(cap) > ratio:  # round down: never clip an entry of the open item below r*
+        cap = np.nextafter(cap, dtype.type(0))
+    at_cap = int(torch.count_nonzero(ordered >= float(cap)))
+    return ratio, float(cap), at_cap, index[order], m == k_max
+
+
+def _magnitude_below(bound: float, divisor: float, power: float) -> float:
+    """A magnitude whose score is below ``bound``: every entry scoring at least ``bound`` has a
+    magnitude at or above it (0 when ``bound`` is 0: everything)."""
+    if bound <= 0:
+        return 0.0
+    return (bound * divisor) ** (1.0 / power) * (1 - 1e-5)
+
+
+def _estimated_bounds(pool: _LayeredPool, wanted: list[int], f_entries: list[float], k_max: list[int]) -> list[float]:
+    """Per wanted layer, a score safely below its open item's, from the selection's shared sample
+    (0: gather the whole layer, for small layers or when the sample says the open item is most of it)."""
+    bounds = [0.0] * len(pool.flats)
+    large = [i for i in wanted if pool.sizes[i] > _k.EXACT_MAX]
+    if not large:
+        return bounds
+    size = max(_k.SAMPLE_MIN, min(_k.SAMPLE_MAX, int(16 * math.sqrt(pool.n))))
+    generator = torch.Generator(device=pool.device).manual_seed(_k.SEED)
+    index = pool.sample_index(size, generator)
+    scores = pool.sample_scores(index).double().cpu().numpy()
+    edges = torch.searchsorted(index, pool._bounds).tolist()
+    for i in large:
+        s = -np.sort(-scores[edges[i] : edges[i + 1]])
+        if s.size < 8:
+            continue
+        scale = pool.sizes[i] / s.size
+        ranks = np.arange(1, s.size + 1, dtype=np.float64) * scale
+        estimate = np.cumsum(s) * scale / (f_entries[i] + ranks)
+        estimate[ranks > max(k_max[i], scale)] = -np.inf
+        j = int(np.argmax(estimate))
+        margin = math.ceil(_SIGMAS * math.sqrt(j + 1)) + 2
+        bounds[i] = float(s[j + margin]) if j + margin < s.size else 0.0
+    return bounds
 
 
 def _top_score(pool: _LayeredPool, layers: Layers, layer: int) -> float:
     flat = pool.flats[layer]
     magnitude = torch.tensor([layers.max_magnitudes[layer]], dtype=flat.dtype, device=flat.device)
-    return float(_scores_of(pool, layer, magnitude)[0])
-
-
-def _scores_of(pool: _LayeredPool, layer: int, magnitudes: Tensor) -> Tensor:
-    """Scores of magnitudes of ``layer``, exactly as the selection computes them."""
-    return _score(magnitudes.to(pool.score_dtype), pool.divisors[layer], pool.power)
-
-
-def _top_scores(pool: _LayeredPool, layer: int, f_entries: float, k_max: int) -> tuple[Tensor, Tensor]:
-    """The layer's largest scores, descending (ties by lower index), and their flat indices: at
-    least every entry whose score could lie in the open item (see the module's docstring)."""
-    flat = pool.flats[layer]
-    n = flat.numel()
-    if n <= _k.EXACT_MAX:
-        return _sorted(pool, layer, torch.arange(n, device=flat.device))
-    generator = torch.Generator(device=flat.device).manual_seed(_k.SEED + layer)
-    sample = torch.randint(n, (min(n, _SAMPLE),), generator=generator, device=flat.device)
-    s = torch.sort(_scores_of(pool, layer, flat[sample].abs()).double(), descending=True).values
-    scale = n / s.numel()
-    ranks = torch.arange(1, s.numel() + 1, dtype=torch.float64, device=s.device) * scale
-    estimate = torch.cumsum(s, 0) * scale / (f_entries + ranks)
-    estimate[ranks > max(k_max, scale)] = -math.inf
-    j = int(torch.argmax(estimate))
-    margin = math.ceil(_SIGMAS * math.sqrt(j + 1)) + 2
-    bound = float(s[j + margin]) if j + margin < s.numel() else 0.0
-    index = _at_least(flat, (bound * float(pool.divisors[layer])) ** (1.0 / pool.power) * (1 - 1e-5)) if bound > 0 \
-        else torch.arange(n, device=flat.device)
-    scores, index = _sorted(pool, layer, index)
-    if index.numel() < n:
-        m = min(k_max, scores.numel())
-        ratios = torch.cumsum(scores[:m].double(), 0) / (
-            f_entries + torch.arange(1, m + 1, dtype=torch.float64, device=scores.device))
-        if m < k_max and not float(ratios.max()) >= bound:  # an entry left out might belong: take the layer
-            return _sorted(pool, layer, torch.arange(n, device=flat.device))
-    return scores, index
-
-
-def _sorted(pool: _LayeredPool, layer: int, index: Tensor) -> tuple[Tensor, Tensor]:
-    """Scores at ``index`` of ``layer``, descending, ties by lower index, and the indices in that order."""
-    scores = _scores_of(pool, layer, pool.flats[layer][index].abs())
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return scores[order], index[order]
-
-
-def _at_least(flat: Tensor, threshold: float) -> Tensor:
-    """Ascending indices of the entries with ``|u| >= threshold``, in cache-sized chunks on the CPU."""
-    if not (_k.NUMPY_ON_CPU and flat.device.type == "cpu"):
-        return torch.nonzero(flat.abs() >= threshold).squeeze(1)
-    x = flat.numpy()
-    width = _k.CHUNK_CPU
-    buffer = np.empty(min(width, x.size), dtype=x.dtype)
-    passing = np.empty(buffer.size, dtype=np.bool_)
-    parts = []
-    t = np.array(threshold, dtype=np.float64)
-    for start in range(0, x.size, width):
-        m = min(width, x.size - start)
-        np.abs(x[start : start + m], out=buffer[:m])
-        np.greater_equal(buffer[:m], t, out=passing[:m])
-        found = np.flatnonzero(passing[:m])
-        if found.size:
-            parts.append(found + start)
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=torch.int64)
+    return float(_score(magnitude.to(pool.score_dtype), pool.divisors[layer], pool.power)[0])
