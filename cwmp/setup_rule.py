@@ -40,6 +40,7 @@ from cwmp.selection import gather_at_least
 
 __all__ = ["Opening", "openings"]
 
+_SMALL = 4096  # layers this small are gathered whole
 _SIGMAS = 3.0  # margin below the estimated open item, in binomial standard deviations of its sample rank
 
 
@@ -56,7 +57,7 @@ class Opening:
       ``affordable``;
     - ``at_cap``: all the entries whose score is at least ``cap`` (more than ``count`` when the
       budget cuts the open item short: its ratio still rises at ``affordable``);
-    - ``value``: their retained ``sum |u|**power`` (float64).
+    - ``value``: their retained ``sum |u|**power`` (float64, from their scores: to float rounding).
     """
 
     affordable: int
@@ -99,7 +100,7 @@ def openings(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
     retry = [math.inf] * n_layers
     for i in wanted:
         index, scores = gathered[i]
-        result = _best_prefix(scores, index, fixed[i] / marginal[i], k_max[i], layers.score_dtype)
+        result = _best_prefix(scores, fixed[i] / marginal[i], k_max[i], layers.score_dtype)
         complete = index.numel() == pool.sizes[i]
         if complete or result[-1] or result[0] >= bounds[i]:  # every entry left out scores below r*
             found[i] = result
@@ -108,7 +109,7 @@ def openings(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
     if any(t == 0.0 for t in retry):
         for i, (index, scores) in enumerate(gather_at_least(pool, retry)):
             if retry[i] == 0.0:
-                found[i] = _best_prefix(scores, index, fixed[i] / marginal[i], k_max[i], layers.score_dtype)
+                found[i] = _best_prefix(scores, fixed[i] / marginal[i], k_max[i], layers.score_dtype)
     out = []
     for i, flat in enumerate(layers.flats):
         if not k_max[i]:
@@ -116,37 +117,33 @@ def openings(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
         elif fixed[i] == 0:
             out.append(Opening(k_max[i], _top_score(pool, layers, i), math.inf, 0, 0.0))
         else:
-            ratio, cap, at_cap, order, _ = found[i]
+            ratio, cap, at_cap, score_sum, _ = found[i]
             count = min(k_max[i], at_cap)  # ties at the cap, never past what fits
-            magnitudes = flat[order[:count].to(flat.device)].double().abs()
-            value = float(magnitudes.pow(power).sum()) if power != 1 else float(magnitudes.sum())
-            out.append(Opening(k_max[i], ratio, cap, count, value, at_cap))
+            out.append(Opening(k_max[i], ratio, cap, count, score_sum * marginal[i], at_cap))
     return out
 
 
-def _best_prefix(scores: Tensor, index: Tensor, f_entries: float, k_max: int, score_dtype: torch.dtype) -> tuple:
+def _best_prefix(scores: Tensor, f_entries: float, k_max: int, score_dtype: torch.dtype) -> tuple:
     """From a layer's gathered scores: (r*, its cap in the score dtype rounded down, how many
-    scores are at least the cap, the gathered indices by descending score (ties by lower index),
-    whether every affordable k was examined)."""
+    scores are at least the cap, the sum of the largest ``min(k_max, at_cap)`` scores, whether
+    every affordable k was examined)."""
     dtype = np.dtype(str(score_dtype).removeprefix("torch."))
     if _k.NUMPY_ON_CPU and scores.device.type == "cpu":
-        order = np.argsort(-scores.numpy(), kind="stable")  # the index is ascending: ties by lower index
-        ordered = torch.from_numpy(scores.numpy()[order])
-        order = torch.from_numpy(order)
+        ordered = torch.from_numpy(-np.sort(-scores.numpy()))
     else:
-        ordered, order = torch.sort(scores, descending=True, stable=True)
+        ordered = torch.sort(scores, descending=True).values
     m = min(k_max, ordered.numel())
     if m == 0:
-        return 0.0, 0.0, 0, index[order], False
-    ratios = torch.cumsum(ordered[:m].double(), 0) / (
-        f_entries + torch.arange(1, m + 1, dtype=torch.float64, device=ordered.device))
+        return 0.0, 0.0, 0, 0.0, False
+    sums = torch.cumsum(ordered[:m].double(), 0)
+    ratios = sums / (f_entries + torch.arange(1, m + 1, dtype=torch.float64, device=ordered.device))
     best = int(torch.argmax(ratios))
     ratio = float(ratios[best])
     cap = np.array(ratio, dtype=dtype)
     if float(cap) > ratio:  # round down: never clip an entry of the open item below r*
         cap = np.nextafter(cap, dtype.type(0))
     at_cap = int(torch.count_nonzero(ordered >= float(cap)))
-    return ratio, float(cap), at_cap, index[order], m == k_max
+    return ratio, float(cap), at_cap, float(sums[min(m, at_cap) - 1]) if at_cap else 0.0, m == k_max
 
 
 def _magnitude_below(bound: float, divisor: float, power: float) -> float:
@@ -159,9 +156,10 @@ def _magnitude_below(bound: float, divisor: float, power: float) -> float:
 
 def _estimated_bounds(pool: _LayeredPool, wanted: list[int], f_entries: list[float], k_max: list[int]) -> list[float]:
     """Per wanted layer, a score safely below its open item's, from the selection's shared sample
-    (0: gather the whole layer, for small layers or when the sample says the open item is most of it)."""
+    (0: gather the whole layer, for small layers, too few sample points, or when the sample says
+    the open item is most of the layer)."""
     bounds = [0.0] * len(pool.flats)
-    large = [i for i in wanted if pool.sizes[i] > _k.EXACT_MAX]
+    large = [i for i in wanted if pool.sizes[i] > _SMALL]
     if not large:
         return bounds
     size = max(_k.SAMPLE_MIN, min(_k.SAMPLE_MAX, int(16 * math.sqrt(pool.n))))
