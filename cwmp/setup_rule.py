@@ -177,7 +177,8 @@ def _estimated_bounds(pool: _LayeredPool, wanted: list[int], f_entries: list[flo
         estimate[ranks > max(k_max[i], scale)] = -np.inf
         j = int(np.argmax(estimate))
         margin = math.ceil(_SIGMAS * math.sqrt(j + 1)) + 2
-        bounds[i] = float(s[j + margin]) if j + margin < s.size else 0.0
+        at = max(0, j + margin)
+        bounds[i] = float(s[at]) if at < s.size else 0.0
     return bounds
 
 

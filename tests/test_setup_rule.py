@@ -67,16 +67,21 @@ def brute_openings(values: np.ndarray, f_entries: float, k_max: int) -> tuple[fl
     return float(ratios.max()), int(np.argmax(ratios)) + 1
 
 
+@pytest.mark.parametrize("name", ["shipped", "tiny_torch_kernels"])
 @pytest.mark.parametrize("force_retry", [False, True])
 @pytest.mark.parametrize("power", [1.0, 2.0])
-def test_open_items_are_the_best_prefix_ratio(power, force_retry):
+def test_open_items_are_the_best_prefix_ratio(power, force_retry, name):
     """Large layers go through the sample and one gathering pass; a bound that misses (forced
-    here) falls back to the whole layer. Either way r* is the brute-force maximum."""
+    here) falls back to the whole layer. Either way r* is the brute-force maximum. Also with the
+    torch kernels (CUDA's path) and tiny tuning."""
     g = torch.Generator().manual_seed(5)
-    tensors = [torch.randn(60_000, generator=g), torch.randn(3000, generator=g) * 4, torch.randn(200_000, generator=g)]
-    marginal, fixed = [1.0, 2.0, 0.5], [500.0, 40.0, 3000.0]
-    budget = 20_000.0
-    with mock.patch.object(setup_rule, "_SIGMAS", -60.0 if force_retry else setup_rule._SIGMAS):
+    scale = 1 if name == "shipped" else 100
+    tensors = [torch.randn(60_000 // scale, generator=g), torch.randn(3000 // scale, generator=g) * 4,
+               torch.randn(200_000 // scale, generator=g)]
+    marginal, fixed = [1.0, 2.0, 0.5], [500.0 / scale, 40.0 / scale, 3000.0 / scale]
+    budget = 20_000.0 / scale
+    with tuning(name), mock.patch.object(setup_rule, "_SMALL", 4096 // scale), \
+            mock.patch.object(setup_rule, "_SIGMAS", -60.0 if force_retry else setup_rule._SIGMAS):
         opens = setup_rule.openings(check_layers(tensors), marginal, fixed, budget, power)
     for t, c, f, o in zip(tensors, marginal, fixed, opens):
         scores = cwmp_scores(t, c, power).reshape(-1).double().numpy()
@@ -107,13 +112,15 @@ def constructed_case():
     return update, cmap
 
 
-@pytest.mark.parametrize("power", [1.0, 2.0])
-@pytest.mark.parametrize("ratio", [0.01, 0.05])
-def test_the_constructed_case_keeps_what_topk_keeps(ratio, power):
+@pytest.mark.parametrize("ratio, power, name", [(0.01, 1.0, "shipped"), (0.01, 2.0, "shipped"), (0.05, 1.0, "shipped"),
+                                               (0.05, 2.0, "shipped"), (0.01, 2.0, "tiny_torch_kernels")])
+def test_the_constructed_case_keeps_what_topk_keeps(ratio, power, name):
     update, cmap = constructed_case()
-    top = Pruner(cmap, Budget.topk_keep_ratio(ratio), method="topk").masks(update)
-    setup = Pruner(cmap, Budget.topk_keep_ratio(ratio), method="cwmp", power=power).masks(update)
-    prefix = Pruner(cmap, Budget.topk_keep_ratio(ratio), method="cwmp", power=power, rule="prefix").masks(update)
+    with tuning(name):
+        top = Pruner(cmap, Budget.topk_keep_ratio(ratio), method="topk").masks(update)
+        setup = Pruner(cmap, Budget.topk_keep_ratio(ratio), method="cwmp", power=power).masks(update)
+        prefix = Pruner(cmap, Budget.topk_keep_ratio(ratio), method="cwmp", power=power,
+                        rule="prefix").masks(update)
     assert top.budget_j == 1000 + round(ratio * 201_000) - 1000  # Top-K: A's 3s, then B's 1s, at 1 J each
     assert prefix.kept == 0  # the plain prefix stops at C's first entry: the defect of issue 21
     retained = {n: float(update[n][m].double().abs().pow(power).sum()) for n, m in setup.masks.items()}
