@@ -35,7 +35,7 @@ from cwmp.feedback import ErrorFeedback
 from cwmp.masks import Layers, check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
 from cwmp.parallel import map_largest_first
 from cwmp.pools import _LayeredPool
-from cwmp.selection import retained
+from cwmp.selection import RETAINED_TOLERANCE, retained
 from cwmp.setup_rule import Opening, openings
 from cwmp.sparse import SparseUpdate
 
@@ -243,8 +243,8 @@ class Pruner:
         values = self._retained(tensors, [envelope, top] if fits else [envelope])
         candidates = [("envelope", envelope, values[0])] + ([("topk", top, values[1])] if fits else [])
         b = _break_layer(opens, envelope.counts)
-        bound = self._bound(tensors, envelope, values[0], opens, b, budget_j, named)
-        if max(c[2] for c in candidates) < (1 - self.CERTIFIED) * bound:
+        bound = self._bound(tensors, envelope, values[0] * (1 + RETAINED_TOLERANCE), opens, b, budget_j, named)
+        if max(c[2] for c in candidates) * (1 - RETAINED_TOLERANCE) < (1 - self.CERTIFIED) * bound:
             everything = set(range(len(opens)))
             open_ = {i for i, k in enumerate(envelope.counts) if k}
             tried: list[set[int]] = [open_]
@@ -259,13 +259,24 @@ class Pruner:
                         trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep,
                                          fill=True)
                         candidates.append((label, trial, self._retained(tensors, [trial])[0]))
-                if max(c[2] for c in candidates) < bound / 2:  # the half-approximation needs the layer alone
+                # the half-approximation needs the layer alone (fast sums: with their margin)
+                if max(c[2] for c in candidates) * (1 - RETAINED_TOLERANCE) < bound / 2:
                     alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b},
                                          fill=True)
                     candidates.append(("single layer", alone, self._retained(tensors, [alone])[0]))
             candidates.append(self._local_search(tensors, marginal, fixed, budget_j, named, opens,
                                                  max(candidates, key=lambda c: c[2]), bound, tried))
-        label, chosen, _ = max(candidates, key=lambda c: c[2])  # max keeps the first of equals
+        return self._best(tensors, candidates)
+
+    def _best(self, tensors: Layers, candidates: list[tuple]) -> tuple["_Priced", str]:
+        """The candidate that retains the most (the first of equals): by the fast sums, and by
+        exact float64 sums among those the fast sums cannot tell apart."""
+        best = max(c[2] for c in candidates)
+        close = [c for c in candidates if c[2] >= best * (1 - 2 * RETAINED_TOLERANCE)]
+        if len(close) > 1:
+            exact = self._retained(tensors, close, exact=True)
+            close = [(label, chosen, value) for (label, chosen, _), value in zip(close, exact)]
+        label, chosen, _ = max(close, key=lambda c: c[2])  # max keeps the first of equals
         return chosen, label
 
     def _local_search(self, tensors: Layers, marginal, fixed, budget_j: float, named, opens: list[Opening],
@@ -322,9 +333,11 @@ class Pruner:
         fixed = self._price(mask, named, [f.numel() for f in tensors.flats])
         return fixed if fixed.joules <= budget_j else chosen
 
-    def _retained(self, tensors: Layers, chosen: list["_Priced"]) -> list[float]:
-        """The retained ``sum |u|**power`` of each selection, in one pass over the update."""
-        return retained(_LayeredPool(tensors, None, self.power), [c.mask for c in chosen])
+    def _retained(self, tensors: Layers, chosen: list, exact: bool = False) -> list[float]:
+        """The retained ``sum |u|**power`` of each selection (or candidate), in one pass over the
+        update; fast sums (within ``RETAINED_TOLERANCE``) unless ``exact``."""
+        masks = [c[1].mask if isinstance(c, tuple) else c.mask for c in chosen]
+        return retained(_LayeredPool(tensors, None, self.power), masks, exact=exact)
 
     def _bound(self, tensors: Layers, envelope: "_Priced", value: float, opens: list[Opening], b: int | None,
                budget_j: float, named) -> float:
