@@ -100,7 +100,7 @@ class CWMPFlowerError(EnergyprofError, ValueError):
 def make_cwmp_mod(
     profile: Union[ProfileSpec, Callable[[Message, Context], ProfileSpec], None] = None,
     *,
-    model: Optional[str] = None,
+    model: Union[str, Callable[[Message, Context], str], None] = None,
     cost_map: Optional[CostMapSource] = None,
     budget: Union[Budget, float],
     p: float = 1.0,
@@ -116,7 +116,7 @@ def make_cwmp_mod(
 
     Costs: ``profile`` (a shipped profile's name, a YAML path or a ``DeviceProfile``; or a callable
     ``(message, context) -> profile``, e.g. to read ``context.node_config``) with ``model``, the
-    name of its per-layer table (``allow_predicted=True`` prices layers the table lacks from the
+    name of its per-layer table (or a callable ``(message, context) -> name``; ``allow_predicted=True`` prices layers the table lacks from the
     profile's global coefficients); or ``cost_map``, a ready ``CostMap`` or a callable
     ``(message, context) -> CostMap``. ``layers`` names the tensors to prune (default: those the
     cost map or the profile's table prices; with ``allow_predicted`` and no table, every
@@ -141,6 +141,7 @@ def make_cwmp_mod(
         if not isinstance(key, str) or not key:
             raise CWMPFlowerError(f"{name} must be a record name, got {key!r}")
     cache: dict[tuple, CostMap] = {}
+    profiles: dict[str, Any] = {}
 
     def cost_map_for(msg: Message, context: Context, local: Mapping[str, Tensor]) -> tuple[CostMap, list[str]]:
         if cost_map is not None:
@@ -163,31 +164,37 @@ def make_cwmp_mod(
                     )
             return cmap, names
         spec = profile(msg, context) if callable(profile) and not _is_profile(profile) else profile
-        loaded = spec if _is_profile(spec) else _load_profile(spec)
+        if _is_profile(spec):
+            loaded = spec
+        else:  # loaded once per process and spec
+            if str(spec) not in profiles:
+                profiles[str(spec)] = _load_profile(spec)
+            loaded = profiles[str(spec)]
+        model_name = model(msg, context) if callable(model) else model
         if layers is not None:
             names = list(layers)
-        elif model in loaded.models:
-            table = loaded.layer_costs(model)
+        elif model_name in loaded.models:
+            table = loaded.layer_costs(model_name)
             names = list(table)
             missing = [n for n in names if n not in local]
             if missing:
                 raise CWMPFlowerError(
-                    f"profile {loaded.name!r} prices {_names(missing)} of model {model!r}, absent from the "
+                    f"profile {loaded.name!r} prices {_names(missing)} of model {model_name!r}, absent from the "
                     f"reply's ArrayRecord {arrays_key!r} (it has {_names(list(local))}); check model=..., "
                     "or pass layers=[...]"
                 )
         elif allow_predicted:
             names = [n for n, t in local.items() if t.is_floating_point()]
         else:
-            names = list(loaded.layer_costs(model))  # a ProfileError naming the models it has
+            names = list(loaded.layer_costs(model_name))  # a ProfileError naming the models it has
         for name in names:
             if name not in local:
                 raise CWMPFlowerError(f"layer {name!r} is not in the reply's ArrayRecord {arrays_key!r} "
                                       f"(it has {_names(list(local))})")
-        key = (id(loaded), loaded.name, model, tuple((n, tuple(local[n].shape), local[n].dtype) for n in names))
+        key = (id(loaded), loaded.name, model_name, tuple((n, tuple(local[n].shape), local[n].dtype) for n in names))
         if key not in cache:
             cache.clear()
-            cache[key] = CostMap.from_profile(loaded, model, {n: local[n] for n in names},
+            cache[key] = CostMap.from_profile(loaded, model_name, {n: local[n] for n in names},
                                               allow_predicted=allow_predicted)
         return cache[key], names
 
