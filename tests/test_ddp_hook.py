@@ -101,3 +101,18 @@ def test_a_budget_below_the_steps_floor_is_refused():
     assert w + b == pytest.approx(3e-3) and w > b > 1e-3
     with pytest.raises(MaskInputError, match="prices no parameter 'weight'"):
         make_hook_state(model, cost_map=CostMap({"bias": LayerPrice(1e-6, "measured")}, simulated=False), budget=1.0)
+
+
+@pytest.mark.slow
+def test_the_ddp_example_trains_and_prints_loss_and_share_kept():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, str(root / "examples" / "ddp_cwmp.py"), "--steps", "3"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("step")]
+    assert len(lines) == 3 and all("loss" in line and "kept" in line and "SIMULATED" in line for line in lines)
