@@ -38,9 +38,11 @@ def train(msg: Message, context: Context) -> Message:
     config = context.run_config
     model = make_model(str(config["model"]))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    x, y = partition(int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]),
-                     float(config["alpha"]))
-    loss = train_model(model, x, y, int(config["local-epochs"]), int(config["batch-size"]), float(config["lr"]))
+    client = int(context.node_config["partition-id"])
+    x, y = partition(client, int(context.node_config["num-partitions"]), float(config["alpha"]))
+    seed = 1000 * int(msg.content["config"]["server-round"]) + client  # the same shuffles with and without CWMP
+    loss = train_model(model, x, y, int(config["local-epochs"]), int(config["batch-size"]), float(config["lr"]),
+                       seed)
     content = RecordDict({
         "arrays": ArrayRecord(model.state_dict()),
         "metrics": MetricRecord({"train-loss": loss, "num-examples": len(x)}),

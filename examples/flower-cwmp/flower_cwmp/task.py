@@ -34,20 +34,22 @@ def partition(partition_id: int, num_partitions: int, alpha: float) -> tuple[tor
     return x[idx], y[idx]
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, lr: float) -> float:
-    """Plain SGD; returns the last batch's loss."""
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, lr: float,
+          seed: int = 0) -> float:
+    """Plain SGD, shuffled by a generator seeded with ``seed``; returns the last batch's loss."""
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loss = torch.zeros(())
     for _ in range(epochs):
-        order = torch.randperm(len(x))
+        order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
             batch = order[start:start + batch_size]
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
             loss.backward()
             optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
