@@ -62,7 +62,10 @@ def flower_rounds(model_name: str, rounds: int) -> dict[str, float]:
     plain = ClientApp()
     plain.train()(example.train)  # the same train function, no mod
     with_mod = example.app
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: flwr's own dependency
+        import tomli as tomllib
 
     with open(ROOT / "examples" / "flower-cwmp" / "pyproject.toml", "rb") as f:  # the example's own settings
         run_config = dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"], model=model_name)
@@ -140,6 +143,8 @@ def _ddp_worker(rank: int, port: int, steps: int, queue) -> None:
                     times[name].append(elapsed)
         if rank == 0:
             queue.put({name: statistics.median(v) for name, v in times.items()} | {"kept": states["cwmp"].last.keep_ratio})
+        dist.barrier()  # both ranks done before either tears down
+        del models, optimizers
     finally:
         dist.destroy_process_group()
 

@@ -61,6 +61,8 @@ def train(rank: int, port: int, args: argparse.Namespace) -> None:
             with torch.no_grad():
                 acc = (model.module(data_test[0]).argmax(1) == data_test[1]).float().mean()
             print(f"test accuracy after {args.steps} steps: {float(acc):.3f}", flush=True)
+        dist.barrier()  # both ranks done before either tears down
+        del model, optimizer
     finally:
         dist.destroy_process_group()
 

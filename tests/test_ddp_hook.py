@@ -70,7 +70,8 @@ def _worker(rank: int, port: int, ratio: float, bucket_mb: float) -> None:
                 assert 0 < state.last.kept < state.last.total
                 assert sum(state.last.kept_by_layer.values()) == state.last.kept
                 assert state.last.simulated and state.last.predicted_j > 0
-            # reference and hooked models stay identical only at 100 %: no optimizer step here
+        dist.barrier()  # both ranks done before either tears down
+        del reference, model
     finally:
         dist.destroy_process_group()
 
