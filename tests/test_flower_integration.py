@@ -197,6 +197,17 @@ def test_decode_refuses_a_reply_without_the_sparse_record(mlp_weights):
         decode_update(reply_content, ArrayRecord(mlp_weights))
 
 
+def test_a_stock_strategy_refuses_sparse_replies_instead_of_averaging_positions(mlp_weights):
+    from flwr.serverapp.exception import InconsistentMessageReplies
+    from flwr.serverapp.strategy import FedAvg
+
+    mod = make_cwmp_mod("sim-rpi4", model="mlp", budget=Budget.topk_keep_ratio(0.05))
+    replies = [mod(_train_msg(mlp_weights), _context(), _template_train(_deltas(mlp_weights, 1, seed=s)))
+               for s in range(2)]
+    with pytest.raises(InconsistentMessageReplies, match="exactly one MetricRecord"):
+        FedAvg().aggregate_train(1, replies)
+
+
 # ------------------------------------------------------------------- a whole app that is not ours
 @pytest.mark.slow
 def test_the_mod_in_a_foreign_flower_app_at_full_budget_equals_plain_fedavg():
