@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from cwmp.costmap import CostMap
 from cwmp.errors import MaskInputError
 from cwmp.feedback import ErrorFeedback
+from cwmp._whole_round import round_parts
 from cwmp.pruner import METHODS, Budget, Pruner
 
 __all__ = ["CWMPHookState", "StepStats", "cwmp_hook", "make_hook_state"]
@@ -49,6 +50,8 @@ class StepStats:
     kept: int = 0
     total: int = 0
     predicted_j: float = 0.0  # whole step, from this rank's profile
+    mask_j: float = 0.0  # what the masks added
+    floor_j: float = 0.0  # the compensation of every tensor, whatever the masks keep
     simulated: bool = False
     kept_by_layer: dict[str, int] = field(default_factory=dict)
 
@@ -161,7 +164,10 @@ def cwmp_hook(state: CWMPHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     stats = state._pending
     stats.kept += int(result.kept)
     stats.total += int(result.total)
-    stats.predicted_j += float(result.predicted_j)
+    whole_j, mask_j, floor_j = round_parts(result, state.cost_map, names)
+    stats.predicted_j += whole_j
+    stats.mask_j += mask_j
+    stats.floor_j += floor_j
     stats.simulated = stats.simulated or bool(result.simulated)
     for n in names:
         stats.kept_by_layer[n] = int(sent[n].indices.numel())

@@ -62,7 +62,8 @@ from torch import Tensor
 from cwmp.costmap import CostMap
 from cwmp.errors import MaskInputError
 from cwmp.feedback import ErrorFeedback
-from cwmp.pruner import METHODS, Budget, Pruner, PruneResult
+from cwmp._whole_round import round_parts
+from cwmp.pruner import METHODS, Budget, Pruner
 from energyprof.errors import EnergyprofError
 
 __all__ = [
@@ -102,7 +103,7 @@ def make_cwmp_mod(
     *,
     model: Union[str, Callable[[Message, Context], str], None] = None,
     cost_map: Optional[CostMapSource] = None,
-    budget: Union[Budget, float],
+    budget: Union[Budget, float, Callable[[Message, Context], Union[Budget, float]]],
     p: float = 1.0,
     method: str = "cwmp",
     layers: Optional[Sequence[str]] = None,
@@ -124,7 +125,8 @@ def make_cwmp_mod(
     (``Budget.of_joules`` or a float) or ``Budget.topk_keep_ratio(r)``; ``p`` and ``method``
     (``cwmp`` or ``topk``) as in ``cwmp.Pruner``. The keys name the records of Flower's
     templates: the train message's global weights and the reply's local weights (``arrays``),
-    the reply's metrics (``metrics``) and the train config (``config``)."""
+    the reply's metrics (``metrics``) and the train config (``config``). ``budget`` may also be a
+    callable ``(message, context) -> budget`` (e.g. a budget per device)."""
     if cost_map is None and (profile is None or model is None):
         raise CWMPFlowerError(
             "make_cwmp_mod needs the costs: profile=... with model=... (a profile's per-layer table), "
@@ -134,7 +136,7 @@ def make_cwmp_mod(
         raise CWMPFlowerError("give make_cwmp_mod either profile (with model) or cost_map, not both")
     if method not in METHODS:
         raise CWMPFlowerError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    default_budget = _budget(budget)
+    default_budget = budget if callable(budget) and not isinstance(budget, Budget) else _budget(budget)
     if not (isinstance(p, (int, float)) and 0 < p < math.inf):
         raise CWMPFlowerError(f"p must be > 0, got {p!r}")
     for name, key in (("arrays_key", arrays_key), ("metrics_key", metrics_key), ("config_key", config_key)):
@@ -242,6 +244,8 @@ def _sparsify(msg, reply, context, sent_global, config, cost_map_for, default_bu
     glob = _tensors(sent_global)
     _check_same_tensors(local, glob, arrays_key)
     overrides = {k: config[k] for k in OVERRIDES if config is not None and k in config}
+    if callable(default_budget):
+        default_budget = _budget(default_budget(msg, context))
     budget = _round_budget(default_budget, overrides)
     p = float(overrides.get("cwmp-p", p))
     method = str(overrides.get("cwmp-method", method))
@@ -286,7 +290,7 @@ def _sparsify(msg, reply, context, sent_global, config, cost_map_for, default_bu
             bytes_sent += local[name].numel() * local[name].element_size()
     counts = {name: int(torch.count_nonzero(result.masks[name])) for name in names}
     metrics = MetricRecord(dict(metrics))
-    metrics.update(energy_metrics(result, bytes_sent))
+    metrics.update(energy_metrics(*round_parts(result, cmap, names), result, bytes_sent))
     out = RecordDict({key: record for key, record in content.items() if key not in (arrays_key, metrics_key)})
     out[SPARSE_KEY] = sparse
     out[metrics_key] = metrics
@@ -294,22 +298,19 @@ def _sparsify(msg, reply, context, sent_global, config, cost_map_for, default_bu
     return Message(out, reply_to=msg)
 
 
-def energy_metrics(result: PruneResult, bytes_sent: int) -> dict[str, Union[int, float]]:
+def energy_metrics(predicted_j: float, mask_j: float, floor_j: float, result, bytes_sent: int) -> dict:
     """What the mod adds to the reply's metrics: the round's predicted joules (whole round), the
-    mask's part and the floor when the pruner reports them, kept and total entries, bytes sent,
-    and whether the costs are SIMULATED (1) or from a measured profile (0)."""
-    out: dict[str, Union[int, float]] = {
-        "cwmp-predicted-j": float(result.predicted_j),
+    mask's part and the floor, kept and total entries, bytes sent, and whether the costs are
+    SIMULATED (1) or from a measured profile (0)."""
+    return {
+        "cwmp-predicted-j": float(predicted_j),
+        "cwmp-mask-j": float(mask_j),
+        "cwmp-floor-j": float(floor_j),
         "cwmp-kept": int(result.kept),
         "cwmp-total": int(result.total),
         "cwmp-bytes-sent": int(bytes_sent),
         "cwmp-simulated": int(bool(result.simulated)),
     }
-    for attr, key in (("mask_j", "cwmp-mask-j"), ("floor_j", "cwmp-floor-j")):
-        value = getattr(result, attr, None)
-        if value is not None:
-            out[key] = float(value)
-    return out
 
 
 def _budget(budget: Union[Budget, float]) -> Budget:

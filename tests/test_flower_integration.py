@@ -99,7 +99,9 @@ def test_the_mod_sends_the_pruned_update_and_keeps_the_rest_for_the_next_round(m
         # the reported joules are the cost map's price of the masks sent
         cmap = CostMap.from_profile(__import__("calibrate.profile").profile.load_profile("sim-rpi4"), "mlp",
                                     mlp_weights)
-        assert metrics["cwmp-predicted-j"] == pytest.approx(cmap.predicted_joules(masks), rel=1e-12)
+        assert metrics["cwmp-predicted-j"] == pytest.approx(cmap.predicted_joules(masks), rel=1e-12)  # whole round
+        assert metrics["cwmp-floor-j"] == pytest.approx(cmap.floor_j()) and metrics["cwmp-floor-j"] > 0
+        assert metrics["cwmp-mask-j"] + metrics["cwmp-floor-j"] == pytest.approx(metrics["cwmp-predicted-j"])
         assert metrics["cwmp-bytes-sent"] == metrics["cwmp-kept"] * 8  # float32 value + int32 index
         for n in sent_total:
             sent_total[n] += updates[n]

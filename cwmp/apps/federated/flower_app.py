@@ -34,7 +34,7 @@ from dataclasses import asdict
 from typing import Optional
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -75,10 +75,9 @@ def settings_record(config: FLConfig, seed: int, arm: Arm) -> ConfigRecord:
         "dataset": c["dataset"], "model": c["model"], "clients": c["clients"], "alpha": c["alpha"],
         "rounds": c["rounds"], "local-epochs": c["local_epochs"], "batch-size": c["batch_size"], "lr": c["lr"],
         "min-partition": c["min_partition"], "profiles": list(c["profiles"]),
-        "seed": seed, "method": arm.method, "ratio": arm.ratio, "power": arm.power or 0.0,
-        # what the CWMP mod reads (cwmp.flower): this run's method, budget and residual tag
-        "cwmp-method": arm.method, "cwmp-keep-ratio": arm.ratio, "cwmp-p": arm.power or 1.0,
-        "cwmp-run": f"{seed}/{arm.tag()}",
+        "seed": seed, "method": arm.method, "ratio": arm.ratio, "power": arm.power or 0.0, "fixed": arm.fixed,
+        # what the CWMP mod reads (cwmp.flower): this run's method and residual tag (the budget: _client_budget)
+        "cwmp-method": arm.method, "cwmp-p": arm.power or 1.0, "cwmp-run": f"{seed}/{arm.tag()}",
     })
 
 
@@ -90,7 +89,8 @@ def settings_of(record: ConfigRecord) -> tuple[FLConfig, int, Arm]:
         profiles=tuple(str(p) for p in record["profiles"]), seeds=(int(record["seed"]),),
     )
     method, power = str(record["method"]), float(record["power"])
-    return config, int(record["seed"]), Arm(method, float(record["ratio"]), power if method == "cwmp" else None)
+    return config, int(record["seed"]), Arm(method, float(record["ratio"]), power if method == "cwmp" else None,
+                                            bool(record["fixed"]))
 
 
 # ------------------------------------------------------------------ per-process caches (actors)
@@ -128,9 +128,14 @@ def _client_cost_map(msg: Message, context: Context):
     return fleet.cost_map(int(context.node_config["partition-id"]))
 
 
-# the run's method and keep ratio come with every train message (``cwmp-*`` keys); the default
-# budget is never used
-_sparsify = make_cwmp_mod(cost_map=_client_cost_map, budget=Budget.topk_keep_ratio(1.0))
+def _client_budget(msg: Message, context: Context) -> Budget:
+    """The run's budget on this client's device: what ``Arm.pruner`` gives the local engine."""
+    config, _, arm = settings_of(msg.content[CONFIG_KEY])
+    return arm.pruner(_client_cost_map(msg, context)).budget
+
+
+# the run's method, p and residual tag come with every train message (``cwmp-*`` keys)
+_sparsify = make_cwmp_mod(cost_map=_client_cost_map, budget=_client_budget)
 
 
 def cwmp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -237,9 +242,10 @@ def make_server_app(config: FLConfig, records: list[RoundRecord], progress: Opti
             strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=setup.initial_state),
                            num_rounds=config.rounds, evaluate_fn=evaluate_fn)
             cumulative = 0.0
-            records.append(round_record(arm, seed, 0, [], 0.0, accuracy[0], fleet.simulated))
+            numel = {name: setup.initial_state[name].numel() for name in setup.param_names}
+            records.append(round_record(arm, seed, 0, [], 0.0, accuracy[0], fleet.simulated, numel))
             for r in range(1, config.rounds + 1):
-                rec = round_record(arm, seed, r, strategy.energies[r], cumulative, accuracy[r], fleet.simulated)
+                rec = round_record(arm, seed, r, strategy.energies[r], cumulative, accuracy[r], fleet.simulated, numel)
                 cumulative = rec.cumulative_energy_j
                 records.append(rec)
 
