@@ -69,7 +69,9 @@ def _worker(rank: int, port: int, ratio: float, bucket_mb: float) -> None:
                     torch.testing.assert_close(averaged[n], sum(gathered) / WORLD, rtol=1e-5, atol=1e-7, msg=n)
                 assert 0 < state.last.kept < state.last.total
                 assert sum(state.last.kept_by_layer.values()) == state.last.kept
-                assert state.last.simulated and state.last.predicted_j > 0
+                assert state.last.simulated and state.last.floor_j > 0
+                assert state.last.predicted_j == pytest.approx(state.last.mask_j + state.last.floor_j)
+                assert state.last.floor_j == pytest.approx(state.cost_map.floor_j())  # every bucket's, summed
         dist.barrier()  # both ranks done before either tears down
         del reference, model
     finally:
