@@ -1,10 +1,10 @@
 """What CWMP's integrations cost in time per round, against the same code without them, in one run.
 
-Flower (``cwmp.flower``): the ClientApp of ``examples/flower-cwmp`` with its run config (digits, ``mlp``
-or ``cnn``, profile ``sim-rpi4``, CWMP at Top-K's energy at 5 %, 2 local epochs) called in this process, as Flower's runtime
-calls it (``ClientApp(message, context)``), with the mod, and the same train function in a
-ClientApp without it. A round of one client is: train on its partition, then
-(with the mod) form the update, compensate, prune, encode. The server side is FedAvg's
+Flower (``cwmp.flower``): the ClientApp of ``examples/flower-cwmp`` with its run config (digits,
+``mlp`` or ``cnn``, profile ``sim-rpi4``, CWMP at Top-K's energy at 5 %, 2 local epochs) called in
+this process, as Flower's runtime calls it (``ClientApp(message, context)``), with the mod, and
+the same train function in a ClientApp without it. A round of one client is: train on its
+partition, then (with the mod) form the update, compensate, prune, encode. The server side is FedAvg's
 ``aggregate_train`` over two clients' replies, with ``decode_reply`` first (what ``CWMPStrategy``
 does) against FedAvg on the dense replies. Ray, the SuperLink and the transport are left out: they
 cost the same with and without the mod (the sparse reply is smaller; that saving is not counted).
@@ -142,7 +142,8 @@ def _ddp_worker(rank: int, port: int, steps: int, queue) -> None:
                 if step >= 3:
                     times[name].append(elapsed)
         if rank == 0:
-            queue.put({name: statistics.median(v) for name, v in times.items()} | {"kept": states["cwmp"].last.keep_ratio})
+            medians = {name: statistics.median(v) for name, v in times.items()}
+            queue.put(medians | {"kept": states["cwmp"].last.keep_ratio})
         dist.barrier()  # both ranks done before either tears down
         del models, optimizers
     finally:

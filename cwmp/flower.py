@@ -117,8 +117,9 @@ def make_cwmp_mod(
 
     Costs: ``profile`` (a shipped profile's name, a YAML path or a ``DeviceProfile``; or a callable
     ``(message, context) -> profile``, e.g. to read ``context.node_config``) with ``model``, the
-    name of its per-layer table (or a callable ``(message, context) -> name``; ``allow_predicted=True`` prices layers the table lacks from the
-    profile's global coefficients); or ``cost_map``, a ready ``CostMap`` or a callable
+    name of its per-layer table (or a callable ``(message, context) -> name``;
+    ``allow_predicted=True`` prices layers the table lacks from the profile's global
+    coefficients); or ``cost_map``, a ready ``CostMap`` or a callable
     ``(message, context) -> CostMap``. ``layers`` names the tensors to prune (default: those the
     cost map or the profile's table prices; with ``allow_predicted`` and no table, every
     floating-point tensor of the reply). ``budget`` is joules per round for the whole round
@@ -318,7 +319,8 @@ def _budget(budget: Union[Budget, float]) -> Budget:
         return budget
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise CWMPFlowerError(
-            f"budget must be joules per round (a float or Budget.of_joules) or Budget.topk_keep_ratio(r), got {budget!r}")
+            f"budget must be joules per round (a float or Budget.of_joules) or Budget.topk_keep_ratio(r), "
+            f"got {budget!r}")
     return Budget.of_joules(float(budget))
 
 

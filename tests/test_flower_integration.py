@@ -143,7 +143,8 @@ def test_bad_input_is_an_error_reply_naming_the_key_or_layer(mlp_weights):
     budget = Budget.topk_keep_ratio(0.05)
     mod = make_cwmp_mod("sim-rpi4", model="mlp", budget=budget)
     # a reply without the record of weights
-    no_arrays = lambda m, c: Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=m)  # noqa: E731
+    def no_arrays(m, c):
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
     assert "no ArrayRecord 'arrays'" in _reason(mod(_train_msg(mlp_weights), _context(), no_arrays))
     # a train message keyed otherwise than the mod was told
     weights_msg = _message(RecordDict({"weights": ArrayRecord(mlp_weights)}))
