@@ -14,6 +14,17 @@ The plan (:func:`build_plan`) has two parts:
   measured: their costs are predicted from the global coefficients and marked ``predicted``, as
   are layers whose marginal cost the meter did not resolve.
 
+The plan runs in a **randomised order** (seeded: ``seed``), so that a slow drift of the device or a
+burst of interference lands on a random mix of kernels and sizes rather than on one part of the
+sweep. A **reference kernel** (:data:`calibrate.quality.REFERENCE`) is measured first, after every
+:data:`REFERENCE_EVERY` measurements and last; every measurement is divided by the reference's
+drift (its ratio to its mean, interpolated at the measurement's time) and the drift is reported
+and recorded (``provenance.protocol.reference``). An optional **cool-down** (``cooldown_s``) lets
+the device relax before each measurement. The fit's residuals against working-set size, density
+and layer size are recorded in the profile, and a fit beyond the documented quality thresholds
+(:mod:`calibrate.quality`) prints a warning naming the likely cause and the remedy and records
+``quality: poor`` with the reason.
+
 Every finished measurement is appended to ``<out>.measurements.csv`` (flushed and synced), with
 ``<out>.calibration.json`` holding what the run was (meter, device, models, plan). Ctrl-C, a meter
 failure or a crash loses only the measurement in flight; ``--resume`` skips what the CSV holds and
@@ -74,6 +85,7 @@ class CalibrationError(EnergyprofError):
 
 
 IDLE_EVERY_S = 120.0  # the shared idle baseline is re-measured after this much meter time
+REFERENCE_EVERY = 10  # the reference kernel is re-measured after this many measurements
 
 
 def protocol_settings(quick: bool) -> dict[str, Any]:
@@ -158,6 +170,22 @@ def estimate_seconds(items: list[PlanItem], settings: dict[str, Any], update_per
     return total + (1 + total // IDLE_EVERY_S) * settings["idle_windows"] * window
 
 
+def reference_count(n_items: int) -> int:
+    """How many times a plan of ``n_items`` measures the reference kernel (first, every
+    :data:`REFERENCE_EVERY`, last)."""
+    return 0 if n_items == 0 else 2 + (n_items - 1) // REFERENCE_EVERY
+
+
+def extra_seconds(n_items: int, settings: dict[str, Any], update_period_s: float | None,
+                  cooldown_s: float = 0.0) -> dict[str, float]:
+    """What the reference kernel and the cool-downs add to a plan's time (seconds)."""
+    refs = reference_count(n_items)
+    period = update_period_s or 0.0
+    window = max(settings["min_window_s"], settings["min_periods"] * period)
+    per = settings["warmup_s"] + settings["trials"] * (window + 2 * period)
+    return {"references": refs, "reference_s": refs * per, "cooldown_s": (n_items + refs) * cooldown_s}
+
+
 # ---------------------------------------------------------------------------- meter spec
 def resolve_meter_spec(spec: str) -> str:
     """The simulator calibrates on its virtual clock (the simulated device's time) unless asked."""
@@ -234,6 +262,8 @@ def calibrate(
     progress: bool = True,
     say: Callable[[str], None] = print,
     model_shape: dict[str, int] | None = None,
+    seed: int = 0,
+    cooldown_s: float = 0.0,
 ) -> DeviceProfile:
     """Run a calibration and write its profile; returns the profile (see the module docstring)."""
     from energyprof.meters import open_meter
@@ -243,6 +273,8 @@ def calibrate(
     out = Path(out)
     csv_path = out.with_name(out.name + ".measurements.csv")
     meta_path = out.with_name(out.name + ".calibration.json")
+    if cooldown_s < 0 or not math.isfinite(cooldown_s):
+        raise CalibrationError(f"--cooldown must be a number of seconds >= 0, got {cooldown_s}")
     if out.exists() and not force:
         raise CalibrationError(f"{out} already exists; choose another --out, or pass --force to replace it")
     spec = resolve_meter_spec(meter_spec)
@@ -252,6 +284,7 @@ def calibrate(
     meta = {"meter": spec, "device": str(torch.device(device)), "models": labels, "quick": quick,
             "min_layer_numel": min_layer_numel, "plan": [i.id for i in items], "toolkit_version": __version__}
     done: dict[str, dict[str, Any]] = {}
+    references: list[dict[str, Any]] = []
     if resume:
         if not meta_path.exists():
             raise CalibrationError(f"nothing to resume: {meta_path} does not exist; start without --resume")
@@ -265,7 +298,10 @@ def calibrate(
         if csv_path.exists() and csv_path.stat().st_size:
             _drop_torn_line(csv_path)
             for row in pd.read_csv(csv_path).to_dict("records"):
-                done[row["id"]] = row
+                if row.get("kind") == "reference":
+                    references.append(row)
+                else:
+                    done[row["id"]] = row
     elif csv_path.exists() or meta_path.exists():
         if not force:
             raise CalibrationError(
@@ -278,8 +314,9 @@ def calibrate(
                 p.rename(p.with_name(f"{p.name}.{stamp}"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=1))
-    settings = protocol_settings(quick)
+    settings = dict(protocol_settings(quick), cooldown_s=float(cooldown_s))
     pending = [i for i in items if i.id not in done]
+    pending = [pending[j] for j in np.random.default_rng(seed).permutation(len(pending))]
     say(f"calibration plan: {len(items)} measurements ({len(items) - len(pending)} already in {csv_path.name})"
         f", meter {spec}, kernels on {device}")
     dev = torch.device(device)
@@ -291,13 +328,28 @@ def calibrate(
         info = meter.info
         if info.simulated:
             say("the meter is SIMULATED: every number of this profile is simulated, not a measurement")
-        protocol = MeasurementProtocol(random_state=0, **settings)
-        _run_items(pending, meter, protocol, dev, csv_path, done, progress)
+        protocol = MeasurementProtocol(random_state=0, **{k: v for k, v in settings.items() if k != "cooldown_s"})
+        _run_items(pending, meter, protocol, dev, csv_path, done, progress, references, cooldown_s)
     table = pd.DataFrame([done[i.id] for i in items])
     fit_started = time.monotonic()
+    table, drift = _drift_corrected(table, pd.DataFrame(references))
+    if drift.get("corrected"):
+        say(f"reference kernel ({drift['workload']}, {drift['measurements']} measurements): the device drifted "
+            f"{drift['drift']:.1%} over the run (first to last {drift['first_to_last']:+.1%}); every measurement "
+            "is divided by the drift at its time")
+    settings = dict(settings, reference=drift, order=f"randomised (seed {seed})")
     profile = _fit_profile(table, items, model_plans, out, spec, info, dev, settings, quick, fit_started)
+    if profile.quality == "poor":
+        say(f"WARNING: this calibration is poor: {profile.quality_reason}")
     save_profile(profile, out, overwrite=force)
     return profile
+
+
+def _drift_corrected(table: pd.DataFrame, references: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    from calibrate.quality import correct_drift, drift_factors
+
+    factors, report = drift_factors(table, references)
+    return (correct_drift(table, factors) if report.get("corrected") else table), report
 
 
 def _no_meter_message(spec: str, exc: Exception) -> str:
@@ -306,7 +358,13 @@ def _no_meter_message(spec: str, exc: Exception) -> str:
 
 
 def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.device, csv_path: Path,
-               done: dict[str, dict[str, Any]], progress: bool) -> None:
+               done: dict[str, dict[str, Any]], progress: bool, references: list[dict[str, Any]] | None = None,
+               cooldown_s: float = 0.0) -> None:
+    from calibrate.quality import REFERENCE
+
+    references = [] if references is None else references
+    session = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+    reference_at = set(range(0, len(pending), REFERENCE_EVERY)) | {len(pending)} if pending else set()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -316,24 +374,30 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task("calibrating", total=len(pending))
-            for item in pending:
+            for position, item in enumerate([*pending, None]):
+                if position in reference_at:
+                    ref = PlanItem(f"reference/{len(references)}", "reference", REFERENCE["workload"],
+                                   REFERENCE["size"])
+                    current = ref
+                    bar.update(task, description="reference kernel")
+                    if idle is None or meter.clock() - idle.measured_at > IDLE_EVERY_S:
+                        idle = protocol.measure_idle(meter)
+                    meter.sleep(cooldown_s)
+                    row = _measure(ref, meter, protocol, dev, idle, session, time.monotonic())
+                    _append(csv_path, row)
+                    references.append(row)
+                if item is None:
+                    break
                 current = item
                 t0 = time.monotonic()
                 if idle is None or meter.clock() - idle.measured_at > IDLE_EVERY_S:
                     bar.update(task, description="idle baseline")
                     idle = protocol.measure_idle(meter)
+                meter.sleep(cooldown_s)
                 bar.update(task, description=f"{item.id[:48]:<48}")
-                workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
-                                         seed=item.seed).setup(dev)
-                positions = workload.tensors_.get("positions")
-                kept = int(positions.numel()) if positions is not None else 0
-                lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
-                run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
-                result = protocol.measure(run, meter, idle=idle)
-                row = _row(item, workload, result, kept, lines, time.monotonic() - t0, idle)
+                row = _measure(item, meter, protocol, dev, idle, session, t0)
                 _append(csv_path, row)
                 done[item.id] = row
-                del workload, run
                 bar.advance(task)
     except KeyboardInterrupt:
         raise CalibrationError(
@@ -345,6 +409,20 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
             f"measurement {current.id if current else '?'} failed: {exc}\n{len(done)} finished measurements are "
             f"saved in {csv_path}: fix the meter and continue with the same command and --resume"
         ) from None
+
+
+def _measure(item: PlanItem, meter: Any, protocol: Any, dev: torch.device, idle: Any, session: str,
+             t0: float) -> dict[str, Any]:
+    workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
+                             seed=item.seed).setup(dev)
+    positions = workload.tensors_.get("positions")
+    kept = int(positions.numel()) if positions is not None else 0
+    lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
+    run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
+    result = protocol.measure(run, meter, idle=idle)
+    row = _row(item, workload, result, kept, lines, time.monotonic() - t0, idle)
+    row.update(t_meter=float(meter.clock()), session=session)
+    return row
 
 
 # ---------------------------------------------------------------------------- the fit
@@ -383,6 +461,7 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
             description=f"{label}: masked update phase per tensor (energyprof.workloads.UpdatePhase)",
             layers=[costs[name] for name in plan.shapes],
         )
+    quality, reason, residuals = _judge(table, sweep, glob, coefficients, models, model_plans, settings)
     record = MeterRecord(backend=info.backend, scope=info.scope, kind=info.kind,
                          update_period_s=info.update_period_s, averaging_window_s=info.averaging_window_s,
                          resolution_j=info.resolution_j, simulated=info.simulated, details=dict(info.details))
@@ -405,7 +484,48 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
         ),
         coefficients=coefficients,
         models=models,
+        quality=quality,
+        quality_reason=reason,
+        fit_residuals=residuals,
     )
+
+
+def _judge(table: pd.DataFrame, sweep: pd.DataFrame, glob: GlobalCostFit, coefficients: Coefficients,
+           models: dict[str, ModelCosts], model_plans: dict[str, ModelPlan],
+           settings: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """The fit's residuals by feature, and the calibration's quality (:mod:`calibrate.quality`)."""
+    from calibrate.quality import assess, residual_bins
+
+    y = table["joules_per_call"].to_numpy(float)
+    se_rel = _standard_error(table) / np.where(y != 0, np.abs(y), 1.0)
+    residual = np.full(len(table), np.nan)
+    is_sweep = (table["kind"] == "sweep").to_numpy()
+    residual[is_sweep] = glob.residuals_rel_
+    for i in np.flatnonzero(~is_sweep):
+        row = table.iloc[i]
+        costs = {layer.name: layer for layer in models[row["model"]].layers}
+        layer = costs[str(row["tensors"]).split(";")[0]]
+        residual[i] = layer.joules(int(row["kept"]), int(row["lines"])) / row["joules_per_call"] - 1
+    points = pd.DataFrame({"residual": residual, "se": se_rel,
+                           "working_set_bytes": table["working_set_bytes"].to_numpy(float),
+                           "density": pd.to_numeric(table["density"], errors="coerce").to_numpy(float),
+                           "layer_numel": np.where(is_sweep, np.nan, table["size"].to_numpy(float))})
+    bins = residual_bins(points)
+    counts = {}
+    for label, plan in model_plans.items():
+        measured = {(layer.numel, layer.dtype) for layer in models[label].layers if layer.method == "measured"}
+        counts[label] = (len(measured), len(plan.measured))
+    dram_zero = []
+    if float(sweep["working_set_bytes"].max()) > 2 * coefficients.cache_bytes:
+        for name, est in (("j_per_byte_read.dram", coefficients.j_per_byte_read["dram"]),
+                          ("j_per_byte_written.dram", coefficients.j_per_byte_written["dram"])):
+            if est.value <= 0:
+                dram_zero.append(name)
+    spread = float(np.nanmedian(1.96 * se_rel))
+    drift = (settings.get("reference") or {}).get("drift")
+    window = max(settings["min_window_s"], 0.0)
+    quality, reason = assess(glob.cv_mape_, counts, dram_zero, spread, drift, window)
+    return quality, reason, bins
 
 
 def _profile_name(out: Path) -> str:
