@@ -14,9 +14,13 @@ For a device profile, a model and a meter:
    interval; on the simulator, the simulator's truth as a third column, so that model error and
    measurement error are told apart.
 
+5. for the Top-K masks at ``layer_ratios``, each touched layer measured on its own: the per-layer
+   residuals against working-set size, density and layer size, with a flag naming the feature
+   when they trend with it beyond their intervals (:mod:`cwmp.apps.residuals`).
+
 Output: a console table, and a report folder with the raw CSV, a scatter plot of predicted against
-measured (log axes, y = x, +-5 % and +-10 % bands), a plot of error by keep ratio and a Markdown
-summary. Every file of a simulated run says SIMULATED.
+measured (log axes, y = x, +-5 % and +-10 % bands), a plot of error by keep ratio, the per-layer
+residual plot and a Markdown summary. Every file of a simulated run says SIMULATED.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class ValidationResult:
     summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     report: Path | None = None
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    bias: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- updates
@@ -113,6 +119,7 @@ def validate(
     progress: bool = True,
     protocol_kwargs: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
+    layer_ratios: tuple[float, ...] = (0.01, 0.1),
 ) -> ValidationResult:
     from calibrate.calibration import resolve_meter_spec
     from calibrate.profile import load_profile
@@ -163,6 +170,15 @@ def validate(
                                measurement_error=(result.joules_per_call - truth) / truth)
                 rows.append(row)
                 bar.advance(task)
+        from cwmp.apps.residuals import measure_layers
+
+        per_layer = [m for m in masks if m["mask"] == "topk" and m["ratio"] in layer_ratios] if layer_ratios else []
+        layer_rows = measure_layers(module, per_layer, cost_map, meter, protocol, idle, dev, seed, info.simulated)
+    from cwmp.apps.residuals import bias_flags, describe
+
+    layers = pd.DataFrame(layer_rows)
+    bias = bias_flags(layers) if len(layers) else []
+    warnings.extend(describe(bias))
     table = pd.DataFrame(rows)
     errors = table["error"].to_numpy(float)
     worst = table.iloc[int(np.argmax(np.abs(errors)))]
@@ -172,11 +188,14 @@ def validate(
         "simulated": bool(info.simulated), "profile": profile.name, "profile_simulated": profile.simulated,
         "model": model, "meter": spec, "device": str(dev), "updates": update_kind,
         "predicted_layers": cost_map.predicted_layers, "warnings": warnings,
+        "bias_features": [f["feature"] for f in bias], "layers_measured": len(layers),
     }
+    if len(layers):
+        summary["layer_mape"] = float(layers["residual"].abs().mean())
     if "truth_j" in table:
         summary["model_mape"] = float(table["model_error"].abs().mean())
         summary["measurement_mape"] = float(table["measurement_error"].abs().mean())
-    result = ValidationResult(table, summary, warnings)
+    result = ValidationResult(table, summary, warnings, layers=layers, bias=bias)
     if report is not None:
         result.report = write_report(result, Path(report), profile)
     return result
@@ -214,6 +233,9 @@ def console_table(result: ValidationResult) -> str:
     if truth:
         lines.append(f"against the simulator's truth: model MAPE {s['model_mape']:.2%}, "
                      f"measurement MAPE {s['measurement_mape']:.2%}{tag}")
+    if s.get("layers_measured"):
+        lines.append(f"per layer ({s['layers_measured']} measured one by one): mean |error| {s['layer_mape']:.2%}; "
+                     f"systematic bias with: {', '.join(s['bias_features']) or 'nothing beyond the intervals'}{tag}")
     for w in result.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -269,6 +291,13 @@ def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
     by_ratio = folder / f"{prefix}error-by-ratio.png"
     fig.savefig(by_ratio, dpi=110)
     plt.close(fig)
+    residual_png = None
+    if len(result.layers):
+        from cwmp.apps.residuals import plot_residuals
+
+        result.layers.to_csv(folder / f"{prefix}layers.csv", index=False)
+        residual_png = plot_residuals(result.layers, result.bias, folder, prefix, tag,
+                                      profile.coefficients.cache_bytes)
     p = profile.provenance
     md = [
         f"# Energy-model validation: {s['model']} on profile {profile.name}{tag}", "",
@@ -293,7 +322,12 @@ def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
     ]
     for w in result.warnings:
         md.append(f"- **Warning:** {w}")
+    if residual_png is not None:
+        md.append(f"- Per-layer residuals: {len(result.layers)} layers measured one by one, mean |error| "
+                  f"{s['layer_mape']:.2%}; systematic bias: "
+                  + (", ".join(f["words"] for f in result.bias) or "none beyond the intervals"))
     md += ["", f"![predicted vs measured]({scatter.name})", "", f"![error by ratio]({by_ratio.name})", "",
+           *([f"![per-layer residuals]({residual_png.name})", ""] if residual_png is not None else []),
            "```", console_table(result), "```", ""]
     (folder / f"{prefix}summary.md").write_text("\n".join(md))
     (folder / f"{prefix}summary.json").write_text(json.dumps(s, indent=1))
@@ -312,3 +346,25 @@ def doubled(profile: Any) -> Any:
     data["name"] = profile.name + "-doubled"
     return type(profile).model_validate(data)
 
+
+
+def shrunk_cache(profile: Any, factor: float = 4.0) -> Any:
+    """A copy of ``profile`` whose cache size is divided by ``factor`` and whose every layer is
+    predicted again from the global coefficients with it (a deliberately wrong profile, for checking
+    that validation catches one and that its residuals point at the working set)."""
+    data = profile.model_dump()
+    data["coefficients"]["cache_bytes"] = max(1, round(data["coefficients"]["cache_bytes"] / factor))
+    data["name"] = profile.name + "-cache-div" + f"{factor:g}"
+    data["quality"], data["quality_reason"], data["fit_residuals"] = None, None, {}
+    wrong = type(profile).model_validate(data)
+    for costs in data["models"].values():
+        for layer in costs["layers"]:
+            c = wrong.predict_layer(layer["numel"], layer["dtype"])
+            layer.update(fixed_j=c.fixed_j, fixed_ci_low=c.fixed_j, fixed_ci_high=c.fixed_j,
+                         joules_per_update=c.joules_per_update, ci_low=c.joules_per_update,
+                         ci_high=c.joules_per_update, joules_per_line=c.joules_per_line,
+                         line_ci_low=c.joules_per_line, line_ci_high=c.joules_per_line,
+                         joules_per_update_density=c.joules_per_update_density,
+                         density_ci_low=c.joules_per_update_density, density_ci_high=c.joules_per_update_density,
+                         method="predicted", reason=f"deliberately wrong: cache size divided by {factor:g}")
+    return type(profile).model_validate(data)
