@@ -76,7 +76,8 @@ def _binned(points: pd.DataFrame, feature: str) -> pd.DataFrame:
 
 
 def bias_flags(points: pd.DataFrame) -> list[dict[str, Any]]:
-    """The features the residuals trend with (see the module docstring), strongest first."""
+    """The features the residuals trend with (see the module docstring), the largest departure first
+    (ties: working set before layer size, the feature the cost model's memory levels use)."""
     from scipy import stats
 
     flags = []
@@ -96,7 +97,7 @@ def bias_flags(points: pd.DataFrame) -> list[dict[str, Any]]:
             flags.append({"feature": feature, "words": words, "p": p, "chi2": chi2, "bins": len(bins),
                           "bin_lo": float(worst["lo"]), "bin_hi": float(worst["hi"]), "bin_mean": float(worst["mean"]),
                           "departure": departure})
-    flags.sort(key=lambda f: (-f["chi2"] / max(1, f["bins"] - 1), list(FEATURES).index(f["feature"])))
+    flags.sort(key=lambda f: (-round(abs(f["departure"]), 3), list(FEATURES).index(f["feature"])))
     return flags
 
 
@@ -104,7 +105,7 @@ def _span(feature: str, lo: float, hi: float) -> str:
     if feature == "working_set_bytes":
         return f"{lo / 2**20:.3g}-{hi / 2**20:.3g} MiB"
     if feature == "density":
-        return f"{lo:.3g}-{min(hi, 1):.3g}"
+        return "density 1" if lo >= 1 else f"{lo:.3g}-{min(hi, 1):.3g}"
     return f"{lo:.0f}-{hi:.0f} entries"
 
 
