@@ -543,7 +543,8 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
     if len(group) < 5:
         return _predicted_entry(glob, numel, dtype, "fewer than five replays measured; predicted from the "
                                 "global coefficients")
-    fit = LayerCostFit().fit(group["kept"], group["lines"], group["joules_per_call"], _standard_error(group), numel)
+    fit = LayerCostFit(model_error=glob.cv_mape_).fit(group["kept"], group["lines"], group["joules_per_call"],
+                                                      _standard_error(group), numel)
     if not fit.resolved():
         return _predicted_entry(glob, numel, dtype, (
             f"the meter did not resolve its cost curve (95 % band +-{fit.band_:.1%}, fit error "
@@ -579,7 +580,8 @@ def _predicted_entry(glob: GlobalCostFit, numel: int, dtype: str, reason: str) -
     lo, hi = np.quantile(samples, 0.025, axis=0), np.quantile(samples, 0.975, axis=0)
     jpu = point.joules_per_update
     values = (point.fixed_j, jpu, point.joules_per_line, point.joules_per_update_density)
-    lo, hi = np.minimum(lo, values), np.maximum(hi, values)
+    # and what the cost model cannot represent on this device: the global fit's cross-validated error
+    lo, hi = np.minimum(lo, values) * (1 - min(glob.cv_mape_, 0.5)), np.maximum(hi, values) * (1 + glob.cv_mape_)
     return dict(
         fixed_j=values[0], fixed_ci_low=lo[0], fixed_ci_high=hi[0],
         joules_per_update=values[1], ci_low=lo[1], ci_high=hi[1],
