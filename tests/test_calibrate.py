@@ -219,3 +219,21 @@ def test_a_meter_failing_mid_run_keeps_what_was_measured(tmp_path, monkeypatch):
     profile = calibrate(SPEC, models=["mlp"], out=out, quick=True, resume=True, progress=False, say=lambda s: None)
     assert count["n"] == 100 + len(build_plan({"mlp": build_model("mlp")}, True)[0]) - 5
     assert profile.models["mlp"].layers and out.exists()
+
+
+def test_order_is_randomised_drift_is_corrected_and_the_fit_says_what_it_cannot_explain(calibrated):
+    """Every effect of the simulated device is on: the reference kernel sees it drift, the profile
+    records the drift, the fit's residuals by feature and a verdict."""
+    after = calibrated["after"]
+    plan_order = [i.id for i in calibrated["items"]]
+    run_order = after[after.kind != "reference"].id.tolist()
+    assert sorted(run_order) == sorted(plan_order) and run_order != plan_order  # randomised
+    profile = load_profile(calibrated["out"])
+    reference = profile.provenance.protocol["reference"]
+    assert reference["corrected"] and reference["measurements"] >= 4
+    assert 0.005 < reference["drift"] < 0.15  # the rpi4 preset warms by a few % over a busy run
+    assert "seed 0" in profile.provenance.protocol["order"]
+    assert profile.quality == "ok" and profile.quality_reason is None
+    for feature in ("working_set_bytes", "density", "layer_numel"):
+        bins = profile.fit_residuals[feature]
+        assert bins and all(b.ci_low <= b.mean <= b.ci_high for b in bins)

@@ -70,3 +70,22 @@ def test_profile_validate_strict_fails_a_poor_profile(tmp_path):
     assert strict.returncode == 1 and "poor" in strict.stderr and "0 of 3 replayed layers" in strict.stderr
     assert "Traceback" not in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
     assert run("--strict", "sim-rpi4").returncode == 0  # an older file without a verdict still loads
+
+
+def test_a_noisy_calibration_is_poor_says_why_and_fails_strict(tmp_path):
+    """The issue's case on the virtual clock: a meter whose noise drowns the layers' costs (2 W on a
+    board that spends about 1 W above idle) must not write a profile that looks fine."""
+    from calibrate.calibration import calibrate
+
+    said = []
+    out = tmp_path / "noisy.yaml"
+    profile = calibrate("sim:preset=rpi4,noise_w=2,seed=1", models=["mlp"], out=out, quick=True, progress=False,
+                        say=said.append)
+    assert profile.quality == "poor" and "Likely cause" in profile.quality_reason
+    assert "remedy" in profile.quality_reason
+    assert any(line.startswith("WARNING: this calibration is poor") for line in said)
+    assert load_profile(out).quality == "poor"  # recorded in the file
+    assert set(profile.fit_residuals) >= {"working_set_bytes", "density", "layer_numel"}
+    r = subprocess.run([sys.executable, "-m", "energyprof", "profile", "validate", "--strict", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "poor" in r.stderr
