@@ -237,3 +237,17 @@ def test_order_is_randomised_drift_is_corrected_and_the_fit_says_what_it_cannot_
     for feature in ("working_set_bytes", "density", "layer_numel"):
         bins = profile.fit_residuals[feature]
         assert bins and all(b.ci_low <= b.mean <= b.ci_high for b in bins)
+
+
+def test_a_profile_with_a_quarter_of_the_cache_fails_validation_and_its_residuals_point_at_the_working_set(
+        calibrated, tmp_path):
+    from calibrate.profile import save_profile
+    from cwmp.apps.validate import shrunk_cache, validate
+
+    fast = dict(min_window_s=0.5, min_periods=5, trials=3, idle_windows=3, warmup_s=0.05)
+    wrong = save_profile(shrunk_cache(load_profile(calibrated["out"]), 4), tmp_path / "cache-div4.yaml")
+    result = validate(str(wrong), SPEC, model="cnn", ratios=(0.01, 0.1), progress=False, protocol_kwargs=fast,
+                      say=lambda s: None)
+    assert result.summary["mape"] > 0.05  # fails validate --max-mape 0.05
+    assert result.summary["bias_features"][:1] == ["working_set_bytes"], result.bias
+    assert any(w.startswith("systematic bias with working-set size") for w in result.warnings)

@@ -2,8 +2,11 @@
 layer size, a plot of them, and a flag when they trend with a feature beyond their intervals.
 
 A whole-mask replay touches every layer at once, so its error cannot say which layers are wrong.
-:func:`measure_layers` therefore measures, for a few of the pruner's masks, each touched layer's
-update phase on its own (the same protocol), next to the profile's prediction for that layer.
+:func:`measure_layers` therefore measures each layer's update phase on its own (the same protocol)
+at a few densities, the same in every layer (:func:`uniform_masks`, random positions), next to the
+profile's prediction for that layer. The pruner's own masks give each layer its own density (large
+layers sparse, small ones dense), which would tie density to layer size and working set; equal
+densities keep the features apart.
 
 :func:`bias_flags` bins the relative residuals of those layers by each feature (factor-4 bins of
 working set and layer size, one bin per density decade). A feature is flagged when its bins differ
@@ -27,6 +30,23 @@ __all__ = ["FEATURES", "MIN_BIAS", "measure_layers", "bias_flags", "plot_residua
 
 FEATURES = {"working_set_bytes": "working-set size", "density": "density", "layer_numel": "layer size"}
 MIN_BIAS = 0.03  # a departure smaller than this is not worth a flag, whatever its significance
+
+
+def uniform_masks(module: Any, densities: tuple[float, ...], seed: int) -> list[dict[str, Any]]:
+    """For each density, a random mask of every parameter keeping ``max(1, round(d * n))`` entries."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 7919)
+    out = []
+    for d in densities:
+        masks = {}
+        for name, p in module.named_parameters():
+            k = max(1, round(d * p.numel()))
+            flat = torch.zeros(p.numel(), dtype=torch.bool)
+            flat[torch.randperm(p.numel(), generator=g)[:k]] = True
+            masks[name] = flat.view(p.shape)
+        out.append({"mask": "random", "ratio": d, "masks": masks})
+    return out
 
 
 def measure_layers(module: Any, masks: list[dict[str, Any]], cost_map: Any, meter: Any, protocol: Any,
@@ -75,9 +95,41 @@ def _binned(points: pd.DataFrame, feature: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _bin_keys(points: pd.DataFrame, feature: str) -> np.ndarray:
+    base = 10.0 if feature == "density" else 4.0
+    return np.floor(np.log(points[feature].to_numpy(float)) / math.log(base) + 1e-9)
+
+
+def _chi2(points: pd.DataFrame, feature: str) -> float:
+    bins = _binned(points, feature)
+    if len(bins) < 2:
+        return 0.0
+    w = 1.0 / bins["se"].to_numpy() ** 2
+    mean = float((w * bins["mean"]).sum() / w.sum())
+    return float((w * (bins["mean"] - mean) ** 2).sum()) / (len(bins) - 1)
+
+
+def _given(points: pd.DataFrame, other: str) -> pd.DataFrame:
+    """The residuals with what ``other`` explains removed (each of its bins centred on the overall mean)."""
+    keys = _bin_keys(points, other)
+    r = points["residual"].to_numpy(float).copy()
+    overall = float(r.mean())
+    for k in np.unique(keys):
+        r[keys == k] += overall - r[keys == k].mean()
+    return points.assign(residual=r)
+
+
+# the feature each is judged against: what it explains beyond the other (working set and layer size are
+# nearly collinear within a model, so each is judged against density, and density against working set)
+_AGAINST = {"working_set_bytes": "density", "layer_numel": "density", "density": "working_set_bytes"}
+
+
 def bias_flags(points: pd.DataFrame) -> list[dict[str, Any]]:
-    """The features the residuals trend with (see the module docstring), the largest departure first
-    (ties: working set before layer size, the feature the cost model's memory levels use)."""
+    """The features the residuals trend with (see the module docstring). Ranked by what each
+    explains beyond the other features (its binned chi-square once the bins of :data:`_AGAINST`
+    are taken out): a bias that follows the working set also shows by density when the pruner's
+    densities differ between layers, and this ranking tells the two apart (ties: working set
+    first, the feature the cost model's memory levels use)."""
     from scipy import stats
 
     flags = []
@@ -95,9 +147,15 @@ def bias_flags(points: pd.DataFrame) -> list[dict[str, Any]]:
         departure = float(worst["mean"] - mean)
         if p < 0.01 and abs(departure) > MIN_BIAS:
             flags.append({"feature": feature, "words": words, "p": p, "chi2": chi2, "bins": len(bins),
+                          "beyond": _chi2(_given(points, _AGAINST[feature]), feature),
                           "bin_lo": float(worst["lo"]), "bin_hi": float(worst["hi"]), "bin_mean": float(worst["mean"]),
                           "departure": departure})
-    flags.sort(key=lambda f: (-round(abs(f["departure"]), 3), list(FEATURES).index(f["feature"])))
+    flags.sort(key=lambda f: (-f["beyond"], list(FEATURES).index(f["feature"])))
+    names = [f["feature"] for f in flags]
+    if "working_set_bytes" in names and "layer_numel" in names and names.index("layer_numel") < names.index(
+            "working_set_bytes"):  # collinear: name the one the cost model's memory levels use
+        i, j = names.index("layer_numel"), names.index("working_set_bytes")
+        flags[i], flags[j] = flags[j], flags[i]
     return flags
 
 
@@ -117,7 +175,7 @@ def describe(flags: list[dict[str, Any]]) -> list[str]:
         line = (f"systematic bias with {f['words']}: residuals in {_span(f['feature'], f['bin_lo'], f['bin_hi'])} are "
                 f"{f['bin_mean']:+.1%} ({f['departure']:+.1%} from the rest), beyond their intervals (p = {f['p']:.1g})")
         if f["feature"] == "working_set_bytes":
-            line += "; the profile's memory levels (cache_bytes, transition) do not match this device"
+            line += "; check the profile's memory levels (cache_bytes, transition) against this device"
         if f["feature"] == "layer_numel" and "working_set_bytes" in names:
             line += " (layer size moves with the working set here; the two cannot be told apart)"
         lines.append(line)

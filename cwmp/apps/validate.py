@@ -14,7 +14,8 @@ For a device profile, a model and a meter:
    interval; on the simulator, the simulator's truth as a third column, so that model error and
    measurement error are told apart.
 
-5. for the Top-K masks at ``layer_ratios``, each touched layer measured on its own: the per-layer
+5. every layer measured on its own at each of ``layer_densities`` (random positions: the same
+   densities in every layer, so that density and working set vary independently): the per-layer
    residuals against working-set size, density and layer size, with a flag naming the feature
    when they trend with it beyond their intervals (:mod:`cwmp.apps.residuals`).
 
@@ -119,7 +120,7 @@ def validate(
     progress: bool = True,
     protocol_kwargs: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
-    layer_ratios: tuple[float, ...] = (0.01, 0.1),
+    layer_densities: tuple[float, ...] = (0.01, 0.1),
 ) -> ValidationResult:
     from calibrate.calibration import resolve_meter_spec
     from calibrate.profile import load_profile
@@ -170,9 +171,9 @@ def validate(
                                measurement_error=(result.joules_per_call - truth) / truth)
                 rows.append(row)
                 bar.advance(task)
-        from cwmp.apps.residuals import measure_layers
+        from cwmp.apps.residuals import measure_layers, uniform_masks
 
-        per_layer = [m for m in masks if m["mask"] == "topk" and m["ratio"] in layer_ratios] if layer_ratios else []
+        per_layer = uniform_masks(module, layer_densities, seed)
         layer_rows = measure_layers(module, per_layer, cost_map, meter, protocol, idle, dev, seed, info.simulated)
     from cwmp.apps.residuals import bias_flags, describe
 
