@@ -546,9 +546,11 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
     fit = LayerCostFit(model_error=glob.cv_mape_).fit(group["kept"], group["lines"], group["joules_per_call"],
                                                       _standard_error(group), numel)
     if not fit.resolved():
+        why = ("the meter did not resolve its cost curve" if fit.band_ > 0.10 else
+               "the per-layer curve cannot follow its replays (the device does what the cost model does not)")
         return _predicted_entry(glob, numel, dtype, (
-            f"the meter did not resolve its cost curve (95 % band +-{fit.band_:.1%}, fit error "
-            f"{fit.rmse_rel_:.1%}; at most 10 % each); predicted from the global coefficients"))
+            f"{why} (95 % band +-{fit.band_:.1%}, fit error {fit.rmse_rel_:.1%}; at most 10 % each); predicted "
+            "from the global coefficients"))
     if fit.joules_per_update_ <= 0:
         return _predicted_entry(glob, numel, dtype, "the fit found no per-entry cost; predicted from the global "
                                 "coefficients")
