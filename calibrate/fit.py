@@ -31,12 +31,17 @@ __all__ = ["GlobalCostFit", "LayerCostFit", "counts_of_rows", "COUNT_COLUMNS"]
 COUNT_COLUMNS = tuple(WorkCounts.__dataclass_fields__)
 
 
+OPTIONAL_COUNT_COLUMNS = ("pages_written", "line_runs_written")  # newer; the cost model does not use them
+
+
 def counts_of_rows(table: pd.DataFrame) -> list[WorkCounts]:
-    """The per-call :class:`WorkCounts` of each row of a measurement table."""
-    missing = [c for c in COUNT_COLUMNS if c not in table.columns]
+    """The per-call :class:`WorkCounts` of each row of a measurement table (tables written before
+    the optional columns existed read them as 0: not known)."""
+    missing = [c for c in COUNT_COLUMNS if c not in table.columns and c not in OPTIONAL_COUNT_COLUMNS]
     if missing:
         raise ValueError(f"the measurement table lacks the count columns {', '.join(missing)}")
-    return [WorkCounts(**{c: int(row[c]) for c in COUNT_COLUMNS}) for _, row in table.iterrows()]
+    present = [c for c in COUNT_COLUMNS if c in table.columns]
+    return [WorkCounts(**{c: int(row[c]) for c in present}) for _, row in table.iterrows()]
 
 
 def _nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
