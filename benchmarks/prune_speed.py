@@ -104,7 +104,8 @@ def make_costs(model: str, shapes: dict[str, tuple[int, ...]]) -> CostMap:
         c = base.predict_layer(math.prod(shape), "float32")
         j = (c.joules_per_update + c.joules_per_line) * (0.5 + 0.25 * (i % 5))  # per entry, lines not shared
         layers.append({"name": name, "shape": list(shape), "dtype": "float32", "numel": math.prod(shape),
-                       "fixed_j": 1000 * j, "fixed_ci_low": 1000 * j, "fixed_ci_high": 1000 * j,
+                       "compensation_j": c.compensation_j, "compensation_ci_low": c.compensation_j,
+                       "compensation_ci_high": c.compensation_j, "fixed_j": 1000 * j, "fixed_ci_low": 1000 * j, "fixed_ci_high": 1000 * j,
                        "joules_per_update": j, "ci_low": j, "ci_high": j, "method": "predicted"})
     data["models"] = {model: {"description": "benchmark table (SIMULATED)", "layers": layers}}
     profile = DeviceProfile.model_validate(data)

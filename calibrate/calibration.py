@@ -8,7 +8,10 @@ The plan (:func:`build_plan`) has two parts:
   ``momentum``, ``adam``, ``fma``) over sizes from cache-resident to DRAM/HBM-sized;
 * **layer replays** for each model: the masked update phase (:class:`~energyprof.workloads.UpdatePhase`)
   of each parameter tensor at five densities from 0.1 % to 100 % (CWMP may keep much of a cheap
-  layer, so its cost curve is measured over the whole range). Tensors with the same number
+  layer, so its cost curve is measured over the whole range), and the tensor's compensation
+  (:class:`~energyprof.workloads.Compensation`, error feedback's dense ``residual += update``),
+  replayed on its own: every round pays it whatever the mask keeps, so it is measured, never
+  extrapolated from the update phase to k = 0. Tensors with the same number
   of entries and dtype have the same update phase, so one replay serves them all (the profile says
   which tensor was replayed: ``measured_as``). Tensors below ``min_layer_numel`` entries are not
   measured: their costs are predicted from the global coefficients and marked ``predicted``, as
@@ -77,7 +80,7 @@ SPARSE_SIZES = {"quick": (4**6, 4**8, 4**10, 4**12), "full": (4**7, 4**9, 4**11,
 SPARSE_DENSITIES = (0.01, 0.2)
 MIN_LAYER_NUMEL = {"quick": 16384, "full": 4096}
 SPARSE_KERNELS = ("scatter", "pack", "residual", "runs", "update")
-COMPUTE_KERNELS = ("sgd", "momentum", "adam", "fma")
+COMPUTE_KERNELS = ("sgd", "momentum", "adam", "fma", "compensation")
 
 
 class CalibrationError(EnergyprofError):
@@ -154,7 +157,8 @@ def build_plan(models: dict[str, torch.nn.Module], quick: bool = False,
             measured[(numel, dtype)] = [
                 PlanItem(f"layer/{label}/{tensors[0]}/d={d:g}", "layer", "update", numel, dtype, d, label, tuple(tensors))
                 for d in LAYER_DENSITIES[mode]
-            ]
+            ] + [PlanItem(f"layer/{label}/{tensors[0]}/compensation", "compensation", "compensation", numel, dtype,
+                          None, label, tuple(tensors))]
             items.extend(measured[(numel, dtype)])
         model_plans[label] = ModelPlan(label, shapes, groups, measured, too_small)
     return items, model_plans
@@ -449,16 +453,19 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
         fit=FitQuality(r2=glob.r2_, cv_mape=glob.cv_mape_, n_measurements=glob.n_measurements_),
     )
     layer_rows = table[table.kind == "layer"]
+    compensation_rows = table[table.kind == "compensation"]
     models: dict[str, ModelCosts] = {}
     for label, plan in model_plans.items():
         costs: dict[str, LayerCost] = {}
         for (numel, dtype), tensors in plan.groups.items():
             entry = _layer_entry(glob, layer_rows, plan, numel, dtype, tensors)
+            entry.update(_compensation_entry(glob, compensation_rows, plan, numel, dtype))
             for name in tensors:
                 shape, _ = plan.shapes[name]
                 costs[name] = LayerCost(name=name, shape=shape, dtype=dtype, numel=numel, **entry)
         models[label] = ModelCosts(
-            description=f"{label}: masked update phase per tensor (energyprof.workloads.UpdatePhase)",
+            description=(f"{label}: per tensor, the compensation every round pays (energyprof.workloads.Compensation) "
+                         "and the masked update phase a non-empty mask adds (energyprof.workloads.UpdatePhase)"),
             layers=[costs[name] for name in plan.shapes],
         )
     quality, reason, residuals = _judge(table, sweep, glob, coefficients, models, model_plans, settings)
@@ -469,7 +476,7 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
     label = "SIMULATED: " if info.simulated else ""
     method = (f"{label}energyprof calibrate{' --quick' if quick else ''}: {len(table)} protocol measurements, "
               "global coefficients by non-negative least squares (scikit-learn) over a workload sweep, per-layer "
-              "costs from update-phase replays at several densities")
+              "costs from update-phase replays at several densities and a compensation replay")
     return DeviceProfile(
         name=_profile_name(out),
         simulated=bool(info.simulated),
@@ -500,8 +507,9 @@ def _judge(table: pd.DataFrame, sweep: pd.DataFrame, glob: GlobalCostFit, coeffi
     se_rel = _standard_error(table) / np.where(y != 0, np.abs(y), 1.0)
     residual = np.full(len(table), np.nan)
     is_sweep = (table["kind"] == "sweep").to_numpy()
+    is_layer = (table["kind"] == "layer").to_numpy()
     residual[is_sweep] = glob.residuals_rel_
-    for i in np.flatnonzero(~is_sweep):
+    for i in np.flatnonzero(is_layer):
         row = table.iloc[i]
         costs = {layer.name: layer for layer in models[row["model"]].layers}
         layer = costs[str(row["tensors"]).split(";")[0]]
@@ -509,7 +517,7 @@ def _judge(table: pd.DataFrame, sweep: pd.DataFrame, glob: GlobalCostFit, coeffi
     points = pd.DataFrame({"residual": residual, "se": se_rel,
                            "working_set_bytes": table["working_set_bytes"].to_numpy(float),
                            "density": pd.to_numeric(table["density"], errors="coerce").to_numpy(float),
-                           "layer_numel": np.where(is_sweep, np.nan, table["size"].to_numpy(float))})
+                           "layer_numel": np.where(is_layer, table["size"].to_numpy(float), np.nan)})
     bins = residual_bins(points)
     counts = {}
     for label, plan in model_plans.items():
@@ -564,6 +572,25 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
         densities=sorted(float(d) for d in group["density"]),
         measured_as=str(group["tensors"].iloc[0]).split(";")[0],
     )
+
+
+def _compensation_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel: int,
+                        dtype: str) -> dict[str, Any]:
+    """The layer's compensation: its own replay's joules per call and interval where it was measured,
+    else predicted from the global coefficients (with the bootstrap's interval)."""
+    group = rows[(rows["model"] == plan.label) & (rows["size"] == numel) & (rows["dtype"] == dtype)]
+    values = pd.to_numeric(group.get("joules_per_call"), errors="coerce") if len(group) else pd.Series([], dtype=float)
+    if len(group) and np.isfinite(values.iloc[0]) and values.iloc[0] > 0:
+        row = group.iloc[0]
+        j = float(row["joules_per_call"])
+        return dict(compensation_j=j, compensation_ci_low=min(j, max(0.0, float(row["ci_low_j"]))),
+                    compensation_ci_high=max(j, float(row["ci_high_j"])), compensation_method="measured")
+    point = layer_costs_from_global(glob.coefficients(), numel, dtype).compensation_j
+    samples = [layer_costs_from_global(glob.coefficients(v), numel, dtype).compensation_j
+               for v in glob.bootstrap_coef_[:100]]
+    lo, hi = np.quantile(samples, [0.025, 0.975]) if samples else (point, point)
+    return dict(compensation_j=point, compensation_ci_low=min(point, float(lo)),
+                compensation_ci_high=max(point, float(hi)), compensation_method="predicted")
 
 
 def _standard_error(rows: pd.DataFrame) -> np.ndarray:

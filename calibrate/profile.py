@@ -1,11 +1,14 @@
 """Device profiles: the schema, YAML I/O and lookup by name.
 
-One YAML file per device (schema version 2). It records where its numbers came from (device,
+One YAML file per device (schema version 3). It records where its numbers came from (device,
 driver, host, torch and toolkit versions, the meter spec and its characteristics, the protocol
 settings, the date, the wall time), the global cost coefficients with 95 % intervals and fit
-quality, and per-layer tables for named models: keeping k entries of a layer in one step costs
-``fixed_j + joules_per_update * k + joules_per_line * lines`` (lines: 64-byte lines holding a kept
-entry), each with its interval, ``method: measured | predicted`` and fit quality. Every prediction
+quality, and per-layer tables for named models. Each layer carries both parts of a round:
+``compensation_j``, paid every round whatever the mask keeps (error feedback's dense add), and the
+masked update phase, which keeping k > 0 entries adds: ``fixed_j + joules_per_update * k +
+joules_per_line * lines`` (lines: 64-byte lines holding a kept entry), each with its interval,
+``method: measured | predicted`` and fit quality. Schema 2 charged the compensation to ``fixed_j``
+(as if the mask chose it) and is refused with the command that regenerates the profile. Every prediction
 goes through :mod:`energyprof.costmodel`.
 
 Loading validates the schema and names the wrong field. Writes are atomic and never replace an
@@ -50,7 +53,7 @@ __all__ = [
 ]
 
 PROFILE_PATH_ENV = "ENERGYPROF_PROFILE_PATH"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class ProfileError(EnergyprofError):
@@ -154,8 +157,9 @@ class Coefficients(_Strict):
 
 
 class LayerCost(_Strict):
-    """Cost of keeping k of the ``numel`` update entries of one parameter tensor in one step:
-    ``fixed_j`` (touching the layer at all) ``+ joules_per_update * k + joules_per_line * lines +
+    """Cost of one parameter tensor in one round: ``compensation_j`` every round whatever the mask
+    keeps (error feedback's ``residual += update``, replayed on its own); then, for keeping k > 0 of
+    its ``numel`` update entries, ``fixed_j`` (the sparse kernels' set-up) ``+ joules_per_update * k + joules_per_line * lines +
     joules_per_update_density * k^2 / numel``, where ``lines`` counts the tensor's 64-byte lines that
     hold a kept entry (see :mod:`energyprof.costmodel`). Intervals are 95 %."""
 
@@ -163,6 +167,10 @@ class LayerCost(_Strict):
     shape: list[int]
     dtype: str
     numel: int = Field(gt=0)
+    compensation_j: float = Field(ge=0, description="joules every round pays whatever the mask keeps")
+    compensation_ci_low: float
+    compensation_ci_high: float
+    compensation_method: Literal["measured", "predicted"] = "predicted"
     fixed_j: float = Field(ge=0)
     fixed_ci_low: float
     fixed_ci_high: float
@@ -191,6 +199,7 @@ class LayerCost(_Strict):
         if math.prod(self.shape) != self.numel:
             raise ValueError(f"numel {self.numel} is not the product of shape {self.shape}")
         for low, value, high, what in (
+            (self.compensation_ci_low, self.compensation_j, self.compensation_ci_high, "compensation_j"),
             (self.fixed_ci_low, self.fixed_j, self.fixed_ci_high, "fixed_j"),
             (self.ci_low, self.joules_per_update, self.ci_high, "joules_per_update"),
             (self.line_ci_low, self.joules_per_line, self.line_ci_high, "joules_per_line"),
@@ -204,7 +213,8 @@ class LayerCost(_Strict):
 
     def coefficients(self) -> LayerCoefficients:
         return LayerCoefficients(self.fixed_j, self.joules_per_update, self.joules_per_line,
-                                 self.joules_per_update_density, self.numel, _itemsize(self.dtype))
+                                 self.joules_per_update_density, self.numel, _itemsize(self.dtype),
+                                 self.compensation_j)
 
     def joules(self, kept: int, lines: int) -> float:
         """Predicted joules of keeping ``kept`` entries in ``lines`` lines (the cost model)."""
@@ -256,7 +266,7 @@ class ResidualBin(_Strict):
 
 
 class DeviceProfile(_Strict):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     simulated: bool
     provenance: Provenance
@@ -397,11 +407,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         raise ProfileError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION and isinstance(version, int):
-        raise ProfileError(
-            f"profile {path} has schema_version {version}; this energyprof reads schema_version "
-            f"{SCHEMA_VERSION} (per-layer fixed and marginal costs, the cost model's coefficients). "
-            "Recalibrate the device: energyprof calibrate --meter SPEC --model NAME --out PATH"
-        )
+        raise ProfileError(_old_schema_message(path, version, data))
     try:
         return DeviceProfile.model_validate(data)
     except ValidationError as exc:
@@ -468,3 +474,22 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str], overwrite
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _old_schema_message(path: Any, version: int, data: dict[str, Any]) -> str:
+    """Why an older profile is refused, with the command that regenerates it."""
+    why = {1: "it has no per-layer costs",
+           2: "it charges error feedback's compensation (paid every round on every tensor) to each layer's "
+              "fixed_j, as if the mask chose it"}.get(version, "its fields differ")
+    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    spec = prov.get("meter_spec") or "SPEC"
+    models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    model_args = " ".join(f"--model {m}" for m in models) or "--model NAME"
+    quick = " --quick" if "--quick" in str(prov.get("method", "")) else ""
+    shipped = Path(__file__).resolve().parent.parent / "profiles"
+    if Path(str(path)).resolve().parent == shipped:
+        command = "python -m calibrate.simulated profiles --force"
+    else:
+        command = f"energyprof calibrate --meter {spec} {model_args}{quick} --out {path} --force"
+    return (f"profile {path} has schema_version {version}; this energyprof reads schema_version {SCHEMA_VERSION} "
+            f"({why}). Regenerate it: {command}")

@@ -1,8 +1,11 @@
 """Cost maps: what keeping update entries costs, for every named tensor of one model on one device.
 
-Each tensor has a fixed cost (paid once when any of its entries is kept), a cost per kept entry
-and a cost per 64-byte line holding a kept entry (scattered writes are paid in whole lines). The
-energy of a mask is predicted by :func:`energyprof.costmodel.layer_joules` and nowhere else.
+A round's cost is split by who decides it. Each tensor's compensation (error feedback's dense
+``residual += update``, ``compensation_j``) is paid every round whatever its mask keeps: the round's
+floor (``floor_j``), never charged to a mask. A non-empty mask on a tensor adds its update phase: a
+fixed cost (the sparse kernels' set-up, paid once when any entry is kept), a cost per kept entry and
+a cost per 64-byte line holding a kept entry (scattered writes are paid in whole lines). The energy
+is predicted by :mod:`energyprof.costmodel` (``layer_joules``, ``round_joules``) and nowhere else.
 
 A device profile prices the layers it was calibrated on. A layer it lacks is an error by default,
 because a guessed cost silently changes which entries CWMP keeps; ``allow_predicted=True`` prices it
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cwmp.errors import CostMapError
-from energyprof.costmodel import expected_lines, layer_joules, lines_touched
+from energyprof.costmodel import RoundJoules, expected_lines, layer_joules, lines_touched, round_joules
 
 if TYPE_CHECKING:  # calibrate is imported only for the type; any object with the API works
     from calibrate.profile import DeviceProfile
@@ -49,8 +52,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 class LayerPrice:
     """What keeping entries of one tensor costs, and where the numbers came from: the profile's
     per-layer table ('measured' or 'predicted' there) or a prediction made here ('predicted').
-    ``fixed_j`` is paid once when any entry is kept, ``joules_per_update`` per kept entry and
-    ``joules_per_line`` per 64-byte line holding a kept entry (``itemsize`` bytes per entry)."""
+    ``compensation_j`` is paid every round whatever the mask keeps; ``fixed_j`` once when any entry
+    is kept, ``joules_per_update`` per kept entry and ``joules_per_line`` per 64-byte line holding a
+    kept entry (``itemsize`` bytes per entry)."""
 
     joules_per_update: float
     method: Literal["measured", "predicted"]
@@ -113,7 +117,7 @@ class CostMap:
                 if allow_predicted:
                     c = profile.predict_layer(tensor.numel(), dtype)
                     prices[name] = LayerPrice(c.joules_per_update, "predicted", c.fixed_j, c.joules_per_line,
-                                              c.itemsize, c.joules_per_update_density)
+                                              c.itemsize, c.joules_per_update_density, c.compensation_j)
                 else:
                     missing.append(name)
                 continue
@@ -124,7 +128,7 @@ class CostMap:
                     "calibrate this model as it is, or pass the tensors of the model the profile describes"
                 )
             prices[name] = LayerPrice(layer.joules_per_update, layer.method, layer.fixed_j, layer.joules_per_line,
-                                      tensor.element_size(), layer.joules_per_update_density)
+                                      tensor.element_size(), layer.joules_per_update_density, layer.compensation_j)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CostMapError(
@@ -212,8 +216,38 @@ class CostMap:
                 counts = torch.stack(counts).tolist()
         return {name: self.layer_joules(name, masks[name], kept=int(k)) for name, k in zip(names, counts)}
 
-    def predicted_joules(self, masks: Mapping[str, Tensor]) -> float:
+    def mask_joules(self, masks: Mapping[str, Tensor]) -> float:
+        """What the masks add to the round: their layers' update phases (the floor aside)."""
         return math.fsum(self.joules_by_layer(masks).values())
+
+    def round_joules(self, masks: Mapping[str, Tensor], *, by_layer: Mapping[str, float] | None = None,
+                     transmission_j: float = 0.0) -> RoundJoules:
+        """The whole round of a client that compensates every tensor of the map and keeps what
+        ``masks`` keep: the floor beside the masks' part (``by_layer``: the masks' joules by layer,
+        when the caller has them)."""
+        parts = self.joules_by_layer(masks) if by_layer is None else by_layer
+        return round_joules((self.compensation_j(n) for n in self.prices), parts.values(), transmission_j)
+
+    def uniform_mask_joules(self, ratio: float) -> float:
+        """What masks keeping ``ratio`` of every tensor's entries, at random positions, add to a round
+        (expected lines touched): a budget level that does not depend on any one update."""
+        if not 0 < ratio <= 1:
+            raise CostMapError(f"keep ratio must be in (0, 1], got {ratio!r}")
+        total = []
+        for name, price in self.prices.items():
+            n = self.numel.get(name, 0)
+            if n <= 0:
+                raise CostMapError(f"the cost map does not know how many entries {name!r} has; build it with "
+                                   "CostMap.from_profile")
+            k = max(1, round(ratio * n))
+            lines = round(expected_lines(k, n, price.itemsize)) if price.joules_per_line else 0
+            total.append(layer_joules(price.fixed_j, price.joules_per_update, price.joules_per_line, k, lines,
+                                      price.joules_per_update_density, n))
+        return math.fsum(total)
+
+    def predicted_joules(self, masks: Mapping[str, Tensor]) -> float:
+        """The whole round's joules (floor + the masks' part; ``round_joules`` has both)."""
+        return self.round_joules(masks).total_j
 
     def _source(self) -> str:
         label = f"profile {self.profile!r}, model {self.model!r}" if self.profile else "given directly"

@@ -236,6 +236,7 @@ def cmd_fl(args: argparse.Namespace) -> int:
         config = FLConfig(
             dataset=args.dataset, model=args.model, clients=args.clients, alpha=args.alpha, rounds=args.rounds,
             local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size, ratios=parse_ratios(args.ratios),
+            sweep=() if args.sweep.strip().lower() in ("", "none") else parse_ratios(args.sweep),
             seeds=seeds, profiles=tuple(p.strip() for p in args.profile.split(",") if p.strip()),
             min_partition=args.min_partition,
         )
@@ -246,7 +247,7 @@ def cmd_fl(args: argparse.Namespace) -> int:
     total = len(list(runs_of(config))) * config.rounds
     command = "energyprof fl " + " ".join(_shlex.quote(str(a)) for a in (
         "--dataset", args.dataset, "--model", args.model, "--clients", args.clients, "--alpha", args.alpha,
-        "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--ratios", args.ratios, "--seeds", args.seeds,
+        "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--ratios", args.ratios, "--sweep", args.sweep, "--seeds", args.seeds,
         "--profile", args.profile, "--engine", args.engine))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.2, help="client SGD learning rate (default: 0.2)")
     p.add_argument("--batch-size", type=int, default=32, help="client batch size (default: 32)")
     p.add_argument("--ratios", default="1%,5%,10%,20%", help="Top-K keep ratios, fractions or percents (default: 1%%,5%%,10%%,20%%)")
+    p.add_argument("--sweep", default="0.5%,40%",
+                   help="budget sweep: every method at fixed joules per round, the floor plus keeping this share of "
+                   "every tensor; 'none' for no sweep (default: 0.5%%,40%%)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--profile", default="sim-rpi4",
                    help="device profile name or YAML path; A,B,... assigns them to clients round-robin (default: sim-rpi4)")

@@ -18,18 +18,26 @@ and features times coefficients into joules. The split between memory levels is 
 of the working set: the share priced at the DRAM level is a logistic in log2(working set / cache
 size) whose width is ``transition_octaves`` (0 makes it a step at ``cache_bytes``).
 
-Per-layer costs. Keeping k of the n entries of one parameter tensor in one step (the masked update
-phase, :class:`energyprof.workloads.UpdatePhase`) costs
+Per-layer costs. What one round of one parameter tensor of n entries costs is split by who
+decides it (:func:`round_joules`):
+
+* the **compensation**, ``compensation_j``: error feedback's dense ``residual += update``
+  (:class:`energyprof.workloads.Compensation`), paid every round on every tensor whatever its mask
+  keeps. It is the round's floor: no mask can avoid it, so no mask is ever charged for it.
+* the **masked update phase** (:class:`energyprof.workloads.UpdatePhase`), added by a non-empty
+  mask: keeping k of the n entries costs
 
     fixed_j + joules_per_update * k + joules_per_line * lines + joules_per_update_density * k * k / n
 
-and nothing when k = 0 (:func:`layer_joules`). ``lines`` is the number of 64-byte lines of the
-tensor that hold a kept entry (scattered writes are paid in whole lines, so the cost per entry falls
-as density rises); the last term is what the data show beyond a straight line: the kept entries'
-send buffers grow the working set, which near the cache size moves traffic to DRAM as density
-rises. Those four numbers are measured per layer by the calibration, or derived from the global
-coefficients by :func:`layer_costs_from_global` (fitted to the cost model's own prediction of the
-update phase's counts at the calibration densities).
+  and nothing when k = 0 (:func:`layer_joules`). ``fixed_j`` is the sparse kernels' set-up.
+  ``lines`` is the number of 64-byte lines of the tensor that hold a kept entry (scattered writes
+  are paid in whole lines, so the cost per entry falls as density rises); the last term is what the
+  data show beyond a straight line: the kept entries' send buffers grow the working set, which near
+  the cache size moves traffic to DRAM as density rises.
+
+Those five numbers are measured per layer by the calibration (the compensation replayed on its own,
+not extrapolated from the update phase), or derived from the global coefficients by
+:func:`layer_costs_from_global`.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ __all__ = [
     "feature_matrix",
     "predict_joules",
     "layer_joules",
+    "RoundJoules",
+    "round_joules",
     "transmission_joules",
     "lines_touched",
     "expected_lines",
@@ -191,8 +201,8 @@ LAYER_DENSITIES = (0.001, 0.01, 0.1, 0.3, 1.0)  # where a layer's cost curve is 
 
 @dataclass(frozen=True)
 class LayerCoefficients:
-    """What keeping entries of one tensor of ``numel`` entries costs in one step (see the module
-    docstring): ``fixed_j`` once when any entry is kept, ``joules_per_update`` per kept entry,
+    """What one tensor of ``numel`` entries costs in one round (see the module docstring):
+    ``compensation_j`` every round whatever is kept; then ``fixed_j`` once when any entry is kept, ``joules_per_update`` per kept entry,
     ``joules_per_line`` per 64-byte line holding a kept entry, ``joules_per_update_density`` per kept
     entry and unit of density."""
 
@@ -202,6 +212,7 @@ class LayerCoefficients:
     joules_per_update_density: float = 0.0
     numel: int = 0
     itemsize: int = 4
+    compensation_j: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def joules(self, kept: int, lines: int) -> float:
@@ -221,6 +232,33 @@ def layer_joules(
         return 0.0
     quadratic = joules_per_update_density * kept * kept / numel if joules_per_update_density else 0.0
     return fixed_j + joules_per_update * kept + joules_per_line * lines + quadratic
+
+
+@dataclass(frozen=True)
+class RoundJoules:
+    """What one client's round of update work costs, split by who decides it: ``floor_j`` is paid
+    whatever the masks keep (the compensation of every tensor), ``mask_j`` is what the masks add
+    (their layers' update phases), ``transmission_j`` what sending the kept entries costs (0 when
+    the profile has no radio entry). ``total_j`` is the whole round."""
+
+    floor_j: float
+    mask_j: float
+    transmission_j: float = 0.0
+
+    @property
+    def total_j(self) -> float:
+        return math.fsum((self.floor_j, self.mask_j, self.transmission_j))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"total_j": self.total_j, "floor_j": self.floor_j, "mask_j": self.mask_j,
+                "transmission_j": self.transmission_j}
+
+
+def round_joules(compensation_j: Any, mask_j: Any, transmission_j: float = 0.0) -> RoundJoules:
+    """The whole round from its parts: the compensations of every tensor (iterable of joules), the
+    masked update phases of the tensors a mask keeps entries of (iterable of :func:`layer_joules`),
+    and the transmission."""
+    return RoundJoules(floor_j=math.fsum(compensation_j), mask_j=math.fsum(mask_j), transmission_j=float(transmission_j))
 
 
 def layer_design(kept: Any, lines: Any, numel: int) -> np.ndarray:
@@ -275,15 +313,16 @@ def expected_lines(kept: float, numel: int, itemsize: int) -> float:
 def layer_costs_from_global(
     coefficients: CostCoefficients, numel: int, dtype: str, densities: tuple[float, ...] = LAYER_DENSITIES
 ) -> LayerCoefficients:
-    """Per-layer costs predicted from the global coefficients: the cost model's prediction for the
-    update phase's own counts (:meth:`energyprof.workloads.UpdatePhase.counts_for`, random positions)
+    """Per-layer costs predicted from the global coefficients: the compensation's counts priced
+    directly, and the cost model's prediction for the update phase's own counts (:meth:`energyprof.workloads.UpdatePhase.counts_for`, random positions)
     at ``densities``, fitted with the per-layer model (non-negative least squares, relative error)."""
     from scipy.optimize import nnls
 
-    from energyprof.workloads import UpdatePhase, itemsize_of
+    from energyprof.workloads import Compensation, UpdatePhase, itemsize_of
 
     s = itemsize_of(dtype)
     fixed = predict_joules(UpdatePhase.counts_for(numel, 0, 0, s), coefficients)
+    compensation = predict_joules(Compensation.counts_for(numel, s), coefficients)
     kept = sorted({max(1, round(d * numel)) for d in densities})
     lines = [max(1, round(expected_lines(k, numel, s))) for k in kept]
     y = np.array([predict_joules(UpdatePhase.counts_for(numel, k, n, s), coefficients) for k, n in zip(kept, lines)])
@@ -295,5 +334,5 @@ def layer_costs_from_global(
     coef = coef / scale
     return LayerCoefficients(
         fixed_j=fixed, joules_per_update=float(coef[0]), joules_per_line=float(coef[1]),
-        joules_per_update_density=float(coef[2]), numel=int(numel), itemsize=s,
+        joules_per_update_density=float(coef[2]), numel=int(numel), itemsize=s, compensation_j=compensation,
     )

@@ -8,8 +8,10 @@ memory-write updates (the cost of keeping entries)
     ``runs``     write k kept entries as contiguous runs of ``run_length`` elements
     ``pack``     pack k entries into a send buffer: values, and positions as int32
     ``residual`` dense error-feedback residual update: accumulate the update, clear the k sent entries
-    ``update``   the whole masked update phase of one tensor (:class:`UpdatePhase`): what keeping
-                 k entries costs a client; the calibration and the validation measure it
+    ``update``   the masked update phase of one tensor (:class:`UpdatePhase`): what keeping
+                 k > 0 entries adds to a client's round; the calibration and the validation measure it
+    ``compensation`` error feedback's dense ``residual += update`` (:class:`Compensation`), paid every
+                 round on every tensor whatever the mask keeps
 compute updates (adjustable arithmetic intensity)
     ``sgd``, ``momentum``, ``adam`` (Adam-like), and ``fma``: ``fmas`` fused multiply-adds per
     element, as a (n / fmas, fmas) x (fmas, fmas) product (energy-roofline style intensity sweep)
@@ -47,6 +49,8 @@ __all__ = [
     "Pack",
     "Residual",
     "UpdatePhase",
+    "Compensation",
+    "RoundReplay",
     "itemsize_of",
     "scatter_layout",
     "PAGE_BYTES",
@@ -359,20 +363,47 @@ class Residual(_Kept):
                 **scatter_layout(self.tensors_["positions"], s)}
 
 
-class UpdatePhase(_Kept):
-    """The masked update phase of one parameter tensor: what a federated client runs after
-    backpropagation to keep k entries of its update. This is "keeping one update entry", defined
-    once: calibration measures it, validation re-measures it and the cost model prices its counts.
+class Compensation(TensorWorkload):
+    """Error feedback's compensation: ``residual += update`` over all n entries of one tensor. A
+    client runs it every round on every tensor, whatever its mask keeps (``ErrorFeedback.compensate``),
+    so it is the part of a round no mask decides: calibration replays it on its own and profiles
+    price it per layer as ``compensation_j``."""
 
-    1. error feedback: ``residual += update`` (dense; with the launches, the layer's fixed part)
-    2. pack the kept entries into the send buffer: ``send_values = residual[positions]`` and the
-       positions as int32
-    3. residual bookkeeping: ``residual[positions] = 0`` (scattered write)
-    4. apply the kept values: ``param[positions] += send_values`` (scattered read-modify-write)
+    name = "compensation"
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        return {"residual": self._randn(self.size), "update": self._randn(self.size)}
+
+    def __call__(self) -> None:
+        t = self.tensors_
+        t["residual"].add_(t["update"])
+
+    @classmethod
+    def counts_for(cls, n: int, s: int) -> WorkCounts:
+        """Counts of one call over a tensor of ``n`` entries of ``s`` bytes."""
+        return WorkCounts(elements=n, bytes_read=2 * n * s, bytes_written=n * s, flops=n,
+                          working_set_bytes=2 * n * s, launches=1)
+
+    def _counts(self, s: int) -> dict[str, int]:
+        c = self.counts_for(self.size, s)
+        return {k: v for k, v in c.to_dict().items() if k != "working_set_bytes"}
+
+
+class UpdatePhase(_Kept):
+    """The masked update phase of one parameter tensor: what a non-empty mask adds to a client's
+    round to keep k entries of its update (the compensation ``residual += update`` that every round
+    pays on every tensor is :class:`Compensation`, not part of it). This is "keeping update entries",
+    defined once: calibration measures it, validation re-measures it and the cost model prices its
+    counts. With k = 0 the client runs none of it.
+
+    1. pack the kept entries into the send buffer: ``send_values = residual[positions]`` and the
+       positions as int32 (its launches are the layer's fixed part)
+    2. residual bookkeeping: ``residual[positions] = 0`` (scattered write)
+    3. apply the kept values: ``param[positions] += send_values`` (scattered read-modify-write)
     """
 
     name = "update"
-    LAUNCHES = 5
+    LAUNCHES = 4
 
     def _allocate(self) -> dict[str, torch.Tensor]:
         if self.size > torch.iinfo(_SEND_INDEX).max:
@@ -381,14 +412,12 @@ class UpdatePhase(_Kept):
         return {
             "param": self._randn(self.size),
             "residual": self._randn(self.size),
-            "update": self._randn(self.size),
             "positions": positions,
             **self._send_buffers(positions.numel()),
         }
 
     def __call__(self) -> None:
         t = self.tensors_
-        t["residual"].add_(t["update"])
         torch.index_select(t["residual"], 0, t["positions"], out=t["send_values"])
         t["send_positions"].copy_(t["positions"])
         t["residual"].index_fill_(0, t["positions"], 0)
@@ -399,14 +428,14 @@ class UpdatePhase(_Kept):
         """Counts of one call over a tensor of ``n`` entries of ``s`` bytes that keeps ``k`` entries
         lying in ``lines`` distinct 64-byte lines, ``pages`` 4 KiB pages and ``runs`` runs of
         consecutive lines (both scattered ops write those lines; 0 pages and runs: not known)."""
-        # add_: r 2n w n f n | index_select: r 8k + ks, w ks | copy_: r 8k, w 4k
+        # index_select: r 8k + ks, w ks | copy_: r 8k, w 4k
         # index_fill_: r 8k, w ks (scattered) | index_add_: r 8k + 2ks, w ks (scattered), f k
         return WorkCounts(
             elements=k,
-            bytes_read=2 * n * s + 32 * k + 3 * k * s,
-            bytes_written=n * s + 3 * k * s + 4 * k,
-            flops=n + k,
-            working_set_bytes=3 * n * s + k * (8 + s + 4),
+            bytes_read=32 * k + 3 * k * s,
+            bytes_written=3 * k * s + 4 * k,
+            flops=k,
+            working_set_bytes=2 * n * s + k * (8 + s + 4),
             launches=cls.LAUNCHES,
             scattered_bytes_written=2 * k * s,
             lines_written=2 * lines,
@@ -552,7 +581,7 @@ class Fma(TensorWorkload):
 
 
 WORKLOADS: dict[str, type[TensorWorkload]] = {
-    cls.name: cls for cls in (Scatter, Runs, Pack, Residual, UpdatePhase, Sgd, Momentum, Adam, Fma)
+    cls.name: cls for cls in (Scatter, Runs, Pack, Residual, UpdatePhase, Compensation, Sgd, Momentum, Adam, Fma)
 }
 
 
@@ -614,6 +643,9 @@ class LayerReplay(Workload):
             positions = mask.flatten().nonzero().squeeze(1)
             w = _REPLAY_KERNELS[self.kernel](p.numel(), dtype=p.dtype, seed=self.seed + i, positions=positions)
             self.layers_[name] = w.setup(self.device_)
+        return self._sum_parts()
+
+    def _sum_parts(self) -> "LayerReplay":
         layers = list(self.layers_.values())
         self.count_parts_ = tuple(w.counts_ for w in layers)  # each tensor's work, priced on its own
         self.tensors_ = {f"{n}.{k}": t for n, w in self.layers_.items() for k, t in w.tensors_.items()}
@@ -626,6 +658,37 @@ class LayerReplay(Workload):
 
     def describe(self) -> dict[str, Any]:
         return {"workload": self.name, "kernel": self.kernel, "layers": len(self.masks)}
+
+
+class RoundReplay(LayerReplay):
+    """Replay a client's whole round of update work on a ``torch.nn.Module``: the compensation
+    (:class:`Compensation`, ``residual += update``) on every parameter tensor, paid whatever the
+    masks keep, then the masked update phase (:class:`UpdatePhase`) of every tensor whose mask
+    keeps an entry. ``layers_`` holds the compensations under ``"<name>#compensation"`` and the
+    update phases under the tensor's name; ``count_parts_`` prices each on its own."""
+
+    name = "round"
+
+    def __init__(self, module: torch.nn.Module, masks: Mapping[str, torch.Tensor], seed: int = 0) -> None:
+        super().__init__(module, masks, kernel="update", seed=seed)
+
+    def setup(self, device: str | torch.device = "cpu") -> "RoundReplay":
+        kept = {n: m for n, m in self.masks.items() if bool(m.any())}
+        masks, self.masks = self.masks, kept
+        try:
+            super().setup(device)
+        finally:
+            self.masks = masks
+        updates = self.layers_
+        self.layers_ = {}
+        for i, (name, p) in enumerate(self.module.named_parameters()):
+            self.layers_[f"{name}#compensation"] = Compensation(p.numel(), dtype=p.dtype, seed=self.seed + 7919 + i).setup(self.device_)
+        self.layers_.update(updates)
+        return self._sum_parts()
+
+    def describe(self) -> dict[str, Any]:
+        return {"workload": self.name, "tensors": sum(1 for _ in self.module.parameters()),
+                "layers_kept": sum(1 for m in self.masks.values() if bool(m.any()))}
 
 
 # ---------------------------------------------------------------------------- simulator stand-in

@@ -25,7 +25,7 @@ from calibrate.profile import ProfileError, load_profile
 from energyprof.costmodel import layer_costs_from_global, lines_touched
 from energyprof.meters.sim import PRESETS
 from energyprof.models import build_model
-from energyprof.workloads import UpdatePhase, scatter_layout
+from energyprof.workloads import Compensation, UpdatePhase, scatter_layout
 
 
 def true_joules(numel: int, positions: torch.Tensor, temperature: float = 0.0) -> float:
@@ -90,7 +90,7 @@ def test_profile_validates_and_is_labelled_simulated(calibrated):
     assert profile.simulated and profile.provenance.meter.backend == "sim"
     assert profile.provenance.meter_spec.startswith(SPEC) and profile.provenance.wall_time_s > 0
     assert profile.provenance.torch_version == torch.__version__
-    assert profile.schema_version == 2 and "SIMULATED" in profile.provenance.method
+    assert profile.schema_version == 3 and "SIMULATED" in profile.provenance.method
     layers = profile.layer_costs("cnn")
     assert set(layers) == {n for n, _ in build_model("cnn").named_parameters()}
     for layer in layers.values():  # never 0, every layer priced
@@ -133,6 +133,31 @@ def test_predictions_for_replays_agree_with_the_truth(calibrated):
     # per launch: small layers, mostly launches, are where the model misses (docs/simulator.md)
     assert max(errors) < 0.15
     assert sum(errors) / len(errors) < 0.08
+
+
+def test_the_compensation_is_measured_on_its_own_and_never_charged_to_a_mask(calibrated):
+    """Issue 21: error feedback's dense add runs every round on every tensor whatever the mask keeps,
+    so calibration replays it on its own (one measurement per measured layer), the profile carries
+    it as compensation_j, and the masked update phase no longer contains it: keeping nothing costs
+    nothing beyond the floor, and a large layer's set-up is a few launches, not a pass over it."""
+    after = calibrated["after"]
+    comp = after[after.kind == "compensation"]
+    profile = load_profile(calibrated["out"])
+    layers = profile.layer_costs("cnn")
+    measured = [layer for layer in layers.values() if layer.compensation_method == "measured"]
+    assert len(comp) >= 1 and len(measured) >= len(comp)
+    device = PRESETS["rpi4"].device  # the simulated device's truth, at the run's mean temperature
+    fc1 = layers["fc1.weight"]
+    assert fc1.compensation_method == "measured"
+    true_comp = device.price(Compensation.counts_for(fc1.numel, 4), 0.5)
+    assert fc1.compensation_j == pytest.approx(true_comp, rel=0.05)
+    # the old schema charged the add to fixed_j (98 % of it for fc1); the set-up is now far below the add
+    true_setup = device.price(UpdatePhase.counts_for(fc1.numel, 1, 1, 4), 0.5)
+    assert fc1.fixed_j < 0.05 * fc1.compensation_j and true_setup < 0.05 * true_comp
+    assert fc1.joules(0, 0) == 0.0
+    for layer in layers.values():
+        assert layer.compensation_ci_low <= layer.compensation_j <= layer.compensation_ci_high
+        assert layer.compensation_j > 0
 
 
 def test_a_second_run_without_force_refuses_and_leaves_the_file_unchanged(calibrated):
@@ -192,6 +217,18 @@ def test_an_old_schema_says_how_to_recalibrate(tmp_path):
     old.write_text("schema_version: 1\nname: old\n")
     with pytest.raises(ProfileError, match="schema_version 1.*energyprof calibrate"):
         load_profile(old)
+
+
+def test_a_schema_2_profile_is_refused_with_the_command_that_regenerates_it(tmp_path):
+    """Schema 2 charged the compensation to fixed_j: refused, with its own meter and models in the command."""
+    old = tmp_path / "dev.yaml"
+    old.write_text("schema_version: 2\nname: dev\nprovenance:\n  meter_spec: nvml:index=0\n"
+                   "  method: energyprof calibrate --quick\nmodels:\n  cnn: {}\n  mlp: {}\n")
+    with pytest.raises(ProfileError) as exc:
+        load_profile(old)
+    msg = str(exc.value)
+    assert "schema_version 2" in msg and "compensation" in msg
+    assert f"energyprof calibrate --meter nvml:index=0 --model cnn --model mlp --quick --out {old} --force" in msg
 
 
 def test_a_meter_failing_mid_run_keeps_what_was_measured(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import energyprof.costmodel as cm
 from calibrate.fit import GlobalCostFit, LayerCostFit
 from energyprof.counts import WorkCounts
-from energyprof.workloads import UpdatePhase, make_workload
+from energyprof.workloads import Compensation, UpdatePhase, make_workload
 
 
 @given(ws=st.floats(1, 1e12), cache=st.floats(1e3, 1e9), width=st.floats(0, 4))
@@ -78,15 +78,28 @@ COEFFICIENTS = {
 @pytest.mark.parametrize("numel", [10, 4096, 65536, 1 << 20, 2359296, 1 << 24])
 def test_per_layer_costs_from_global_price_the_update_phase_like_the_cost_model(preset, numel):
     """The per-layer curve (fixed + per entry + per line + density term) follows the cost model's
-    price of the update phase from 0.01 % to 100 % density, through the cache-to-DRAM transition."""
+    price of the update phase from 0.01 % to 100 % density, through the cache-to-DRAM transition;
+    the compensation every round pays is priced from its own counts, exactly. Within 5 %: without
+    the dense add (now the compensation) the update phase is small, and the transition is a logistic
+    the per-layer curve only approximates (worst: rpi4 at 65536 entries, 60 % density, -4.5 %;
+    elsewhere under 2 %)."""
     truth = COEFFICIENTS[preset]
     layer = cm.layer_costs_from_global(truth, numel, "float32")
     assert layer.joules(0, 0) == 0.0
+    assert layer.compensation_j == cm.predict_joules(Compensation.counts_for(numel, 4), truth)
     for d in (0.0001, 0.003, 0.02, 0.1, 0.3, 0.6, 1.0):
         k = max(1, round(d * numel))
         lines = max(1, round(cm.expected_lines(k, numel, 4)))
         direct = cm.predict_joules(UpdatePhase.counts_for(numel, k, lines, 4), truth)
-        assert layer.joules(k, lines) == pytest.approx(direct, rel=0.025)
+        assert layer.joules(k, lines) == pytest.approx(direct, rel=0.05)
+
+
+def test_round_joules_split_by_who_decides():
+    """The floor (compensations) is paid with an empty mask; the masks' part adds to it."""
+    r = cm.round_joules([1.0, 2.0], [], 0.0)
+    assert (r.floor_j, r.mask_j, r.total_j) == (3.0, 0.0, 3.0)
+    r = cm.round_joules([1.0, 2.0], [0.5], 0.25)
+    assert r.total_j == 3.75 and r.to_dict()["mask_j"] == 0.5
 
 
 def test_without_the_density_term_the_curve_misses_near_the_cache_size():

@@ -29,7 +29,7 @@ from cwmp.apps.federated.experiment import (
 from cwmp.costmap import CostMap
 from energyprof.cli import _FL_DEFAULT_ROUNDS, main
 
-TINY = dict(model="mlp", clients=3, rounds=2, seeds=(0, 1), ratios=(0.05,), lr=0.1)
+TINY = dict(model="mlp", clients=3, rounds=2, seeds=(0, 1), ratios=(0.05,), lr=0.1, sweep=())
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,18 @@ def test_sweep_and_ratios():
     for bad in ("5", "0", "x%", ""):
         with pytest.raises(ValueError, match="keep ratio|no keep ratios"):
             parse_ratios(bad)
-    arms = arms_of(FLConfig(ratios=(0.01, 0.1)))
+    arms = arms_of(FLConfig(ratios=(0.01, 0.1), sweep=()))
     assert [(a.method, a.ratio, a.power) for a in arms] == [
         ("topk", 0.01, None), ("cwmp", 0.01, 1.0), ("cwmp", 0.01, 2.0),
         ("topk", 0.1, None), ("cwmp", 0.1, 1.0), ("cwmp", 0.1, 2.0),
     ]
+    # the budget sweep: every method again at fixed joules per round, after the ratios
+    arms = arms_of(FLConfig(ratios=(0.01,), sweep=(0.005, 0.4)))
+    assert [(a.method, a.ratio, a.power, a.fixed) for a in arms[3:]] == [
+        ("topk", 0.005, None, True), ("cwmp", 0.005, 1.0, True), ("cwmp", 0.005, 2.0, True),
+        ("topk", 0.4, None, True), ("cwmp", 0.4, 1.0, True), ("cwmp", 0.4, 2.0, True),
+    ]
+    assert len({a.tag() for a in arms}) == len(arms)
     config = FLConfig(profiles=("sim-rpi4", "sim-h100"), clients=5)
     assert [config.profile_of(i) for i in range(5)] == ["sim-rpi4", "sim-h100"] * 2 + ["sim-rpi4"]
     with pytest.raises(ValueError, match="--alpha must be > 0.*--seeds repeats"):
@@ -91,11 +98,18 @@ def test_client_energy_is_the_cost_map_plus_the_radio_datasheet_figure(digits):
     cmap = CostMap.from_profile(profile, "mlp", model.named_parameters(), allow_predicted=True)
     masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.1 for n, p in model.named_parameters()}
     e = client_energy(cmap, profile, masks, bytes_sent=1000)
-    assert e.update_j == cmap.predicted_joules(masks) and e.radio_j == 0.0
+    assert e.joules == pytest.approx(cmap.predicted_joules(masks)) and e.radio_j == 0.0
+    # the whole round: every tensor's compensation (the floor) beside what the masks add
+    assert e.floor_j == pytest.approx(sum(cmap.compensation_j(n) for n in cmap.prices)) and e.floor_j > 0
+    assert e.mask_j == pytest.approx(cmap.mask_joules(masks)) and e.mask_j > 0
     radio = profile.model_copy(update={"radio": Radio(joules_per_byte=5e-8, source="datasheet: test figure")})
     e2 = client_energy(cmap, radio, masks, bytes_sent=1000)
-    assert e2.radio_j == pytest.approx(5e-5) and e2.joules == pytest.approx(e.update_j + 5e-5)
+    assert e2.radio_j == pytest.approx(5e-5) and e2.joules == pytest.approx(e.joules + 5e-5)
     assert e2.kept == sum(int(m.sum()) for m in masks.values())
+    # an empty mask still pays the floor: the compensation runs every round whatever is kept
+    empty = client_energy(cmap, profile, {n: torch.zeros_like(m) for n, m in masks.items()}, bytes_sent=0)
+    assert empty.mask_j == 0.0 and empty.joules == pytest.approx(e.floor_j)
+    assert set(empty.kept_by_layer) == set(masks) and not any(empty.kept_by_layer.values())
 
 
 def test_local_engine_is_deterministic_and_fair(digits):
@@ -120,6 +134,35 @@ def test_local_engine_is_deterministic_and_fair(digits):
                     assert r.round_energy_j <= topk[r.round].round_energy_j * 3  # same order of energy
         assert abs(topk[config.rounds].kept_fraction - 0.05) < 0.001
         assert topk[config.rounds].accuracy > topk[0].accuracy  # it learns
+    # every round pays every client's floor (the compensation of every tensor), whatever is kept
+    fleet = Fleet(config, build_model_for(config, digits, 0))
+    floor = config.clients * fleet.cost_map(0).floor_j()
+    for r in a:
+        if r.round:
+            assert r.floor_energy_j == pytest.approx(floor) and r.mask_energy_j > 0
+            assert r.round_energy_j == pytest.approx(r.floor_energy_j + r.mask_energy_j + r.radio_energy_j)
+            # per-layer telemetry adds up to what was kept
+            assert sum(r.kept_by_layer.values()) / (config.clients * sum(r.numel_by_layer.values())) == \
+                pytest.approx(r.kept_fraction)
+            assert all(0 <= r.opened_by_layer[n] <= config.clients for n in r.numel_by_layer)
+
+
+def test_the_budget_sweep_gives_every_method_the_same_fixed_joules(digits):
+    """A fixed-budget arm: each client's round costs at most the floor plus what keeping that share of
+    every tensor would add, the same for every method and every round."""
+    from cwmp.apps.federated.experiment import budget_sweep_j
+
+    config = FLConfig(model="mlp", clients=2, rounds=2, seeds=(0,), ratios=(0.05,), powers=(2.0,), lr=0.1,
+                      sweep=(0.02,))
+    records = run_local(config, digits)
+    fleet = Fleet(config, build_model_for(config, digits, 0))
+    budget = budget_sweep_j(fleet.cost_map(0), 0.02)
+    assert budget > fleet.cost_map(0).floor_j()
+    fixed = [r for r in records if r.fixed and r.round]
+    assert {r.method for r in fixed} == {"topk", "cwmp"}
+    for r in fixed:
+        assert max(r.client_energy_j) <= budget * (1 + 1e-9)
+        assert max(r.client_energy_j) > 0.5 * budget  # the budget is spent, not left over
 
 
 def test_a_heterogeneous_fleet_prices_each_client_on_its_own_profile(digits):
@@ -139,7 +182,7 @@ def test_a_heterogeneous_fleet_prices_each_client_on_its_own_profile(digits):
 def test_cli_writes_csv_plot_and_summary_labelled_simulated(tmp_path, capsys):
     out = tmp_path / "fl"
     rc = main(["fl", "--model", "mlp", "--clients", "3", "--rounds", "2", "--seeds", "0,1", "--ratios", "5%",
-               "--lr", "0.1", "--out", str(out), "--json"])
+               "--sweep", "30%", "--lr", "0.1", "--out", str(out), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["simulated"] is True and "SIMULATED" in summary["energy_label"]
@@ -151,11 +194,21 @@ def test_cli_writes_csv_plot_and_summary_labelled_simulated(tmp_path, capsys):
         block["methods"][1]["energy_to_topk_accuracy_j"] > 0
     csv_text = (out / "rounds.csv").read_text().splitlines()
     assert csv_text[0].startswith("# SIMULATED")
-    assert csv_text[1].startswith("method,p,ratio,seed,round")
-    assert len(csv_text) == 2 + 2 * 3 * 3 and all(line.endswith("SIMULATED") for line in csv_text[2:])
+    assert csv_text[1].startswith("method,p,ratio,fixed_budget,seed,round,round_energy_j,floor_energy_j,mask_energy_j")
+    assert len(csv_text) == 2 + 2 * 6 * 3 and all(line.endswith("SIMULATED") for line in csv_text[2:])
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "summary.md").read_text()
     assert "SIMULATED" in md.splitlines()[0] and "| 5% | CWMP p=2 |" in md
+    # frontiers over the ratios and the sweep, where the joules go, which layers each method opens
+    assert len(summary["frontier"]["points"]) == 6 and summary["frontier"]["rows"]
+    assert all(row["ahead"] for row in summary["frontier"]["rows"])
+    for e in summary["energy_split"]:
+        assert e["floor_share"] + e["mask_share"] + e["radio_share"] == pytest.approx(1.0)
+        assert 0 < e["floor_share"] < 1
+    names = {n for n, _ in build_model_for(FLConfig(model="mlp"), load_dataset("digits"), 0).named_parameters()}
+    assert {t["layer"] for t in summary["layers"]} == names
+    assert "Per-layer telemetry" in md and "Where a client's round goes" in md and "Frontiers" in md
+    assert (out / "layers.csv").read_text().startswith("# SIMULATED")
 
 
 def test_cli_bad_input_names_the_problem(tmp_path, capsys):

@@ -20,10 +20,10 @@ ACCURACY_TOLERANCE = 2 / 360
 def test_flower_engine_matches_the_local_engine():
     from cwmp.apps.federated.flower_app import run_flower
 
-    config = FLConfig(model="mlp", clients=2, rounds=2, seeds=(0,), ratios=(0.05,), powers=(1.0,), lr=0.1)
+    config = FLConfig(model="mlp", clients=2, rounds=2, seeds=(0,), ratios=(0.05,), powers=(1.0,), lr=0.1, sweep=(0.3,))
     local = run_local(config, load_dataset("digits"))
     flower = run_flower(config, num_cpus=2)
-    key = lambda r: (r.method, r.p, r.seed, r.round)  # noqa: E731
+    key = lambda r: (r.method, r.p, r.fixed, r.seed, r.round)  # noqa: E731
     assert sorted(map(key, local)) == sorted(map(key, flower))
     by_key = {key(r): r for r in local}
     for r in flower:
@@ -31,4 +31,6 @@ def test_flower_engine_matches_the_local_engine():
         assert r.accuracy == pytest.approx(ref.accuracy, abs=ACCURACY_TOLERANCE), key(r)
         assert r.cumulative_energy_j == pytest.approx(ref.cumulative_energy_j, rel=1e-9), key(r)
         assert r.bytes_sent == ref.bytes_sent
+        assert r.floor_energy_j == pytest.approx(ref.floor_energy_j, rel=1e-9)
+        assert r.opened_by_layer == ref.opened_by_layer
         assert r.simulated is True

@@ -97,12 +97,12 @@ def test_user_path_env_wins(tmp_path, monkeypatch):
 def test_layer_table_checks_and_prediction():
     base = shipped("sim-h100")
     with pytest.raises(ValueError, match="numel 10 is not the product"):
-        LayerCost(name="w", shape=[10, 64], dtype="float32", numel=10, fixed_j=0, fixed_ci_low=0, fixed_ci_high=0,
+        LayerCost(name="w", shape=[10, 64], dtype="float32", numel=10, compensation_j=0, compensation_ci_low=0, compensation_ci_high=0, fixed_j=0, fixed_ci_low=0, fixed_ci_high=0,
                   joules_per_update=1e-9, ci_low=1e-9, ci_high=1e-9, method="measured")
     with pytest.raises(ValueError, match="interval of joules_per_update must contain it"):
-        LayerCost(name="w", shape=[10, 64], dtype="float32", numel=640, fixed_j=0, fixed_ci_low=0, fixed_ci_high=0,
+        LayerCost(name="w", shape=[10, 64], dtype="float32", numel=640, compensation_j=0, compensation_ci_low=0, compensation_ci_high=0, fixed_j=0, fixed_ci_low=0, fixed_ci_high=0,
                   joules_per_update=1e-9, ci_low=2e-9, ci_high=3e-9, method="measured")
-    layer = LayerCost(name="fc.weight", shape=[10, 64], dtype="float32", numel=640, fixed_j=1e-6, fixed_ci_low=1e-6,
+    layer = LayerCost(name="fc.weight", shape=[10, 64], dtype="float32", numel=640, compensation_j=2e-6, compensation_ci_low=2e-6, compensation_ci_high=2e-6, fixed_j=1e-6, fixed_ci_low=1e-6,
                       fixed_ci_high=1e-6, joules_per_update=1e-9, ci_low=0.9e-9, ci_high=1.1e-9, method="measured")
     p = base.model_copy(update={"models": {"mlp": ModelCosts(layers=[layer])}})
     assert p.layer_costs("mlp")["fc.weight"].numel == 640

@@ -17,7 +17,9 @@ from energyprof.workloads import (
     DTYPES,
     SIZES,
     WORKLOADS,
+    Compensation,
     LayerReplay,
+    RoundReplay,
     SimKernel,
     make_workload,
 )
@@ -178,11 +180,13 @@ def test_kept_writes_land_exactly_on_the_kept_entries(name, dtype):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_update_phase_sends_the_compensated_entries_clears_them_and_applies_them(dtype):
+    """The masked update phase a non-empty mask adds: pack, clear, apply; never the dense add."""
     w = build("update", dtype, density=0.02)
     t = {k: v.clone() for k, v in w.tensors_.items()}
     w()
     after, p = w.tensors_, t["positions"]
-    compensated = t["residual"] + t["update"]
+    assert "update" not in after  # the compensation is not part of the update phase (issue 21)
+    compensated = t["residual"]  # compensated already: the round's Compensation ran before
     assert torch.equal(after["send_values"], compensated[p])
     assert torch.equal(after["send_positions"].long(), p)
     kept = torch.zeros(w.size, dtype=torch.bool)
@@ -210,6 +214,7 @@ def test_pack_fills_the_send_buffer_with_the_kept_values_and_positions(dtype):
 
 
 UPDATED = {"scatter": "target", "runs": "target", "pack": "send_values", "residual": "residual", "update": "param",
+           "compensation": "residual",
            "sgd": "param", "momentum": "param", "adam": "param", "fma": "y"}
 BIG_STEP = {"sgd": {"lr": 0.5}, "momentum": {"lr": 0.5}, "adam": {"lr": 0.5}}  # changes visible in float32
 
@@ -317,6 +322,31 @@ def test_layer_replay_updates_each_parameter_with_its_mask(kernel):
         assert total.elements == sum(int(m.sum()) for m in masks.values())
     for n, p in model.named_parameters():  # the model itself is never touched
         assert torch.equal(p, before[n])
+
+
+def test_compensation_is_the_dense_add_error_feedback_runs_every_round():
+    w = build("compensation")
+    t = {k: v.clone() for k, v in w.tensors_.items()}
+    w()
+    assert torch.equal(w.tensors_["residual"], t["residual"] + t["update"])
+    assert w.counts_.elements == N and w.counts_.launches == 1 and w.counts_.lines_written == 0
+
+
+def test_round_replay_compensates_every_tensor_and_updates_only_the_kept_ones():
+    """A round: the compensation of every tensor (kept or not), then the update phase of the tensors
+    a mask keeps entries of; its counts are the traced ops'."""
+    model = small_model()
+    gen = torch.Generator().manual_seed(2)
+    masks = {n: torch.rand(p.shape, generator=gen) < 0.2 for n, p in model.named_parameters()}
+    masks["3.bias"][:] = False  # not opened: compensated, nothing else
+    replay = RoundReplay(model, masks).setup("cpu")
+    names = [n for n, _ in model.named_parameters()]
+    assert list(replay.layers_) == [f"{n}#compensation" for n in names] + [n for n in names if n != "3.bias"]
+    assert isinstance(replay.layers_["3.bias#compensation"], Compensation)
+    rec = trace(replay)
+    total = replay.counts_
+    assert (rec.read, rec.written, rec.launches) == (total.bytes_read, total.bytes_written, total.launches)
+    assert len(replay.count_parts_) == len(replay.layers_)
 
 
 def test_layer_replay_rejects_unknown_names_and_wrong_shapes():

@@ -72,10 +72,12 @@ def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: fl
     for method in ("topk", "cwmp"):
         res = Pruner(costs, Budget.topk_keep_ratio(keep_ratio), method=method).masks(update)
         kept_sq = math.fsum(float((update[n].double()[m] ** 2).sum()) for n, m in res.masks.items())
-        results[method] = {"kept": res.kept, "predicted_j": res.predicted_j, "budget_j": res.budget_j,
-                           "norm_kept": kept_sq / total_sq,
+        parts = costs.round_joules(res.masks, by_layer=res.joules_by_layer)
+        results[method] = {"kept": res.kept, "predicted_j": parts.total_j, "floor_j": parts.floor_j,
+                           "mask_j": parts.mask_j, "budget_j": res.budget_j, "norm_kept": kept_sq / total_sq,
                            "kept_by_layer": {n: int(m.sum()) for n, m in res.masks.items()}}
-        say(f"  {method:<5} kept {res.kept:>7} entries, predicted {res.predicted_j:.4e} J of {res.budget_j:.4e} J, "
+        say(f"  {method:<5} kept {res.kept:>7} entries, a round of {parts.total_j:.4e} J: the floor "
+            f"{parts.floor_j:.4e} J (compensation, whatever is kept) + the mask's {parts.mask_j:.4e} J; "
             f"{kept_sq / total_sq:.1%} of the update's squared norm{tag}")
     say(f"\nprofile:  {profile_path}\nreport:   {result.report}  (summary.md, CSV, plots)")
     return {"meter": spec, "simulated": profile.simulated, "profile": str(profile_path),

@@ -62,7 +62,7 @@ def measure_layers(module: Any, masks: list[dict[str, Any]], cost_map: Any, mete
             replay = LayerReplay(module, {name: mask}, kernel="update", seed=seed).setup(dev)
             run = meter.simulate(replay) if hasattr(meter, "simulate") else replay
             result = protocol.measure(run, meter, idle=idle)
-            predicted = cost_map.predicted_joules({name: mask})
+            predicted = cost_map.mask_joules({name: mask})  # the layer's update phase (the floor aside)
             counts = replay.counts_
             measured = result.joules_per_call
             row = {"mask": m["mask"], "ratio": m["ratio"], "layer": name, "layer_numel": mask.numel(),

@@ -7,10 +7,11 @@ For a device profile, a model and a meter:
    (Student t, 2 degrees of freedom) when asked or when the model's input shape is unknown;
 2. the masks the pruner really makes: Top-K at each keep ratio, and CWMP with p = 1 and p = 2 at
    the energy Top-K spends at that ratio on the same update;
-3. each mask's masked update phase (the replay the calibration measured,
-   :class:`energyprof.workloads.UpdatePhase`, for every tensor with a kept entry) measured through
-   the measurement protocol;
-4. prediction (profile -> cost map -> :mod:`energyprof.costmodel`) against measurement, with its
+3. each mask's whole round (:class:`energyprof.workloads.RoundReplay`: the compensation every round
+   pays on every tensor, then the masked update phase of every tensor with a kept entry, the replays
+   the calibration measured) measured through the measurement protocol;
+4. prediction (profile -> cost map -> :mod:`energyprof.costmodel`, the round's floor beside the
+   masks' part) against measurement, with its
    interval; on the simulator, the simulator's truth as a third column, so that model error and
    measurement error are told apart.
 
@@ -127,7 +128,7 @@ def validate(
     from energyprof.meters import open_meter
     from energyprof.models import resolve_model
     from energyprof.protocol import MeasurementProtocol
-    from energyprof.workloads import LayerReplay
+    from energyprof.workloads import RoundReplay
 
     profile = load_profile(profile_ref)
     module = resolve_model(model, seed=seed)
@@ -154,14 +155,15 @@ def validate(
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("measuring masks", total=len(masks))
             for m in masks:
-                kept_masks = {n: mk for n, mk in m["masks"].items() if bool(mk.any())}
-                replay = LayerReplay(module, kept_masks, kernel="update", seed=seed).setup(dev)
+                replay = RoundReplay(module, m["masks"], seed=seed).setup(dev)
                 run = meter.simulate(replay) if hasattr(meter, "simulate") else replay
                 result = protocol.measure(run, meter, idle=idle)
-                predicted = cost_map.predicted_joules(m["masks"])
+                parts = cost_map.round_joules(m["masks"])
+                predicted = parts.total_j
                 row = {"mask": m["mask"], "method": m["method"], "p": m["p"], "ratio": m["ratio"],
-                       "kept": m["kept"], "layers_touched": len(kept_masks), "budget_j": m["budget_j"],
-                       "predicted_j": predicted, "measured_j": result.joules_per_call,
+                       "kept": m["kept"], "layers_touched": sum(1 for mk in m["masks"].values() if bool(mk.any())),
+                       "budget_j": m["budget_j"], "predicted_j": predicted, "predicted_floor_j": parts.floor_j,
+                       "predicted_mask_j": parts.mask_j, "measured_j": result.joules_per_call,
                        "ci_low_j": result.ci_low_j, "ci_high_j": result.ci_high_j,
                        "error": (predicted - result.joules_per_call) / result.joules_per_call,
                        "calls": result.calls, "simulated": info.simulated, "backend": info.backend}
@@ -190,6 +192,9 @@ def validate(
         "model": model, "meter": spec, "device": str(dev), "updates": update_kind,
         "predicted_layers": cost_map.predicted_layers, "warnings": warnings,
         "bias_features": [f["feature"] for f in bias], "layers_measured": len(layers),
+        "floor_j": float(table["predicted_floor_j"].iloc[0]),
+        "mask_share_min": float((table["predicted_mask_j"] / table["predicted_j"]).min()),
+        "mask_share_max": float((table["predicted_mask_j"] / table["predicted_j"]).max()),
     }
     if len(layers):
         summary["layer_mape"] = float(layers["residual"].abs().mean())
@@ -221,16 +226,21 @@ def console_table(result: ValidationResult) -> str:
     t, s = result.table, result.summary
     tag = "  [SIMULATED]" if s["simulated"] else ""
     truth = "truth_j" in t
-    head = f"{'mask':<9} {'ratio':>6} {'kept':>9} {'predicted J':>12} {'measured J (95 % CI)':>34} {'error':>7}"
-    lines = [f"predicted vs measured joules per update phase{tag}", head + (f" {'truth J':>11} {'model err':>9}" if truth else "")]
+    head = (f"{'mask':<9} {'ratio':>6} {'kept':>9} {'mask J':>11} {'predicted J':>12} {'measured J (95 % CI)':>34} "
+            f"{'error':>7}")
+    lines = [f"predicted vs measured joules per round (compensation of every tensor + masked update phase){tag}",
+             head + (f" {'truth J':>11} {'model err':>9}" if truth else "")]
     for _, r in t.iterrows():
-        line = (f"{r['mask']:<9} {r['ratio']:>6.3g} {int(r['kept']):>9} {r['predicted_j']:>12.4e} "
+        line = (f"{r['mask']:<9} {r['ratio']:>6.3g} {int(r['kept']):>9} {r['predicted_mask_j']:>11.4e} "
+                f"{r['predicted_j']:>12.4e} "
                 f"{r['measured_j']:>11.4e} ({r['ci_low_j']:.3e}..{r['ci_high_j']:.3e}) {r['error']:>+7.2%}")
         if truth:
             line += f" {r['truth_j']:>11.4e} {r['model_error']:>+9.2%}"
         lines.append(line)
     lines.append(f"MAPE {s['mape']:.2%} over {s['n']} masks, worst {s['worst']:.2%} ({s['worst_mask']}), "
                  f"bias {s['bias']:+.2%}{tag}")
+    lines.append(f"each round pays a floor of {s['floor_j']:.4e} J whatever the mask keeps (compensation of every "
+                 f"tensor); the masks add {s['mask_share_min']:.1%} to {s['mask_share_max']:.1%} of the round{tag}")
     if truth:
         lines.append(f"against the simulator's truth: model MAPE {s['model_mape']:.2%}, "
                      f"measurement MAPE {s['measurement_mape']:.2%}{tag}")
@@ -269,8 +279,8 @@ def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
             ax.errorbar(sub.predicted_j, sub.measured_j, yerr=yerr, fmt=marker, color=color, label=label, ms=6)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("predicted J per update phase (profile + cost model)")
-    ax.set_ylabel("measured J per update phase (protocol, 95 % CI)")
+    ax.set_xlabel("predicted J per round (profile + cost model)")
+    ax.set_ylabel("measured J per round (protocol, 95 % CI)")
     ax.set_title(f"{s['model']} on {profile.name}: MAPE {s['mape']:.2%}{tag}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -336,13 +346,14 @@ def write_report(result: ValidationResult, folder: Path, profile: Any) -> Path:
 
 
 def doubled(profile: Any) -> Any:
-    """A copy of ``profile`` with every layer's fixed and marginal costs doubled (a wrong profile,
+    """A copy of ``profile`` with every layer's compensation, fixed and marginal costs doubled (a wrong profile,
     for checking that validation catches one)."""
     data = profile.model_dump()
     for costs in data["models"].values():
         for layer in costs["layers"]:
             for k in ("fixed_j", "fixed_ci_low", "fixed_ci_high", "joules_per_update", "ci_low", "ci_high",
-                      "joules_per_line", "line_ci_low", "line_ci_high"):
+                      "joules_per_line", "line_ci_low", "line_ci_high",
+                      "compensation_j", "compensation_ci_low", "compensation_ci_high"):
                 layer[k] *= 2
     data["name"] = profile.name + "-doubled"
     return type(profile).model_validate(data)
@@ -367,5 +378,7 @@ def shrunk_cache(profile: Any, factor: float = 4.0) -> Any:
                          line_ci_low=c.joules_per_line, line_ci_high=c.joules_per_line,
                          joules_per_update_density=c.joules_per_update_density,
                          density_ci_low=c.joules_per_update_density, density_ci_high=c.joules_per_update_density,
+                         compensation_j=c.compensation_j, compensation_ci_low=c.compensation_j,
+                         compensation_ci_high=c.compensation_j, compensation_method="predicted",
                          method="predicted", reason=f"deliberately wrong: cache size divided by {factor:g}")
     return type(profile).model_validate(data)

@@ -70,7 +70,8 @@ def _one_run(config: FLConfig, arm: Arm, setup, model, fleet: Fleet, x_train, y_
     pruners = {name: arm.pruner(cmap) for name, cmap in fleet.cost_maps.items()}
     parts = [torch.from_numpy(p) for p in setup.partitions]
     simulated = fleet.simulated
-    records = [round_record(arm, setup.seed, 0, [], 0.0, evaluate(model, state, x_test, y_test), simulated)]
+    numel = {name: state[name].numel() for name in setup.param_names}
+    records = [round_record(arm, setup.seed, 0, [], 0.0, evaluate(model, state, x_test, y_test), simulated, numel)]
     cumulative = 0.0
     for round_ in range(1, config.rounds + 1):
         replies, energies = [], []
@@ -81,13 +82,13 @@ def _one_run(config: FLConfig, arm: Arm, setup, model, fleet: Fleet, x_train, y_
             )
             payload, result = compress_update(updates, feedback[client], pruners[config.profile_of(client)])
             energies.append(client_energy(
-                fleet.cost_map(client), fleet.profile(client), result.masks, wire_bytes(payload, buffers)
+                fleet.cost_map(client), fleet.profile(client), result.masks, wire_bytes(payload, buffers), result
             ))
             replies.append((int(idx.numel()), decode_sparse(payload, params), buffers))
         state = fedavg_step(state, setup.param_names, replies)
         params = {name: state[name] for name in setup.param_names}
         record = round_record(arm, setup.seed, round_, energies, cumulative,
-                              evaluate(model, state, x_test, y_test), simulated)
+                              evaluate(model, state, x_test, y_test), simulated, numel)
         cumulative = record.cumulative_energy_j
         records.append(record)
         if progress is not None:

@@ -11,15 +11,20 @@ One round of FedAvg with sparsified updates (both engines call exactly these fun
 3. it adds its error-feedback residual, masks the result with Top-K (keep ratio r) or CWMP (the
    energy Top-K spends at ratio r on this same corrected update, ``Budget.topk_keep_ratio(r)``),
    keeps what the mask drops as its new residual, and sends the kept entries as values and int32
-   indices (``encode_sparse``); buffers (BatchNorm statistics) travel dense;
+   indices (``encode_sparse``); buffers (BatchNorm statistics) travel dense. The budget sweep's arms
+   (``fixed=True``) give every method the same fixed joules per round instead: the round's floor
+   plus what keeping r of every tensor would add (``budget_sweep_j``), so that each method has a
+   frontier of its own;
 4. the server decodes every reply and adds the example-weighted mean of the sparse updates to the
    global weights (``fedavg_step``), then measures accuracy on the held-out test split.
 
-A client's energy in a round (``client_energy``) is its device profile's prediction for its masked
-update phase, ``CostMap.predicted_joules(masks)`` (the project's one cost model: per-layer fixed
-and marginal costs), plus, when the profile has a ``radio`` entry, that entry's joules per byte
-(a datasheet figure, not a measurement) times the bytes it sends. Nothing else is priced: local
-training costs the same for every method and is left out.
+A client's energy in a round (``client_energy``) is its device profile's prediction for the whole
+round, ``CostMap.round_joules(masks)`` (the project's one cost model): the compensation every tensor
+pays whatever the mask keeps (the floor), beside what the masks add (their layers' update phases),
+plus, when the profile has a ``radio`` entry, that entry's joules per byte (a datasheet figure, not
+a measurement) times the bytes it sends. Local training costs the same for every method and no
+profile measures it yet, so it is left out (and said so in the summary). Which layers each client
+opened in each round is kept (``ClientEnergy.kept_by_layer``) for the per-layer telemetry.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from energyprof.costmodel import transmission_joules
 
 __all__ = [
     "DEFAULT_RATIOS",
+    "DEFAULT_SWEEP",
+    "budget_sweep_j",
     "DEFAULT_ROUNDS",
     "DEFAULT_SEEDS",
     "Arm",
@@ -61,6 +68,7 @@ __all__ = [
 ]
 
 DEFAULT_RATIOS = (0.01, 0.05, 0.10, 0.20)
+DEFAULT_SWEEP = (0.005, 0.4)  # the budget sweep extends each frontier below 1 % and above 20 %
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_ROUNDS = 30  # digits + cnn, 10 clients, 3 seeds x 12 runs: well under 10 minutes on 2 cores
 INDEX_BYTES = 4  # int32 index per kept entry on the wire
@@ -79,6 +87,7 @@ class FLConfig:
     batch_size: int = 32
     lr: float = 0.2  # digits + cnn, Top-K 5 %, seed 0: test accuracy 0.87 after 30 rounds (0.59 at 0.1, 0.34 at 0.05)
     ratios: tuple[float, ...] = DEFAULT_RATIOS
+    sweep: tuple[float, ...] = DEFAULT_SWEEP  # fixed budget levels (budget_sweep_j at these keep ratios)
     powers: tuple[float, ...] = (1.0, 2.0)
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     profiles: tuple[str, ...] = ("sim-rpi4",)
@@ -100,6 +109,8 @@ class FLConfig:
             problems.append(f"--alpha must be > 0 (small: strong label skew), got {self.alpha}")
         if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
             problems.append(f"--ratios must be keep ratios in (0, 1], got {self.ratios}")
+        if any(not 0 < r <= 1 for r in self.sweep):
+            problems.append(f"--sweep must be keep ratios in (0, 1], got {self.sweep}")
         if any(not 0 < p < math.inf for p in self.powers):
             problems.append(f"CWMP powers must be > 0, got {self.powers}")
         if not self.seeds:
@@ -123,33 +134,50 @@ class Arm:
     method: str  # "topk" or "cwmp"
     ratio: float
     power: Optional[float] = None  # CWMP's p; None for Top-K
+    fixed: bool = False  # the budget sweep: fixed joules per round (budget_sweep_j), not Top-K's energy
 
     @property
     def label(self) -> str:
         base = "Top-K" if self.method == "topk" else f"CWMP p={self.power:g}"
-        return f"{base} @ {self.ratio:.0%}" if self.ratio >= 0.01 else f"{base} @ {self.ratio:.2%}"
+        r = f"{self.ratio:.0%}" if self.ratio >= 0.01 else f"{self.ratio:.2%}"
+        return f"{base} @ fixed J of {r}" if self.fixed else f"{base} @ {r}"
 
     @property
     def family(self) -> str:
         return "Top-K" if self.method == "topk" else f"CWMP p={self.power:g}"
 
     def pruner(self, cost_map: CostMap) -> Pruner:
-        budget = Budget.topk_keep_ratio(self.ratio)
+        budget = Budget.of_joules(budget_sweep_j(cost_map, self.ratio)) if self.fixed else Budget.topk_keep_ratio(self.ratio)
         if self.method == "topk":
             return Pruner(cost_map, budget, method="topk")
         return Pruner(cost_map, budget, method="cwmp", power=float(self.power))
 
     def tag(self) -> str:
         """A short id for state keys and file names."""
-        return f"{self.method}-p{self.power:g}-r{self.ratio:g}" if self.power else f"{self.method}-r{self.ratio:g}"
+        base = f"{self.method}-p{self.power:g}-r{self.ratio:g}" if self.power else f"{self.method}-r{self.ratio:g}"
+        return base + ("-fixed" if self.fixed else "")
+
+    def matches(self, method: str, ratio: float, p: Optional[float], fixed: bool) -> bool:
+        return (self.method, self.ratio, self.power, self.fixed) == (method, ratio, p, fixed)
+
+
+def budget_sweep_j(cost_map: CostMap, ratio: float) -> float:
+    """The budget sweep's joules per round on one device: the floor every round pays plus what
+    keeping ``ratio`` of every tensor (random positions) would add. Fixed for the whole run, so
+    every method spends at most the same joules every round."""
+    return cost_map.floor_j() + cost_map.uniform_mask_joules(ratio)
 
 
 def arms_of(config: FLConfig) -> list[Arm]:
-    """For every ratio: Top-K, then CWMP at each power."""
+    """For every ratio: Top-K, then CWMP at each power, at Top-K's energy; then the budget sweep:
+    every method at each fixed budget level."""
     out = []
     for ratio in config.ratios:
         out.append(Arm("topk", ratio))
         out.extend(Arm("cwmp", ratio, float(p)) for p in config.powers)
+    for ratio in config.sweep:
+        out.append(Arm("topk", ratio, fixed=True))
+        out.extend(Arm("cwmp", ratio, float(p), fixed=True) for p in config.powers)
     return out
 
 
@@ -311,27 +339,33 @@ def wire_bytes(payload: Mapping[str, tuple[np.ndarray, np.ndarray]], buffers: Ma
 
 @dataclass(frozen=True)
 class ClientEnergy:
-    """One client's predicted energy in one round."""
+    """One client's predicted energy in one round, split by who decides it."""
 
-    update_j: float  # the masked update phase, from the profile's cost map
+    floor_j: float  # the compensation of every tensor: paid whatever the mask keeps
+    mask_j: float  # what the masks add: their layers' update phases
     radio_j: float  # radio joules per byte x bytes sent (0 without a radio entry)
     bytes_sent: int
     kept: int
     total: int
+    kept_by_layer: Mapping[str, int] = field(default_factory=dict)  # entries kept per tensor (0: not opened)
 
     @property
     def joules(self) -> float:
-        return self.update_j + self.radio_j
+        return math.fsum((self.floor_j, self.mask_j, self.radio_j))
 
 
-def client_energy(cost_map: CostMap, profile, masks: Mapping[str, Tensor], bytes_sent: int) -> ClientEnergy:
-    """The update phase through the cost model, plus the radio when the profile has one."""
-    update_j = cost_map.predicted_joules(masks)
+def client_energy(cost_map: CostMap, profile, masks: Mapping[str, Tensor], bytes_sent: int,
+                  result: Optional[PruneResult] = None) -> ClientEnergy:
+    """The whole round through the cost model (``CostMap.round_joules``), plus the radio when the
+    profile has one. ``result``: the prune result of these masks, whose per-layer joules are reused."""
     radio = getattr(profile, "radio", None)
     radio_j = transmission_joules(bytes_sent, radio.joules_per_byte) if radio is not None else 0.0
-    kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
+    by_layer = None if result is None else result.joules_by_layer
+    parts = cost_map.round_joules(masks, by_layer=by_layer, transmission_j=radio_j)
+    kept_by_layer = {name: int(torch.count_nonzero(m)) for name, m in masks.items()}
     total = sum(m.numel() for m in masks.values())
-    return ClientEnergy(update_j, radio_j, bytes_sent, kept, total)
+    return ClientEnergy(parts.floor_j, parts.mask_j, radio_j, bytes_sent, sum(kept_by_layer.values()), total,
+                        kept_by_layer)
 
 
 # ---------------------------------------------------------------------------------- the server
@@ -383,8 +417,9 @@ class RoundRecord:
     ratio: float
     seed: int
     round: int
-    round_energy_j: float  # all clients of the round together
-    update_energy_j: float
+    round_energy_j: float  # all clients of the round together: floor + masks + radio
+    floor_energy_j: float  # the compensation every tensor pays whatever the masks keep
+    mask_energy_j: float  # what the masks added
     radio_energy_j: float
     mean_client_energy_j: float
     max_client_energy_j: float
@@ -393,18 +428,29 @@ class RoundRecord:
     kept_fraction: float
     accuracy: float
     simulated: bool
+    fixed: bool = False
     client_energy_j: list[float] = field(default_factory=list)
+    opened_by_layer: dict[str, int] = field(default_factory=dict)  # clients that kept an entry of the tensor
+    kept_by_layer: dict[str, int] = field(default_factory=dict)  # entries kept of the tensor, all clients
+    numel_by_layer: dict[str, int] = field(default_factory=dict)
 
 
 def round_record(arm: Arm, seed: int, round_: int, energies: Sequence[ClientEnergy], cumulative_before: float,
-                 accuracy: float, simulated: bool) -> RoundRecord:
+                 accuracy: float, simulated: bool, numel_by_layer: Optional[Mapping[str, int]] = None) -> RoundRecord:
     joules = [e.joules for e in energies]
     total = math.fsum(joules)
     kept, entries = sum(e.kept for e in energies), sum(e.total for e in energies)
+    opened: dict[str, int] = {name: 0 for name in (numel_by_layer or {})}
+    kept_layers: dict[str, int] = {name: 0 for name in (numel_by_layer or {})}
+    for e in energies:
+        for name, k in e.kept_by_layer.items():
+            opened[name] = opened.get(name, 0) + (1 if k else 0)
+            kept_layers[name] = kept_layers.get(name, 0) + int(k)
     return RoundRecord(
-        method=arm.method, p=arm.power, ratio=arm.ratio, seed=seed, round=round_,
+        method=arm.method, p=arm.power, ratio=arm.ratio, seed=seed, round=round_, fixed=arm.fixed,
         round_energy_j=total,
-        update_energy_j=math.fsum(e.update_j for e in energies),
+        floor_energy_j=math.fsum(e.floor_j for e in energies),
+        mask_energy_j=math.fsum(e.mask_j for e in energies),
         radio_energy_j=math.fsum(e.radio_j for e in energies),
         mean_client_energy_j=total / len(joules) if joules else 0.0,
         max_client_energy_j=max(joules) if joules else 0.0,
@@ -412,6 +458,7 @@ def round_record(arm: Arm, seed: int, round_: int, energies: Sequence[ClientEner
         bytes_sent=sum(e.bytes_sent for e in energies),
         kept_fraction=kept / entries if entries else 0.0,
         accuracy=accuracy, simulated=simulated, client_energy_j=joules,
+        opened_by_layer=opened, kept_by_layer=kept_layers, numel_by_layer=dict(numel_by_layer or {}),
     )
 
 

@@ -76,7 +76,7 @@ def settings_record(config: FLConfig, seed: int, arm: Arm) -> ConfigRecord:
         "dataset": c["dataset"], "model": c["model"], "clients": c["clients"], "alpha": c["alpha"],
         "rounds": c["rounds"], "local-epochs": c["local_epochs"], "batch-size": c["batch_size"], "lr": c["lr"],
         "min-partition": c["min_partition"], "profiles": list(c["profiles"]),
-        "seed": seed, "method": arm.method, "ratio": arm.ratio, "power": arm.power or 0.0,
+        "seed": seed, "method": arm.method, "ratio": arm.ratio, "power": arm.power or 0.0, "fixed": arm.fixed,
     })
 
 
@@ -88,7 +88,8 @@ def settings_of(record: ConfigRecord) -> tuple[FLConfig, int, Arm]:
         profiles=tuple(str(p) for p in record["profiles"]), seeds=(int(record["seed"]),),
     )
     method, power = str(record["method"]), float(record["power"])
-    return config, int(record["seed"]), Arm(method, float(record["ratio"]), power if method == "cwmp" else None)
+    return config, int(record["seed"]), Arm(method, float(record["ratio"]), power if method == "cwmp" else None,
+                                            bool(record["fixed"]))
 
 
 # ------------------------------------------------------------------ per-process caches (actors)
@@ -143,15 +144,17 @@ def cwmp_mod(msg: Message, context: Context, call_next: Callable[[Message, Conte
     context.state[RUN_KEY] = ConfigRecord({"tag": run_tag})
 
     buffers = reply.content[BUFFERS_KEY].to_torch_state_dict()
-    energy = client_energy(fleet.cost_map(client), fleet.profile(client), result.masks, wire_bytes(payload, buffers))
+    energy = client_energy(fleet.cost_map(client), fleet.profile(client), result.masks, wire_bytes(payload, buffers),
+                           result)
     sparse = ArrayRecord(numpy_ndarrays=[])
     for name, (values, index) in payload.items():
         sparse[f"{name}/values"] = _array(values)
         sparse[f"{name}/indices"] = _array(index)
     metrics = reply.content[METRICS_KEY]
     metrics.update({
-        "update-j": energy.update_j, "radio-j": energy.radio_j, "bytes-sent": energy.bytes_sent,
+        "floor-j": energy.floor_j, "mask-j": energy.mask_j, "radio-j": energy.radio_j, "bytes-sent": energy.bytes_sent,
         "kept": energy.kept, "total": energy.total,
+        **{f"kept/{name}": k for name, k in energy.kept_by_layer.items()},
     })
     return Message(
         RecordDict({SPARSE_KEY: sparse, BUFFERS_KEY: reply.content[BUFFERS_KEY], METRICS_KEY: metrics}),
@@ -229,8 +232,9 @@ class SparseFedAvg(FedAvg):
             }
             decoded.append((int(metrics["num-examples"]), decode_sparse(payload, params),
                             m.content[BUFFERS_KEY].to_torch_state_dict()))
-            energies.append(ClientEnergy(float(metrics["update-j"]), float(metrics["radio-j"]),
-                                         int(metrics["bytes-sent"]), int(metrics["kept"]), int(metrics["total"])))
+            energies.append(ClientEnergy(float(metrics["floor-j"]), float(metrics["mask-j"]), float(metrics["radio-j"]),
+                                         int(metrics["bytes-sent"]), int(metrics["kept"]), int(metrics["total"]),
+                                         {name: int(metrics[f"kept/{name}"]) for name in params}))
         self.energies[server_round] = energies
         new = fedavg_step(self._global, self.param_names, decoded)
         return ArrayRecord(torch_state_dict=new), MetricRecord({"clients": len(replies)})
@@ -261,9 +265,10 @@ def make_server_app(config: FLConfig, records: list[RoundRecord], progress: Opti
             strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=setup.initial_state),
                            num_rounds=config.rounds, evaluate_fn=evaluate_fn)
             cumulative = 0.0
-            records.append(round_record(arm, seed, 0, [], 0.0, accuracy[0], fleet.simulated))
+            numel = {name: setup.initial_state[name].numel() for name in setup.param_names}
+            records.append(round_record(arm, seed, 0, [], 0.0, accuracy[0], fleet.simulated, numel))
             for r in range(1, config.rounds + 1):
-                rec = round_record(arm, seed, r, strategy.energies[r], cumulative, accuracy[r], fleet.simulated)
+                rec = round_record(arm, seed, r, strategy.energies[r], cumulative, accuracy[r], fleet.simulated, numel)
                 cumulative = rec.cumulative_energy_j
                 records.append(rec)
 

@@ -25,7 +25,8 @@ from cwmp.apps.federated.experiment import Arm, FLConfig, RoundRecord, arms_of
 __all__ = ["summarize", "write_csv", "write_plot", "write_summary", "write_outputs"]
 
 CSV_FIELDS = [
-    "method", "p", "ratio", "seed", "round", "round_energy_j", "update_energy_j", "radio_energy_j",
+    "method", "p", "ratio", "fixed_budget", "seed", "round", "round_energy_j", "floor_energy_j", "mask_energy_j",
+    "radio_energy_j",
     "mean_client_energy_j", "max_client_energy_j", "cumulative_energy_j", "bytes_sent", "kept_fraction",
     "accuracy", "simulated",
 ]
@@ -44,8 +45,9 @@ def write_csv(records: Sequence[RoundRecord], path: Path, simulated: bool) -> Pa
         writer.writerow(CSV_FIELDS)
         for r in records:
             writer.writerow([
-                r.method, "" if r.p is None else f"{r.p:g}", f"{r.ratio:g}", r.seed, r.round,
-                f"{r.round_energy_j:.6e}", f"{r.update_energy_j:.6e}", f"{r.radio_energy_j:.6e}",
+                r.method, "" if r.p is None else f"{r.p:g}", f"{r.ratio:g}", int(r.fixed), r.seed, r.round,
+                f"{r.round_energy_j:.6e}", f"{r.floor_energy_j:.6e}", f"{r.mask_energy_j:.6e}",
+                f"{r.radio_energy_j:.6e}",
                 f"{r.mean_client_energy_j:.6e}", f"{r.max_client_energy_j:.6e}", f"{r.cumulative_energy_j:.6e}",
                 r.bytes_sent, f"{r.kept_fraction:.6f}", f"{r.accuracy:.6f}", "SIMULATED" if r.simulated else "measured",
             ])
@@ -56,7 +58,7 @@ def _curves(records: Sequence[RoundRecord], arm: Arm) -> tuple[np.ndarray, np.nd
     """(energy[seed, round], accuracy[seed, round], seeds) for one arm; rounds 0..R."""
     by_seed: dict[int, list[RoundRecord]] = defaultdict(list)
     for r in records:
-        if r.method == arm.method and r.ratio == arm.ratio and r.p == arm.power:
+        if arm.matches(r.method, r.ratio, r.p, r.fixed):
             by_seed[r.seed].append(r)
     seeds = sorted(by_seed)
     rows = [sorted(by_seed[s], key=lambda r: r.round) for s in seeds]
@@ -70,7 +72,7 @@ def summarize(records: Sequence[RoundRecord], config: FLConfig, fleet_info: list
     simulated = any(r.simulated for r in records)
     ratios = []
     for ratio in config.ratios:
-        arms = [a for a in arms_of(config) if a.ratio == ratio]
+        arms = [a for a in arms_of(config) if a.ratio == ratio and not a.fixed]
         methods = []
         target = None
         topk_energy = None
@@ -98,6 +100,10 @@ def summarize(records: Sequence[RoundRecord], config: FLConfig, fleet_info: list
             methods.append(entry)
         ratios.append({"ratio": ratio, "topk_final_accuracy_mean": target, "methods": methods})
     return {
+        "frontier": frontier(records, config),
+        "energy_split": energy_split(records, config),
+        "layers": layer_telemetry(records, config),
+        "goal": _goal(ratios),
         "simulated": simulated,
         "energy_label": _label(simulated),
         "engine": engine,
@@ -105,12 +111,93 @@ def summarize(records: Sequence[RoundRecord], config: FLConfig, fleet_info: list
         "config": {
             "dataset": config.dataset, "model": config.model, "clients": config.clients, "alpha": config.alpha,
             "rounds": config.rounds, "local_epochs": config.local_epochs, "batch_size": config.batch_size,
-            "lr": config.lr, "seeds": list(config.seeds), "ratios": list(config.ratios),
+            "lr": config.lr, "seeds": list(config.seeds), "ratios": list(config.ratios), "sweep": list(config.sweep),
             "powers": list(config.powers), "profiles": list(config.profiles), "min_partition": config.min_partition,
         },
         "profiles": fleet_info,
         "ratios": ratios,
     }
+
+
+def _final_points(records: Sequence[RoundRecord], config: FLConfig) -> list[dict[str, Any]]:
+    """Every arm's end point: mean (over seeds) final cumulative energy and final accuracy, with the
+    seeds' spread."""
+    points = []
+    for arm in arms_of(config):
+        energy, accuracy, _, _ = _curves(records, arm)
+        points.append({"family": arm.family, "arm": arm.label, "energy_j": float(energy[:, -1].mean()),
+                       "energy_j_std": float(energy[:, -1].std(ddof=0)),
+                       "accuracy": float(accuracy[:, -1].mean()), "accuracy_std": float(accuracy[:, -1].std(ddof=0))})
+    return points
+
+
+def frontier(records: Sequence[RoundRecord], config: FLConfig) -> dict[str, Any]:
+    """Each method's frontier over every arm it ran (the ratios at Top-K's energy and the budget
+    sweep): at each energy E where some arm ended, the best mean final accuracy the method reached
+    with at most E joules (its seeds' std beside it), and which method is ahead there. A method is
+    ahead only by more than the larger of the two seeds' spreads; else the energies say "tie"."""
+    points = _final_points(records, config)
+    families = list(dict.fromkeys(p["family"] for p in points))
+    rows = []
+    for e in sorted({p["energy_j"] for p in points}):
+        best = {}
+        for fam in families:
+            mine = [p for p in points if p["family"] == fam and p["energy_j"] <= e * (1 + 1e-9)]
+            if mine:
+                top = max(mine, key=lambda p: p["accuracy"])
+                best[fam] = {"accuracy": top["accuracy"], "std": top["accuracy_std"], "arm": top["arm"]}
+        ranked = sorted(best.items(), key=lambda kv: -kv[1]["accuracy"])
+        leader = ranked[0][0] if ranked else None
+        if len(ranked) > 1 and ranked[0][1]["accuracy"] - ranked[1][1]["accuracy"] <= max(ranked[0][1]["std"], ranked[1][1]["std"]):
+            leader = "tie (within the seeds' spread)"
+        rows.append({"energy_j": e, "best": best, "ahead": leader})
+    return {"points": points, "rows": rows}
+
+
+def energy_split(records: Sequence[RoundRecord], config: FLConfig) -> list[dict[str, Any]]:
+    """Where a round's joules go, per arm (mean over rounds 1..R and seeds): the floor every round
+    pays (compensation), the masks' part, the radio."""
+    out = []
+    for arm in arms_of(config):
+        rows = [r for r in records if arm.matches(r.method, r.ratio, r.p, r.fixed) and r.round > 0]
+        total = math.fsum(r.round_energy_j for r in rows)
+        if not rows or total <= 0:
+            continue
+        out.append({"arm": arm.label, "round_j": total / len(rows),
+                    "floor_share": math.fsum(r.floor_energy_j for r in rows) / total,
+                    "mask_share": math.fsum(r.mask_energy_j for r in rows) / total,
+                    "radio_share": math.fsum(r.radio_energy_j for r in rows) / total})
+    return out
+
+
+def layer_telemetry(records: Sequence[RoundRecord], config: FLConfig) -> list[dict[str, Any]]:
+    """Per arm and layer, over every client, round (1..R) and seed: how often the layer was opened
+    (kept any entry) and what share of its entries was kept."""
+    out = []
+    for arm in arms_of(config):
+        rows = [r for r in records if arm.matches(r.method, r.ratio, r.p, r.fixed) and r.round > 0]
+        if not rows:
+            continue
+        for name, numel in rows[0].numel_by_layer.items():
+            opened = sum(r.opened_by_layer.get(name, 0) for r in rows)
+            kept = sum(r.kept_by_layer.get(name, 0) for r in rows)
+            chances = len(rows) * config.clients
+            out.append({"arm": arm.label, "layer": name, "numel": numel, "opened_share": opened / chances,
+                        "kept_share": kept / (chances * numel)})
+    return out
+
+
+def _goal(ratios: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seed paper's claim, as our goal: at Top-K's energy at every ratio, CWMP p=2's final accuracy
+    is at least Top-K's minus one std, and strictly higher at two ratios or more."""
+    rows = []
+    for block in ratios:
+        by = {m["label"]: m for m in block["methods"]}
+        top, cw = by.get("Top-K"), by.get("CWMP p=2")
+        if top and cw:
+            rows.append({"ratio": block["ratio"], "not_worse": cw["final_accuracy_mean"] >= top["final_accuracy_mean"] - top["final_accuracy_std"],
+                         "higher": cw["final_accuracy_mean"] > top["final_accuracy_mean"]})
+    return {"rows": rows, "met": bool(rows) and all(r["not_worse"] for r in rows) and sum(r["higher"] for r in rows) >= 2}
 
 
 def _fmt_j(j: Any) -> str:
@@ -156,7 +243,60 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                 f"| {m['final_energy_j_mean']:.4g} ± {m['final_energy_j_std']:.2g} J | {reach} |"
             )
     lines.append("")
+    goal = summary.get("goal")
+    if goal and goal["rows"]:
+        worse = [f"{r['ratio']:.0%}" for r in goal["rows"] if not r["not_worse"]]
+        higher = [f"{r['ratio']:.0%}" for r in goal["rows"] if r["higher"]]
+        lines += [f"Goal (the seed paper's claim): at Top-K's energy, CWMP p=2 at least Top-K's accuracy minus one std "
+                  f"at every ratio and strictly higher at two or more: **{'met' if goal['met'] else 'not met'}** "
+                  f"(higher at {', '.join(higher) or 'none'}; worse by more than a std at {', '.join(worse) or 'none'}).", ""]
+    fr = summary.get("frontier")
+    if fr:
+        fams = list(dict.fromkeys(p["family"] for p in fr["points"]))
+        lines += [f"Frontiers over every arm (the ratios at Top-K's energy and the fixed-budget sweep): the best mean "
+                  f"final accuracy each method reached with at most E joules ({tag}), ± the seeds' std.", "",
+                  "| cumulative energy E | " + " | ".join(fams) + " | ahead |", "|---" * (len(fams) + 2) + "|"]
+        for row in fr["rows"]:
+            cells = [(f"{row['best'][f]['accuracy']:.4f} ± {row['best'][f]['std']:.4f}" if f in row["best"] else "—")
+                     for f in fams]
+            lines.append(f"| {row['energy_j']:.4g} J | " + " | ".join(cells) + f" | {row['ahead']} |")
+        lines.append("")
+    split = summary.get("energy_split")
+    if split:
+        lines += ["Where a client's round goes (mean over rounds and seeds): the floor every round pays whatever the "
+                  "mask keeps (error feedback's compensation of every tensor), the masks' part, the radio. A training "
+                  "step is not priced: no profile measures it yet, and it costs every method the same.", "",
+                  "| arm | joules per round, all clients | floor | masks | radio |", "|---|---|---|---|---|"]
+        for e in split:
+            lines.append(f"| {e['arm']} | {e['round_j']:.4g} J | {e['floor_share']:.1%} | {e['mask_share']:.1%} | "
+                         f"{e['radio_share']:.1%} |")
+        lines.append("")
+    layers = summary.get("layers")
+    if layers:
+        never = sorted({(t["arm"], t["layer"]) for t in layers if t["opened_share"] == 0})
+        lines += ["Per-layer telemetry: how often each layer was opened (any entry kept), over clients, rounds and "
+                  "seeds (all of it: layers.csv).", ""]
+        arms = list(dict.fromkeys(t["arm"] for t in layers))
+        names = list(dict.fromkeys(t["layer"] for t in layers))
+        lines += ["| arm | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+        for a in arms:
+            share = {t["layer"]: t["opened_share"] for t in layers if t["arm"] == a}
+            lines.append(f"| {a} | " + " | ".join(f"{share.get(n, 0):.0%}" for n in names) + " |")
+        lines.append("")
+        if never:
+            lines.append("Never opened: " + "; ".join(f"{a}: `{n}`" for a, n in never) + ".")
+            lines.append("")
     return "\n".join(lines)
+
+
+def write_layers_csv(summary: dict[str, Any], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        f.write(f"# {summary['energy_label']}\n")
+        writer = csv.writer(f)
+        writer.writerow(["arm", "layer", "numel", "opened_share", "kept_share"])
+        for t in summary.get("layers", []):
+            writer.writerow([t["arm"], t["layer"], t["numel"], f"{t['opened_share']:.6f}", f"{t['kept_share']:.6g}"])
+    return path
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> Path:
@@ -180,7 +320,8 @@ def write_plot(records: Sequence[RoundRecord], config: FLConfig, path: Path, sim
         energy, accuracy, _, _ = _curves(records, arm)
         e, a = energy.mean(0), accuracy.mean(0)
         color = colors.get(arm.family, None)
-        marker = markers[list(config.ratios).index(arm.ratio) % len(markers)]
+        levels = list(config.ratios) + list(config.sweep)
+        marker = markers[(levels.index(arm.ratio) if not arm.fixed else len(config.ratios) + list(config.sweep).index(arm.ratio)) % len(markers)]
         ax.plot(e[1:], a[1:], color=color, marker=marker, markersize=3, linewidth=0.8, alpha=0.6,
                 linestyle="-" if arm.method == "topk" else ("--" if arm.power == 1 else ":"), label=arm.label)
         frontier_points[arm.family].extend(zip(e[1:], a[1:]))
@@ -214,9 +355,10 @@ def write_outputs(records: Sequence[RoundRecord], summary: dict[str, Any], confi
     simulated = summary["simulated"]
     paths = {
         "csv": write_csv(records, out / "rounds.csv", simulated),
-        "plot": write_plot(records, config, out / "pareto.png", simulated),
+        "layers": write_layers_csv(summary, out / "layers.csv"),
         "summary": write_summary(summary, out / "summary.md"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     paths["json"] = out / "summary.json"
+    paths["plot"] = write_plot(records, config, out / "pareto.png", simulated)  # last: a plot that fails loses nothing
     return paths
