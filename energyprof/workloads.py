@@ -179,6 +179,7 @@ class TensorWorkload(Workload):
             elements=c["elements"], bytes_read=c["bytes_read"], bytes_written=c["bytes_written"],
             flops=c.get("flops", 0), working_set_bytes=ws, launches=c["launches"],
             scattered_bytes_written=c.get("scattered_bytes_written", 0), lines_written=c.get("lines_written", 0),
+            pages_written=c.get("pages_written", 0), line_runs_written=c.get("line_runs_written", 0),
         )
         del self._gen
         return self
