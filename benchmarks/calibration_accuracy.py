@@ -67,7 +67,7 @@ def held_out(profile, model: str, preset: str, seed: int) -> tuple[list[float], 
     return errors, covered
 
 
-def run(preset: str, seed: int, model: str, folder: Path) -> dict:
+def run(preset: str, seed: int, model: str, folder: Path, wrong_model: str | None = None) -> dict:
     quiet = lambda line: None  # noqa: E731
     out = {}
     for label, extra in (("noisy", ""), ("noise off", ",noise_w=0")):
@@ -83,8 +83,13 @@ def run(preset: str, seed: int, model: str, folder: Path) -> dict:
     out["held_errors"], out["held_covered"] = held_out(profile, model, preset, seed)
     wrong_path = folder / f"{preset}-{seed}-wrong.yaml"
     save_profile(shrunk_cache(profile, 4), wrong_path)
-    w = validate(str(wrong_path), f"sim:preset={preset},seed={seed}", model=model, progress=False, say=quiet)
+    target = wrong_model or model
+    w = validate(str(wrong_path), f"sim:preset={preset},seed={seed}", model=target, progress=False, say=quiet)
     out["wrong"] = w.summary
+    if target != model:  # the right profile on that model too (its layers predicted from the same coefficients)
+        right_path = folder / f"{preset}-{seed}-noisy.yaml"
+        out["right_on_wrong_model"] = validate(str(right_path), f"sim:preset={preset},seed={seed}", model=target,
+                                               progress=False, say=quiet).summary
     return out
 
 
@@ -93,13 +98,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--presets", nargs="+", default=["h100", "rpi4", "desktop-cpu"], choices=sorted(PRESETS))
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--model", default="cnn")
+    parser.add_argument("--wrong-model", default=None,
+                        help="validate the cache/4 profile (and the right one) on this model instead (e.g. resnet18: "
+                             "its layers' working sets lie between a GPU's cache/4 and cache)")
     args = parser.parse_args(argv)
     print(f"calibration and validation against the simulator's device model -- SIMULATED (quick plan, model "
           f"{args.model}, {args.seeds} seed(s), every effect on)\n")
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
-            results = [run(preset, seed, args.model, Path(tmp)) for seed in range(args.seeds)]
+            results = [run(preset, seed, args.model, Path(tmp), args.wrong_model) for seed in range(args.seeds)]
             print(f"== {preset} (SIMULATED)")
             for label in ("noisy", "noise off"):
                 s = [r[label]["summary"] for r in results]
@@ -114,7 +122,11 @@ def main(argv: list[str]) -> int:
             print(f"  held-out replays: mean |model error| {errs.mean():.2%}, worst {errs.max():.2%}; interval "
                   f"coverage {cov:.1%} of {len(errs)}")
             wrong = [r["wrong"] for r in results]
-            print(f"  cache/4 profile: MAPE {np.mean([x['mape'] for x in wrong]):.2%} "
+            if "right_on_wrong_model" in results[0]:
+                right = [r["right_on_wrong_model"] for r in results]
+                print(f"  right profile on {args.wrong_model}: MAPE {np.mean([x['mape'] for x in right]):.2%}; bias flagged: "
+                      + "; ".join(", ".join(x["bias_features"]) or "none" for x in right))
+            print(f"  cache/4 profile{' on ' + args.wrong_model if args.wrong_model else ''}: MAPE {np.mean([x['mape'] for x in wrong]):.2%} "
                   f"({'fails' if all(x['mape'] > 0.05 for x in wrong) else 'PASSES'} --max-mape 0.05); bias flagged: "
                   + "; ".join(", ".join(x["bias_features"]) or "none" for x in wrong))
             noisy = [r["noisy"]["summary"] for r in results]
