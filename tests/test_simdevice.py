@@ -124,7 +124,9 @@ def test_pages_and_prefetch():
         counts = WorkCounts(bytes_written=4096, scattered_bytes_written=4096, working_set_bytes=4 * n, **layout)
         return device.with_effects(frozenset(effects)).price(counts)
 
-    assert price(a, {"pages"}) - price(b, {"pages"}) == pytest.approx((1024 - 16) * device.page_j)
+    miss = device.tlb_miss_share(4 * n)
+    assert 0 < miss < 1 and device.tlb_miss_share(device.tlb_reach_bytes) == 0.0  # within the TLB's reach: free
+    assert price(a, {"pages"}) - price(b, {"pages"}) == pytest.approx((1024 - 16) * device.page_j * miss)
     assert price(b, {"prefetch"}) < price(a, {"prefetch"})  # neighbouring lines ride the prefetcher
     assert price(b, {"prefetch"}) / price(a, {"prefetch"}) == pytest.approx(1 - device.prefetch_discount, rel=0.01)
     assert price(a, set()) == price(b, set())  # without both effects, lines are all that count

@@ -18,7 +18,9 @@ Effects (names as ``effects=`` takes them):
                   ``(capacity / working set) ** tail_exponent`` (between an LRU cliff and random
                   replacement). Off: the last cache level and DRAM only, with a step.
 ``pages``         scattered writes pay a page walk (``page_j``) per distinct 4 KiB page they touch
-                  (``WorkCounts.pages_written``) on top of their whole 64-byte lines (TLB).
+                  (``WorkCounts.pages_written``) on top of their whole 64-byte lines, for the share
+                  of touches that miss the TLB (none while the working set fits its reach,
+                  ``tlb_reach_bytes``; then ``1 - reach / working set``).
 ``prefetch``      a scattered line whose predecessor line is also written (the rest of a run,
                   ``lines_written - line_runs_written``) costs ``1 - prefetch_discount`` of an
                   isolated one (adjacent-line and stream prefetchers).
@@ -122,6 +124,7 @@ class DeviceModel:
     launch_s: float
     tail_exponent: float = 2.0
     page_j: float = 0.0
+    tlb_reach_bytes: int = 0
     prefetch_discount: float = 0.0
     scatter_launch_factor: float = 1.0
     compute_launch_factor: float = 1.0
@@ -177,6 +180,12 @@ class DeviceModel:
             served = hit
         return shares
 
+    def tlb_miss_share(self, working_set_bytes: float) -> float:
+        """Share of page touches that miss the TLB: none while the working set fits its reach,
+        then ``1 - reach / working set``."""
+        ws = float(working_set_bytes)
+        return 0.0 if ws <= self.tlb_reach_bytes else 1.0 - self.tlb_reach_bytes / ws
+
     # ------------------------------------------------------------------ energy
     def launch_joules(self, counts: WorkCounts) -> float:
         """Energy of the call's launches: kernel- and argument-dependent with ``launch``."""
@@ -208,7 +217,7 @@ class DeviceModel:
             lines = counts.line_runs_written + neighbours * (1.0 - self.prefetch_discount)
         joules = counts.bytes_read * read_j + (contiguous + LINE * lines) * write_j
         if self.on("pages"):
-            joules += counts.pages_written * self.page_j
+            joules += counts.pages_written * self.page_j * self.tlb_miss_share(counts.working_set_bytes)
         joules += counts.flops * self.j_per_flop + self.launch_joules(counts)
         if self.on("drift"):
             joules *= 1.0 + self.dynamic_rise * temperature
@@ -355,7 +364,8 @@ DEVICES: dict[str, DeviceModel] = {
             launch_j=2e-4,
             launch_s=4e-6,
             tail_exponent=2.0,
-            page_j=1.5e-9,
+            page_j=1e-9,
+            tlb_reach_bytes=64 * 2**20,
             prefetch_discount=0.25,
             scatter_launch_factor=1.2,
             compute_launch_factor=1.1,
@@ -383,7 +393,8 @@ DEVICES: dict[str, DeviceModel] = {
             launch_j=3e-5,
             launch_s=3e-6,
             tail_exponent=1.5,
-            page_j=4e-9,
+            page_j=2e-9,
+            tlb_reach_bytes=8 * 2**20,
             prefetch_discount=0.4,
             scatter_launch_factor=1.2,
             compute_launch_factor=1.1,
@@ -411,7 +422,8 @@ DEVICES: dict[str, DeviceModel] = {
             launch_j=1e-5,
             launch_s=10e-6,
             tail_exponent=2.0,
-            page_j=8e-9,
+            page_j=4e-9,
+            tlb_reach_bytes=4 * 2**20,
             prefetch_discount=0.3,
             scatter_launch_factor=1.2,
             compute_launch_factor=1.1,
