@@ -17,6 +17,19 @@ The plan (:func:`build_plan`) has two parts:
   measured: their costs are predicted from the global coefficients and marked ``predicted``, as
   are layers whose marginal cost the meter did not resolve.
 
+The plan runs in a **randomised order** (seeded: ``seed``), so that a slow drift of the device or a
+burst of interference lands on a random mix of kernels and sizes rather than on one part of the
+sweep. A **reference kernel** (:data:`calibrate.quality.REFERENCE`) is measured first, after every
+:data:`REFERENCE_EVERY` measurements and last; every measurement is divided by the reference's
+drift (its ratio to its mean, interpolated at the measurement's time) and the drift is reported
+and recorded (``provenance.protocol.reference``). A measurement whose trials disagree (one more than 15 % from their median: a burst of interference)
+is measured again, up to twice, and the steadiest kept (``retries`` in the CSV). An optional
+**cool-down** (``cooldown_s``) lets
+the device relax before each measurement. The fit's residuals against working-set size, density
+and layer size are recorded in the profile, and a fit beyond the documented quality thresholds
+(:mod:`calibrate.quality`) prints a warning naming the likely cause and the remedy and records
+``quality: poor`` with the reason.
+
 Every finished measurement is appended to ``<out>.measurements.csv`` (flushed and synced), with
 ``<out>.calibration.json`` holding what the run was (meter, device, models, plan). Ctrl-C, a meter
 failure or a crash loses only the measurement in flight; ``--resume`` checks every row of the CSV
@@ -89,9 +102,10 @@ SPARSE_KERNELS = ("scatter", "pack", "residual", "runs", "update")
 COMPUTE_KERNELS = ("sgd", "momentum", "adam", "fma", "compensation")
 
 
-IDLE_EVERY_S = 120.0
+IDLE_EVERY_S = 120.0  # the shared idle baseline is re-measured after this much meter time
+REFERENCE_EVERY = 10  # the reference kernel is re-measured after this many measurements
 MEASURE_ATTEMPTS = 3  # a measurement whose row is not finite (NaN, inf) is taken again, at most this often
-log = logging.getLogger(__name__)  # the shared idle baseline is re-measured after this much meter time
+log = logging.getLogger(__name__)
 
 
 def protocol_settings(quick: bool) -> dict[str, Any]:
@@ -177,6 +191,22 @@ def estimate_seconds(items: list[PlanItem], settings: dict[str, Any], update_per
     return total + (1 + total // IDLE_EVERY_S) * settings["idle_windows"] * window
 
 
+def reference_count(n_items: int) -> int:
+    """How many times a plan of ``n_items`` measures the reference kernel (first, every
+    :data:`REFERENCE_EVERY`, last)."""
+    return 0 if n_items == 0 else 2 + (n_items - 1) // REFERENCE_EVERY
+
+
+def extra_seconds(n_items: int, settings: dict[str, Any], update_period_s: float | None,
+                  cooldown_s: float = 0.0) -> dict[str, float]:
+    """What the reference kernel and the cool-downs add to a plan's time (seconds)."""
+    refs = reference_count(n_items)
+    period = update_period_s or 0.0
+    window = max(settings["min_window_s"], settings["min_periods"] * period)
+    per = settings["warmup_s"] + settings["trials"] * (window + 2 * period)
+    return {"references": refs, "reference_s": refs * per, "cooldown_s": (n_items + refs) * cooldown_s}
+
+
 # ---------------------------------------------------------------------------- meter spec
 def resolve_meter_spec(spec: str) -> str:
     """The simulator calibrates on its virtual clock (the simulated device's time) unless asked."""
@@ -257,6 +287,8 @@ def calibrate(
     say: Callable[[str], None] = print,
     model_shape: dict[str, int] | None = None,
     allow_device_mismatch: bool = False,
+    seed: int = 0,
+    cooldown_s: float = 0.0,
 ) -> DeviceProfile:
     """Run a calibration and write its profile; returns the profile (see the module docstring).
 
@@ -279,6 +311,8 @@ def calibrate(
     modules = {label: load_model(label, **(model_shape or {})) for label in labels}
     items, model_plans = build_plan(modules, quick, min_layer_numel)
     check_output_path(out)
+    if cooldown_s < 0 or not math.isfinite(cooldown_s):
+        raise CalibrationError(f"--cooldown must be a number of seconds >= 0, got {cooldown_s}")
     if out.exists() and not force:
         raise CalibrationError(f"{out} already exists; choose another --out, or pass --force to replace it")
     if resume and not meta_path.exists():
@@ -298,35 +332,51 @@ def calibrate(
         stack.enter_context(meter)
         info = meter.info
         dev = kernel_device(info, device, allow_device_mismatch)
+        from energyprof.meters.base import torch_device_problem
+
+        problem = torch_device_problem(info)
+        if problem:  # the meter sees a GPU this torch cannot run kernels on
+            raise CalibrationError(problem)
         meta = {"meter": spec, "device": str(dev), "models": labels, "quick": quick,
                 "min_layer_numel": min_layer_numel, "plan": [i.id for i in items], "toolkit_version": __version__}
         # the inputs are good: from here on this run writes, holding the lock
         out.parent.mkdir(parents=True, exist_ok=True)
         stack.enter_context(RunLock(out))
-        done = _open_run(meta, meta_path, csv_path, items, resume, force, again, say)
+        done, references = _open_run(meta, meta_path, csv_path, items, resume, force, again, say)
         sink = stack.enter_context(contextlib.closing(CsvAppender(csv_path, exclusive=not resume)))
-        settings = protocol_settings(quick)
+        settings = dict(protocol_settings(quick), cooldown_s=float(cooldown_s))
         pending = [i for i in items if i.id not in done]
+        pending = [pending[j] for j in np.random.default_rng(seed).permutation(len(pending))]
         say(f"calibration plan: {len(items)} measurements ({len(items) - len(pending)} already in {csv_path.name})"
             f", meter {spec}, kernels on {dev}")
         if info.simulated:
             say("the meter is SIMULATED: every number of this profile is simulated, not a measurement")
-        protocol = MeasurementProtocol(random_state=0, **settings)
-        _run_items(pending, meter, protocol, dev, sink, done, progress)
+        protocol = MeasurementProtocol(random_state=0, **{k: v for k, v in settings.items() if k != "cooldown_s"})
+        _run_items(pending, meter, protocol, dev, sink, done, progress, references, cooldown_s)
         meter.close()
         table = pd.DataFrame([done[i.id] for i in items])
         fit_started = time.monotonic()
+        table, drift = _drift_corrected(table, pd.DataFrame(references))
+        if drift.get("corrected"):
+            say(f"reference kernel ({drift['workload']}, {drift['measurements']} measurements): the device drifted "
+                f"{drift['drift']:.1%} over the run (first to last {drift['first_to_last']:+.1%}); every measurement "
+                "is divided by the drift at its time")
+        settings = dict(settings, reference=drift, order=f"randomised (seed {seed})")
         profile = _fit_profile(table, items, model_plans, out, spec, info, dev, settings, quick, fit_started)
+        if profile.quality == "poor":
+            say(f"WARNING: this calibration is poor: {profile.quality_reason}")
         save_profile(profile, out, overwrite=force)
     return profile
 
 
 def _open_run(meta: dict[str, Any], meta_path: Path, csv_path: Path, items: list[PlanItem], resume: bool,
-              force: bool, again: str, say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+              force: bool, again: str, say: Callable[[str], None]
+              ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Under the lock: check a resumed run's saved description and every row of its CSV (the rows it
     returns are finished measurements), or move an old run aside (``force``) and create this run's
     description exclusively."""
     done: dict[str, dict[str, Any]] = {}
+    references: list[dict[str, Any]] = []
     if resume:
         try:
             before = json.loads(meta_path.read_text())
@@ -347,9 +397,12 @@ def _open_run(meta: dict[str, Any], meta_path: Path, csv_path: Path, items: list
                     "again")
                 _drop_torn_line(csv_path)
             for row in pd.read_csv(csv_path).to_dict("records"):
-                done[row["id"]] = row
+                if row.get("kind") == "reference":
+                    references.append(row)
+                else:
+                    done[row["id"]] = row
         replace_text(meta_path, json.dumps(meta, indent=1))
-        return done
+        return done, references
     if force:
         stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
         for p in (csv_path, meta_path):
@@ -361,7 +414,14 @@ def _open_run(meta: dict[str, Any], meta_path: Path, csv_path: Path, items: list
         raise CalibrationError(f"{meta_path} appeared while this run started; another run is using this --out") from None
     if csv_path.exists():
         raise CalibrationError(f"{csv_path} appeared while this run started; another run is using this --out")
-    return done
+    return done, references
+
+
+def _drift_corrected(table: pd.DataFrame, references: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    from calibrate.quality import correct_drift, drift_factors
+
+    factors, report = drift_factors(table, references)
+    return (correct_drift(table, factors) if report.get("corrected") else table), report
 
 
 def _no_meter_message(spec: str, exc: Exception) -> str:
@@ -370,7 +430,13 @@ def _no_meter_message(spec: str, exc: Exception) -> str:
 
 
 def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.device, csv_path: Path,
-               done: dict[str, dict[str, Any]], progress: bool) -> None:
+               done: dict[str, dict[str, Any]], progress: bool, references: list[dict[str, Any]] | None = None,
+               cooldown_s: float = 0.0) -> None:
+    from calibrate.quality import REFERENCE
+
+    references = [] if references is None else references
+    session = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+    reference_at = set(range(0, len(pending), REFERENCE_EVERY)) | {len(pending)} if pending else set()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -380,22 +446,29 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task("calibrating", total=len(pending))
-            for item in pending:
+            for position, item in enumerate([*pending, None]):
+                if position in reference_at:
+                    ref = PlanItem(f"reference/{len(references)}", "reference", REFERENCE["workload"],
+                                   REFERENCE["size"])
+                    current = ref
+                    bar.update(task, description="reference kernel")
+                    if idle is None or meter.clock() - idle.measured_at > IDLE_EVERY_S:
+                        idle = protocol.measure_idle(meter)
+                    meter.sleep(cooldown_s)
+                    row = _measure(ref, meter, protocol, dev, idle, session, time.monotonic())
+                    _append(csv_path, row)
+                    references.append(row)
+                if item is None:
+                    break
                 current = item
                 t0 = time.monotonic()
                 if idle is None or meter.clock() - idle.measured_at > IDLE_EVERY_S:
                     bar.update(task, description="idle baseline")
                     idle = protocol.measure_idle(meter)
+                meter.sleep(cooldown_s)
                 bar.update(task, description=f"{item.id[:48]:<48}")
-                workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
-                                         seed=item.seed).setup(dev)
-                positions = workload.tensors_.get("positions")
-                kept = int(positions.numel()) if positions is not None else 0
-                lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
-                run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
                 for attempt in range(1, MEASURE_ATTEMPTS + 1):
-                    result = protocol.measure(run, meter, idle=idle)
-                    row = _row(item, workload, result, kept, lines, time.monotonic() - t0, idle)
+                    row = _measure(item, meter, protocol, dev, idle, session, t0)
                     problem = row_problem(row)
                     if problem is None:
                         break
@@ -408,7 +481,6 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
                         "or a quieter machine, and continue with the same command and --resume")
                 _append(csv_path, row)
                 done[item.id] = row
-                del workload, run
                 bar.advance(task)
     except KeyboardInterrupt:
         raise CalibrationInterrupted(
@@ -422,6 +494,42 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
         ) from None
 
 
+def _measure(item: PlanItem, meter: Any, protocol: Any, dev: torch.device, idle: Any, session: str,
+             t0: float) -> dict[str, Any]:
+    workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
+                             seed=item.seed).setup(dev)
+    positions = workload.tensors_.get("positions")
+    kept = int(positions.numel()) if positions is not None else 0
+    lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
+    run = meter.simulate(workload) if hasattr(meter, "simulate") else workload
+    result = protocol.measure(run, meter, idle=idle)
+    retries = 0
+    while retries < MAX_RETRIES and _disturbed(result):
+        # one trial far from the others: a burst of foreign power (interference), not the kernel
+        retries += 1
+        again = protocol.measure(run, meter, idle=idle)
+        if _trial_spread(again) < _trial_spread(result):
+            result = again
+    row = _row(item, workload, result, kept, lines, time.monotonic() - t0, idle)
+    row.update(t_meter=float(meter.clock()), session=session, retries=retries)
+    return row
+
+
+MAX_RETRIES = 2  # re-measurements of a measurement whose trials disagree (interference)
+DISTURBED = 0.15  # a trial this far (relative) from the median of its measurement's trials
+
+
+def _trial_spread(result: Any) -> float:
+    trials = result.table[result.table.role == "kernel"]["joules_per_call"].to_numpy(float)
+    median = float(np.median(trials))
+    return float(np.max(np.abs(trials - median)) / abs(median)) if len(trials) and median else math.inf
+
+
+def _disturbed(result: Any) -> bool:
+    """Does one trial stand far from the others (more than :data:`DISTURBED` from their median)?"""
+    return len(result.table[result.table.role == "kernel"]) >= 3 and _trial_spread(result) > DISTURBED
+
+
 # ---------------------------------------------------------------------------- the fit
 def _estimate(value: float, low: float, high: float) -> Estimate:
     return Estimate(value=float(value), ci_low=float(min(low, value)), ci_high=float(max(high, value)))
@@ -432,6 +540,7 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
                  fit_started: float) -> DeviceProfile:
     sweep = table[table.kind == "sweep"].reset_index(drop=True)
     glob = GlobalCostFit().fit(sweep)
+    glob.sweep_working_sets_ = sweep["working_set_bytes"].to_numpy(float)
     iv = glob.intervals()
     e = {f: _estimate(*iv[f]) for f in FEATURES}
     coefficients = Coefficients(
@@ -461,6 +570,7 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
                          "and the masked update phase a non-empty mask adds (energyprof.workloads.UpdatePhase)"),
             layers=[costs[name] for name in plan.shapes],
         )
+    quality, reason, residuals = _judge(table, sweep, glob, coefficients, models, model_plans, settings)
     record = MeterRecord(backend=info.backend, scope=info.scope, kind=info.kind,
                          update_period_s=info.update_period_s, averaging_window_s=info.averaging_window_s,
                          resolution_j=info.resolution_j, simulated=info.simulated, details=dict(info.details))
@@ -483,7 +593,49 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
         ),
         coefficients=coefficients,
         models=models,
+        quality=quality,
+        quality_reason=reason,
+        fit_residuals=residuals,
     )
+
+
+def _judge(table: pd.DataFrame, sweep: pd.DataFrame, glob: GlobalCostFit, coefficients: Coefficients,
+           models: dict[str, ModelCosts], model_plans: dict[str, ModelPlan],
+           settings: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """The fit's residuals by feature, and the calibration's quality (:mod:`calibrate.quality`)."""
+    from calibrate.quality import assess, residual_bins
+
+    y = table["joules_per_call"].to_numpy(float)
+    se_rel = _standard_error(table) / np.where(y != 0, np.abs(y), 1.0)
+    residual = np.full(len(table), np.nan)
+    is_sweep = (table["kind"] == "sweep").to_numpy()
+    is_layer = (table["kind"] == "layer").to_numpy()
+    residual[is_sweep] = glob.residuals_rel_
+    for i in np.flatnonzero(is_layer):
+        row = table.iloc[i]
+        costs = {layer.name: layer for layer in models[row["model"]].layers}
+        layer = costs[str(row["tensors"]).split(";")[0]]
+        residual[i] = layer.joules(int(row["kept"]), int(row["lines"])) / row["joules_per_call"] - 1
+    points = pd.DataFrame({"residual": residual, "se": se_rel,
+                           "working_set_bytes": table["working_set_bytes"].to_numpy(float),
+                           "density": pd.to_numeric(table["density"], errors="coerce").to_numpy(float),
+                           "layer_numel": np.where(is_layer, table["size"].to_numpy(float), np.nan)})
+    bins = residual_bins(points)
+    counts = {}
+    for label, plan in model_plans.items():
+        measured = {(layer.numel, layer.dtype) for layer in models[label].layers if layer.method == "measured"}
+        counts[label] = (len(measured), len(plan.measured))
+    dram_zero = []
+    if float(sweep["working_set_bytes"].max()) > 2 * coefficients.cache_bytes:
+        for name, est in (("j_per_byte_read.dram", coefficients.j_per_byte_read["dram"]),
+                          ("j_per_byte_written.dram", coefficients.j_per_byte_written["dram"])):
+            if est.value <= 0:
+                dram_zero.append(name)
+    spread = float(np.nanmedian(1.96 * se_rel))
+    drift = (settings.get("reference") or {}).get("drift")
+    window = max(settings["min_window_s"], 0.0)
+    quality, reason = assess(glob.cv_mape_, counts, dram_zero, spread, drift, window)
+    return quality, reason, bins
 
 
 def _profile_name(out: Path) -> str:
@@ -501,11 +653,14 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
     if len(group) < 5:
         return _predicted_entry(glob, numel, dtype, "fewer than five replays measured; predicted from the "
                                 "global coefficients")
-    fit = LayerCostFit().fit(group["kept"], group["lines"], group["joules_per_call"], _standard_error(group), numel)
+    fit = LayerCostFit(model_error=_model_error(glob, 2 * numel * itemsize_of(dtype))).fit(group["kept"], group["lines"], group["joules_per_call"],
+                                                      _standard_error(group), numel)
     if not fit.resolved():
+        why = ("the meter did not resolve its cost curve" if fit.band_ > 0.10 else
+               "the per-layer curve cannot follow its replays (the device does what the cost model does not)")
         return _predicted_entry(glob, numel, dtype, (
-            f"the meter did not resolve its cost curve (95 % band +-{fit.band_:.1%}, fit error "
-            f"{fit.rmse_rel_:.1%}; at most 10 % each); predicted from the global coefficients"))
+            f"{why} (95 % band +-{fit.band_:.1%}, fit error {fit.rmse_rel_:.1%}; at most 10 % each); predicted "
+            "from the global coefficients"))
     if fit.joules_per_update_ <= 0:
         return _predicted_entry(glob, numel, dtype, "the fit found no per-entry cost; predicted from the global "
                                 "coefficients")
@@ -547,6 +702,18 @@ def _standard_error(rows: pd.DataFrame) -> np.ndarray:
     return np.maximum(from_ci, rows["se_j"].to_numpy(float))
 
 
+def _model_error(glob: GlobalCostFit, working_set_bytes: float) -> float:
+    """How wrong the cost model is near ``working_set_bytes``: the global fit's cross-validated error,
+    or the RMS of its relative residuals over the sweep points within a factor 4 of that working set
+    (small kernels, mostly launches, are where a device's kernel-dependent launches show)."""
+    ws = getattr(glob, "sweep_working_sets_", None)
+    if ws is None or not len(ws):
+        return glob.cv_mape_
+    near = np.abs(np.log2(ws / max(working_set_bytes, 1.0))) <= 2.0
+    local = float(np.sqrt(np.mean(glob.residuals_rel_[near] ** 2))) if near.any() else 0.0
+    return max(glob.cv_mape_, local)
+
+
 def _predicted_entry(glob: GlobalCostFit, numel: int, dtype: str, reason: str) -> dict[str, Any]:
     point = layer_costs_from_global(glob.coefficients(), numel, dtype)
     samples = np.array([
@@ -556,7 +723,10 @@ def _predicted_entry(glob: GlobalCostFit, numel: int, dtype: str, reason: str) -
     lo, hi = np.quantile(samples, 0.025, axis=0), np.quantile(samples, 0.975, axis=0)
     jpu = point.joules_per_update
     values = (point.fixed_j, jpu, point.joules_per_line, point.joules_per_update_density)
-    lo, hi = np.minimum(lo, values), np.maximum(hi, values)
+    # and what the cost model cannot represent on this device: the global fit's cross-validated error, or
+    # its residuals' RMS among the sweep's kernels of similar working sets (within a factor 4) if larger
+    error = min(_model_error(glob, 2 * numel * itemsize_of(dtype)), 0.5)
+    lo, hi = np.minimum(lo, values) * (1 - error), np.maximum(hi, values) * (1 + error)
     return dict(
         fixed_j=values[0], fixed_ci_low=lo[0], fixed_ci_high=hi[0],
         joules_per_update=values[1], ci_low=lo[1], ci_high=hi[1],

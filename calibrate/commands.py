@@ -26,6 +26,7 @@ def cmd_calibrate(args: Any) -> int:
         args.meter, models=models, out=args.out, device=args.device, quick=args.quick, force=args.force,
         resume=args.resume, min_layer_numel=args.min_layer_numel, progress=not args.no_progress,
         say=lambda line: print(line, file=sys.stderr), allow_device_mismatch=args.allow_device_mismatch,
+        seed=getattr(args, "seed", 0), cooldown_s=getattr(args, "cooldown", 0.0),
     )
     print(profile.summary())
     print(f"\nprofile written to {args.out}")
@@ -36,7 +37,14 @@ def cmd_calibrate(args: Any) -> int:
 
 
 def _dry_run(args: Any, models: list[str]) -> int:
-    from calibrate.calibration import build_plan, estimate_seconds, protocol_settings, resolve_meter_spec
+    from calibrate.calibration import (
+        REFERENCE_EVERY,
+        build_plan,
+        estimate_seconds,
+        extra_seconds,
+        protocol_settings,
+        resolve_meter_spec,
+    )
     from energyprof.devices import describe, kernel_device
     from energyprof.errors import EnergyprofError
     from energyprof.meters import open_meter
@@ -62,8 +70,14 @@ def _dry_run(args: Any, models: list[str]) -> int:
     seconds = estimate_seconds(items, settings, period)
     clock = (info.details or {}).get("clock")
     note = " of simulated-device time (the virtual clock runs faster)" if clock == "virtual" else " of wall time"
+    cooldown = max(0.0, float(getattr(args, "cooldown", 0.0) or 0.0))
+    extra = extra_seconds(len(items), settings, period, cooldown)
     print(f"protocol: {settings}; meter update period {period} s")
-    print(f"estimate: {seconds / 60:.1f} min{note}")
+    print(f"order: randomised (seed {getattr(args, 'seed', 0)}); reference kernel measured {extra['references']} "
+          f"times (first, every {REFERENCE_EVERY} measurements, last): +{extra['reference_s'] / 60:.1f} min; "
+          f"cool-down {cooldown:g} s before each measurement: +{extra['cooldown_s'] / 60:.1f} min")
+    total = seconds + extra["reference_s"] + extra["cooldown_s"]
+    print(f"estimate: {total / 60:.1f} min{note} ({seconds / 60:.1f} min of plan measurements)")
     return 0
 
 
@@ -93,8 +107,12 @@ def cmd_profile(args: Any) -> int:
             return 0
         if action == "validate":
             profile = load_profile(args.target)
+            if getattr(args, "strict", False) and profile.quality == "poor":
+                return _fail(f"{args.target}: the calibration that wrote this profile was poor (--strict): "
+                             f"{profile.quality_reason}")
+            quality = f", quality {profile.quality}" if profile.quality else ""
             print(f"{args.target}: valid energyprof profile (schema {profile.schema_version}), "
-                  f"{len(profile.models)} model tables" + ("  [SIMULATED]" if profile.simulated else ""))
+                  f"{len(profile.models)} model tables{quality}" + ("  [SIMULATED]" if profile.simulated else ""))
             return 0
         if action == "diff":
             a, b = load_profile(args.target), load_profile(args.other)

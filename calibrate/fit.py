@@ -31,12 +31,17 @@ __all__ = ["GlobalCostFit", "LayerCostFit", "counts_of_rows", "COUNT_COLUMNS"]
 COUNT_COLUMNS = tuple(WorkCounts.__dataclass_fields__)
 
 
+OPTIONAL_COUNT_COLUMNS = ("pages_written", "line_runs_written")  # newer; the cost model does not use them
+
+
 def counts_of_rows(table: pd.DataFrame) -> list[WorkCounts]:
-    """The per-call :class:`WorkCounts` of each row of a measurement table."""
-    missing = [c for c in COUNT_COLUMNS if c not in table.columns]
+    """The per-call :class:`WorkCounts` of each row of a measurement table (tables written before
+    the optional columns existed read them as 0: not known)."""
+    missing = [c for c in COUNT_COLUMNS if c not in table.columns and c not in OPTIONAL_COUNT_COLUMNS]
     if missing:
         raise ValueError(f"the measurement table lacks the count columns {', '.join(missing)}")
-    return [WorkCounts(**{c: int(row[c]) for c in COUNT_COLUMNS}) for _, row in table.iterrows()]
+    present = [c for c in COUNT_COLUMNS if c in table.columns]
+    return [WorkCounts(**{c: int(row[c]) for c in present}) for _, row in table.iterrows()]
 
 
 def _nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -198,12 +203,20 @@ class LayerCostFit:
     ``fit(kept, lines, joules, se, numel)`` takes, per replay, the kept entries, the 64-byte lines
     they touch, the joules per call above idle and its standard error. Weighted non-negative least
     squares; 95 % intervals by parametric bootstrap from each replay's own uncertainty; ``r2_`` and
-    ``rmse_rel_`` say how well the curve fits."""
+    ``rmse_rel_`` say how well the curve fits.
 
-    def __init__(self, n_bootstrap: int = 300, confidence: float = 0.95, random_state: int | None = 0) -> None:
+    ``model_error`` (relative, default 0) is how wrong the cost model itself is on this device, as
+    the calibration estimates it (the global fit's cross-validated error): the coefficients'
+    intervals are bootstrapped from each replay's noise and this error together, so that they
+    cover what the model cannot represent; ``band_`` (whether the meter resolved the curve) comes
+    from the noise alone."""
+
+    def __init__(self, n_bootstrap: int = 300, confidence: float = 0.95, random_state: int | None = 0,
+                 model_error: float = 0.0) -> None:
         self.n_bootstrap = n_bootstrap
         self.confidence = confidence
         self.random_state = random_state
+        self.model_error = model_error
 
     def fit(self, kept: Any, lines: Any, joules: Any, se: Any, numel: int) -> "LayerCostFit":
         y = np.asarray(joules, float)
@@ -224,7 +237,11 @@ class LayerCostFit:
         boots = np.empty((self.n_bootstrap, x.shape[1]))
         for b in range(self.n_bootstrap):
             boots[b] = _nnls(x, y + rng.normal(0.0, 1.0, len(y)) * s, w)
-        low, high = _interval(boots, self.confidence)
+        wide = boots
+        if self.model_error > 0:
+            s_model = np.sqrt(s**2 + (self.model_error * y) ** 2)
+            wide = np.array([_nnls(x, y + rng.normal(0.0, 1.0, len(y)) * s_model, w) for _ in range(self.n_bootstrap)])
+        low, high = _interval(wide, self.confidence)
         self.coef_low_ = np.minimum(low, self.coef_)
         self.coef_high_ = np.maximum(high, self.coef_)
         band_low, band_high = _interval(boots @ x.T, self.confidence)

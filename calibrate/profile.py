@@ -44,6 +44,7 @@ __all__ = [
     "Radio",
     "DeviceProfile",
     "FitQuality",
+    "ResidualBin",
     "SCHEMA_VERSION",
     "available_profiles",
     "load_profile",
@@ -253,6 +254,17 @@ class Radio(_Strict):
     source: str = Field(min_length=1, description="where the figure comes from, e.g. 'datasheet: ...'")
 
 
+class ResidualBin(_Strict):
+    """The fit's relative residuals (predicted / measured - 1) of the measurements in one bin of a
+    feature: the bin's centre ``x`` (geometric mean), how many, their mean and its 95 % interval."""
+
+    x: float
+    n: int = Field(ge=1)
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
 class DeviceProfile(_Strict):
     schema_version: Literal[3] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -261,6 +273,11 @@ class DeviceProfile(_Strict):
     coefficients: Coefficients
     models: dict[str, ModelCosts] = Field(default_factory=dict)
     radio: Radio | None = None
+    quality: Literal["ok", "poor"] | None = Field(
+        default=None, description="the calibration's own verdict (None: not assessed, older files)")
+    quality_reason: str | None = Field(default=None, description="why the quality is poor: cause and remedy")
+    fit_residuals: dict[str, list[ResidualBin]] = Field(
+        default_factory=dict, description="the fit's residuals binned by working_set_bytes, density, layer_numel")
 
     @model_validator(mode="after")
     def _simulated_is_carried(self) -> "DeviceProfile":
@@ -309,6 +326,8 @@ class DeviceProfile(_Strict):
                          f"over {c.fit.n_measurements} measurements")
         if self.radio:
             lines.append(f"  radio            {self.radio.joules_per_byte:.4g} J/byte ({self.radio.source})")
+        if self.quality == "poor":
+            lines.append(f"  QUALITY POOR     {self.quality_reason}")
         for model, costs in sorted(self.models.items()):
             measured = sum(layer.method == "measured" for layer in costs.layers)
             lines.append(f"  model {model}: {len(costs.layers)} layers ({measured} measured, "

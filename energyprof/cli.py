@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-layer-numel", type=_at_least(0, int), default=None,
                    help="tensors smaller than this are predicted, not replayed (default: 16384 quick, 4096 full)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate; measure nothing")
+    p.add_argument("--cooldown", type=float, default=0.0, metavar="SECONDS",
+                   help="idle the device this long before each measurement (drift; default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomised measurement order (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
@@ -406,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("validate", help="check a profile file; exits 1 naming the field and line")
     a.add_argument("target", help="YAML path or profile name")
+    a.add_argument("--strict", action="store_true", help="also fail (exit 1) a profile whose calibration was poor")
     a = actions.add_parser("diff", help="relative change of every coefficient and layer, and interval overlap")
     a.add_argument("target", help="profile A (name or path)")
     a.add_argument("other", help="profile B (name or path)")

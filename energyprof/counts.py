@@ -16,6 +16,10 @@ class WorkCounts:
     ``scattered_bytes_written`` is the part of ``bytes_written`` written at scattered positions, and
     ``lines_written`` the number of distinct 64-byte lines those writes touch (summed over the ops
     that scatter): hardware pays scattered writes in whole lines.
+    ``pages_written`` counts the distinct 4 KiB pages those lines lie in and ``line_runs_written`` the
+    maximal runs of consecutive written lines (both summed over the ops that scatter; 0: not known).
+    The cost model does not use them; the simulator's device model prices page walks (TLB) and
+    prefetched neighbouring lines with them.
     """
 
     elements: int = 0
@@ -26,6 +30,8 @@ class WorkCounts:
     launches: int = 0
     scattered_bytes_written: int = 0
     lines_written: int = 0
+    pages_written: int = 0
+    line_runs_written: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -50,6 +56,8 @@ class WorkCounts:
             launches=self.launches * calls,
             scattered_bytes_written=self.scattered_bytes_written * calls,
             lines_written=self.lines_written * calls,
+            pages_written=self.pages_written * calls,
+            line_runs_written=self.line_runs_written * calls,
         )
 
     def to_dict(self) -> dict[str, int]:

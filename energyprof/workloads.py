@@ -36,7 +36,6 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from energyprof.costmodel import lines_touched
 from energyprof.counts import WorkCounts
 
 __all__ = [
@@ -53,6 +52,8 @@ __all__ = [
     "Compensation",
     "RoundReplay",
     "itemsize_of",
+    "scatter_layout",
+    "PAGE_BYTES",
     "Sgd",
     "Momentum",
     "Adam",
@@ -96,6 +97,22 @@ def _device(device: str | torch.device) -> torch.device:
 
 def _nbytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+PAGE_BYTES = 4096  # the base page size of x86-64, Arm64 (4 KiB granule) and CUDA's UVM
+
+
+def scatter_layout(positions: torch.Tensor, itemsize: int) -> dict[str, int]:
+    """Where scattered writes at flat ``positions`` (of ``itemsize``-byte entries) land: the distinct
+    64-byte lines (``lines_written``, :func:`energyprof.costmodel.lines_touched`), the distinct 4 KiB
+    pages they lie in (``pages_written``) and the maximal runs of consecutive lines
+    (``line_runs_written``; a line whose predecessor is also written is the rest of a run)."""
+    if positions.numel() == 0:
+        return {"lines_written": 0, "pages_written": 0, "line_runs_written": 0}
+    line_ids = torch.unique(positions.reshape(-1).to(_INDEX) * int(itemsize) // 64)
+    pages = int(torch.unique(line_ids // (PAGE_BYTES // 64)).numel())
+    runs = 1 + int((line_ids[1:] != line_ids[:-1] + 1).sum())
+    return {"lines_written": int(line_ids.numel()), "pages_written": pages, "line_runs_written": runs}
 
 
 def itemsize_of(dtype: str | torch.dtype) -> int:
@@ -162,6 +179,7 @@ class TensorWorkload(Workload):
             elements=c["elements"], bytes_read=c["bytes_read"], bytes_written=c["bytes_written"],
             flops=c.get("flops", 0), working_set_bytes=ws, launches=c["launches"],
             scattered_bytes_written=c.get("scattered_bytes_written", 0), lines_written=c.get("lines_written", 0),
+            pages_written=c.get("pages_written", 0), line_runs_written=c.get("line_runs_written", 0),
         )
         del self._gen
         return self
@@ -256,7 +274,7 @@ class Scatter(_Kept):
     def _counts(self, s: int) -> dict[str, int]:
         k = self.tensors_["positions"].numel()
         return {"elements": k, "bytes_read": k * (s + 8), "bytes_written": k * s, "launches": 1,
-                "scattered_bytes_written": k * s, "lines_written": lines_touched(self.tensors_["positions"], s)}
+                "scattered_bytes_written": k * s, **scatter_layout(self.tensors_["positions"], s)}
 
 
 class Runs(_Kept):
@@ -297,7 +315,7 @@ class Runs(_Kept):
         r = self.run_length
         written = (self.tensors_["runs"].unsqueeze(1) * r + torch.arange(r, device=self.device_)).reshape(-1)
         return {"elements": k, "bytes_read": k * s + runs * 8, "bytes_written": k * s, "launches": 1,
-                "scattered_bytes_written": k * s, "lines_written": lines_touched(written, s)}
+                "scattered_bytes_written": k * s, **scatter_layout(written, s)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "run_length": self.run_length}
@@ -343,7 +361,7 @@ class Residual(_Kept):
         n, k = self.size, self.tensors_["positions"].numel()
         return {"elements": n, "bytes_read": 2 * n * s + k * 8, "bytes_written": (n + k) * s, "flops": n,
                 "launches": 2, "scattered_bytes_written": k * s,
-                "lines_written": lines_touched(self.tensors_["positions"], s)}
+                **scatter_layout(self.tensors_["positions"], s)}
 
 
 class Compensation(TensorWorkload):
@@ -407,9 +425,10 @@ class UpdatePhase(_Kept):
         t["param"].index_add_(0, t["positions"], t["send_values"])
 
     @classmethod
-    def counts_for(cls, n: int, k: int, lines: int, s: int) -> WorkCounts:
+    def counts_for(cls, n: int, k: int, lines: int, s: int, pages: int = 0, runs: int = 0) -> WorkCounts:
         """Counts of one call over a tensor of ``n`` entries of ``s`` bytes that keeps ``k`` entries
-        lying in ``lines`` distinct 64-byte lines (both scattered ops write those lines)."""
+        lying in ``lines`` distinct 64-byte lines, ``pages`` 4 KiB pages and ``runs`` runs of
+        consecutive lines (both scattered ops write those lines; 0 pages and runs: not known)."""
         # index_select: r 8k + ks, w ks | copy_: r 8k, w 4k
         # index_fill_: r 8k, w ks (scattered) | index_add_: r 8k + 2ks, w ks (scattered), f k
         return WorkCounts(
@@ -421,11 +440,15 @@ class UpdatePhase(_Kept):
             launches=cls.LAUNCHES,
             scattered_bytes_written=2 * k * s,
             lines_written=2 * lines,
+            pages_written=2 * pages,
+            line_runs_written=2 * runs,
         )
 
     def _counts(self, s: int) -> dict[str, int]:
         positions = self.tensors_["positions"]
-        c = self.counts_for(self.size, positions.numel(), lines_touched(positions, s), s)
+        layout = scatter_layout(positions, s)
+        c = self.counts_for(self.size, positions.numel(), layout["lines_written"], s, layout["pages_written"],
+                            layout["line_runs_written"])
         return {k: v for k, v in c.to_dict().items() if k != "working_set_bytes"}
 
 

@@ -22,10 +22,18 @@ import yaml
 
 from calibrate.calibration import CalibrationError, build_plan, calibrate
 from calibrate.profile import ProfileError, load_profile
-from energyprof.costmodel import layer_costs_from_global, lines_touched, predict_joules
+from energyprof.costmodel import layer_costs_from_global, lines_touched
 from energyprof.meters.sim import PRESETS
 from energyprof.models import build_model
-from energyprof.workloads import Compensation, UpdatePhase
+from energyprof.workloads import Compensation, UpdatePhase, scatter_layout
+
+
+def true_joules(numel: int, positions: torch.Tensor, temperature: float = 0.0) -> float:
+    """The simulated rpi4's truth of one update phase keeping ``positions`` (its device model)."""
+    layout = scatter_layout(positions.sort().values, 4)
+    counts = UpdatePhase.counts_for(numel, positions.numel(), layout["lines_written"], 4, layout["pages_written"],
+                                    layout["line_runs_written"])
+    return PRESETS["rpi4"].device.price(counts, temperature)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "sim:preset=rpi4,seed=3"
@@ -53,19 +61,21 @@ def calibrated(tmp_path_factory):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = pd.read_csv(csv)
-    assert 0 < len(before) < len(items), "the run was to be killed half-way"
+    assert 0 < (before.kind != "reference").sum() < len(items), "the run was to be killed half-way"
     assert not out.exists()
     resumed = energyprof(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"({len(before)} already in" in resumed.stderr
+    assert f"({(before.kind != 'reference').sum()} already in" in resumed.stderr
     after = pd.read_csv(csv)
     return {"out": out, "csv": csv, "before": before, "after": after, "items": items, "args": args}
 
 
 def test_a_killed_run_resumes_and_remeasures_nothing_it_had_finished(calibrated):
     before, after, items = calibrated["before"], calibrated["after"], calibrated["items"]
-    assert len(after) == len(items) and after.id.is_unique
-    assert set(after.id) == {i.id for i in items}
+    assert after.id.is_unique
+    plan_rows = after[after.kind != "reference"]
+    assert len(plan_rows) == len(items) and set(plan_rows.id) == {i.id for i in items}
+    assert (after.kind == "reference").sum() >= 2  # the reference kernel, re-measured in both sessions
     # the finished rows are kept as they were, not measured again
     kept = after.iloc[: len(before)].reset_index(drop=True)
     for column in ("id", "joules_per_call", "ci_low_j", "ci_high_j", "calls", "measured_at"):
@@ -84,42 +94,52 @@ def test_profile_validates_and_is_labelled_simulated(calibrated):
     layers = profile.layer_costs("cnn")
     assert set(layers) == {n for n, _ in build_model("cnn").named_parameters()}
     for layer in layers.values():  # never 0, every layer priced
-        assert layer.joules_per_update > 0 and layer.fixed_j > 0
+        assert layer.joules_per_update + layer.joules_per_line > 0 and layer.fixed_j > 0
         assert layer.method == "measured" or layer.reason
 
 
 def test_dram_sized_layers_cost_more_per_kept_entry_as_the_truth_says(calibrated):
     profile = load_profile(calibrated["out"])
     layers = profile.layer_costs("cnn")
-    truth = PRESETS["rpi4"].truth
-    dram, cache = layers["fc1.weight"], layers["fc2.weight"]  # 12 MiB and 384 KiB working sets; cache 1 MiB
+    dram, cache = layers["fc1.weight"], layers["fc2.weight"]  # 12 MiB and 384 KiB working sets; L2 1 MiB
     assert dram.method == "measured"
+    g = torch.Generator().manual_seed(0)
 
-    def per_entry(layer, coefficients):
+    def per_entry(layer, truth):
         k = round(0.01 * layer.numel)
-        lines = round(k * 0.99)
-        if coefficients is None:
-            return (layer.joules(k, lines) - layer.fixed_j) / k
-        return (predict_joules(UpdatePhase.counts_for(layer.numel, k, lines, 4), coefficients)
-                - predict_joules(UpdatePhase.counts_for(layer.numel, 0, 0, 4), coefficients)) / k
+        positions = torch.randperm(layer.numel, generator=g)[:k]
+        if not truth:
+            return (layer.joules(k, lines_touched(positions, 4)) - layer.fixed_j) / k
+        # from one kept entry (the layer touched at all: its launches are index kernels) to k
+        return (true_joules(layer.numel, positions) - true_joules(layer.numel, positions[:1])) / (k - 1)
 
-    assert per_entry(dram, truth) > 2 * per_entry(cache, truth)  # the preset's truth
-    assert per_entry(dram, None) > 2 * per_entry(cache, None)  # what the calibration found
+    assert per_entry(dram, True) > 2 * per_entry(cache, True)  # the simulated device's truth
+    assert per_entry(dram, False) > 2 * per_entry(cache, False)  # what the calibration found
 
 
 def test_predictions_for_replays_agree_with_the_truth(calibrated):
     profile = load_profile(calibrated["out"])
-    truth = PRESETS["rpi4"].truth
+    # the calibration divides by the drift relative to its mean: compare at the device's mean temperature
+    # over a busy run (the truth of a cold device is up to dynamic_rise lower)
     g = torch.Generator().manual_seed(0)
-    errors = []
+    errors, covered = [], []
     for layer in profile.models["cnn"].layers:
         for d in (0.003, 0.02, 0.1):
             k = max(1, round(d * layer.numel))
-            lines = lines_touched(torch.randperm(layer.numel, generator=g)[:k], 4)
-            true_j = predict_joules(UpdatePhase.counts_for(layer.numel, k, lines, 4), truth)
+            positions = torch.randperm(layer.numel, generator=g)[:k]
+            lines = lines_touched(positions, 4)
+            true_j = true_joules(layer.numel, positions, temperature=0.5)
             errors.append(abs(layer.joules(k, lines) - true_j) / true_j)
-    assert max(errors) < 0.05
-    assert sum(errors) / len(errors) < 0.02
+            low = layer.fixed_ci_low + layer.ci_low * k + layer.line_ci_low * lines + layer.density_ci_low * k * k / layer.numel
+            high = (layer.fixed_ci_high + layer.ci_high * k + layer.line_ci_high * lines
+                    + layer.density_ci_high * k * k / layer.numel)
+            covered.append(low <= true_j <= high)
+    # the device's launches depend on the kernel (index kernels cost more) where the model has one cost
+    # per launch: small layers, mostly launches, are where the model misses (docs/simulator.md); the
+    # intervals say so (issue 19's goal: held-out coverage >= 90 %)
+    assert max(errors) < 0.25
+    assert sum(errors) / len(errors) < 0.08
+    assert sum(covered) / len(covered) >= 0.9, (sum(covered), len(covered))
 
 
 def test_the_compensation_is_measured_on_its_own_and_never_charged_to_a_mask(calibrated):
@@ -133,13 +153,13 @@ def test_the_compensation_is_measured_on_its_own_and_never_charged_to_a_mask(cal
     layers = profile.layer_costs("cnn")
     measured = [layer for layer in layers.values() if layer.compensation_method == "measured"]
     assert len(comp) >= 1 and len(measured) >= len(comp)
-    truth = PRESETS["rpi4"].truth
+    device = PRESETS["rpi4"].device  # the simulated device's truth, at the run's mean temperature
     fc1 = layers["fc1.weight"]
     assert fc1.compensation_method == "measured"
-    true_comp = predict_joules(Compensation.counts_for(fc1.numel, 4), truth)
+    true_comp = device.price(Compensation.counts_for(fc1.numel, 4), 0.5)
     assert fc1.compensation_j == pytest.approx(true_comp, rel=0.05)
     # the old schema charged the add to fixed_j (98 % of it for fc1); the set-up is now far below the add
-    true_setup = predict_joules(UpdatePhase.counts_for(fc1.numel, 0, 0, 4), truth)
+    true_setup = device.price(UpdatePhase.counts_for(fc1.numel, 1, 1, 4), 0.5)
     assert fc1.fixed_j < 0.05 * fc1.compensation_j and true_setup < 0.05 * true_comp
     assert fc1.joules(0, 0) == 0.0
     for layer in layers.values():
@@ -238,11 +258,48 @@ def test_a_meter_failing_mid_run_keeps_what_was_measured(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MeasurementProtocol, "measure", failing)
     out = tmp_path / "p.yaml"
-    with pytest.raises(CalibrationError, match=r"5 finished measurements are saved.*--resume"):
+    # the reference kernel comes first: 5 measurements saved, 4 of them the plan's
+    with pytest.raises(CalibrationError, match=r"4 finished measurements are saved.*--resume"):
         calibrate(SPEC, models=["mlp"], out=out, quick=True, progress=False, say=lambda s: None)
-    assert len(pd.read_csv(out.with_name(out.name + ".measurements.csv"))) == 5
+    saved = pd.read_csv(out.with_name(out.name + ".measurements.csv"))
+    assert len(saved) == 5 and (saved.kind == "reference").sum() == 1
     assert not out.exists()
     count["n"] = 100
     profile = calibrate(SPEC, models=["mlp"], out=out, quick=True, resume=True, progress=False, say=lambda s: None)
-    assert count["n"] == 100 + len(build_plan({"mlp": build_model("mlp")}, True)[0]) - 5
+    plan = build_plan({"mlp": build_model("mlp")}, True)[0]
+    assert count["n"] >= 100 + len(plan) - 4  # the rest of the plan (and the reference kernel again)
+    after = pd.read_csv(out.with_name(out.name + ".measurements.csv"))
+    assert sorted(after[after.kind != "reference"].id) == sorted(i.id for i in plan)
     assert profile.models["mlp"].layers and out.exists()
+
+
+def test_order_is_randomised_drift_is_corrected_and_the_fit_says_what_it_cannot_explain(calibrated):
+    """Every effect of the simulated device is on: the reference kernel sees it drift, the profile
+    records the drift, the fit's residuals by feature and a verdict."""
+    after = calibrated["after"]
+    plan_order = [i.id for i in calibrated["items"]]
+    run_order = after[after.kind != "reference"].id.tolist()
+    assert sorted(run_order) == sorted(plan_order) and run_order != plan_order  # randomised
+    profile = load_profile(calibrated["out"])
+    reference = profile.provenance.protocol["reference"]
+    assert reference["corrected"] and reference["measurements"] >= 4
+    assert 0.005 < reference["drift"] < 0.15  # the rpi4 preset warms by a few % over a busy run
+    assert "seed 0" in profile.provenance.protocol["order"]
+    assert profile.quality == "ok" and profile.quality_reason is None
+    for feature in ("working_set_bytes", "density", "layer_numel"):
+        bins = profile.fit_residuals[feature]
+        assert bins and all(b.ci_low <= b.mean <= b.ci_high for b in bins)
+
+
+def test_a_profile_with_a_quarter_of_the_cache_fails_validation_and_its_residuals_point_at_the_working_set(
+        calibrated, tmp_path):
+    from calibrate.profile import save_profile
+    from cwmp.apps.validate import shrunk_cache, validate
+
+    fast = dict(min_window_s=0.5, min_periods=5, trials=3, idle_windows=3, warmup_s=0.05)
+    wrong = save_profile(shrunk_cache(load_profile(calibrated["out"]), 4), tmp_path / "cache-div4.yaml")
+    result = validate(str(wrong), SPEC, model="cnn", ratios=(0.01, 0.1), progress=False, protocol_kwargs=fast,
+                      say=lambda s: None)
+    assert result.summary["mape"] > 0.05  # fails validate --max-mape 0.05
+    assert result.summary["bias_features"][:1] == ["working_set_bytes"], result.bias
+    assert any(w.startswith("systematic bias with working-set size") for w in result.warnings)

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 import energyprof.costmodel as cm
 from calibrate.fit import GlobalCostFit, LayerCostFit
 from energyprof.counts import WorkCounts
-from energyprof.meters.sim import PRESETS
 from energyprof.workloads import Compensation, UpdatePhase, make_workload
 
 
@@ -57,7 +56,25 @@ def test_layer_joules_costs_nothing_when_nothing_is_kept():
         cm.layer_joules(1.0, 0.1, 0.2, -1, 0)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+def _coefficients(call, r_cache, r_dram, w_cache, w_dram, flop, cache_bytes, octaves, static_w):
+    return cm.CostCoefficients(
+        j_per_call=call, j_per_byte_read={"cache": r_cache, "dram": r_dram},
+        j_per_byte_written={"cache": w_cache, "dram": w_dram},
+        j_per_line_written={"cache": 64 * w_cache, "dram": 64 * w_dram}, j_per_flop=flop,
+        cache_bytes=cache_bytes, transition_octaves=octaves, static_power_w=static_w)
+
+
+# Cost-model coefficient sets of the orders of magnitude of a GPU, a desktop CPU and a small board
+# (REFERENCE.md). They test the cost model's own algebra; the simulator's truth is not the cost
+# model (energyprof/meters/simdevice.py) and is tested in tests/test_simdevice.py.
+COEFFICIENTS = {
+    "h100": _coefficients(2e-4, 4e-12, 30e-12, 6e-12, 40e-12, 2e-12, 50 * 2**20, 1.0, 70.0),
+    "desktop-cpu": _coefficients(3e-5, 10e-12, 100e-12, 15e-12, 150e-12, 20e-12, 32 * 2**20, 1.5, 15.0),
+    "rpi4": _coefficients(1e-5, 20e-12, 300e-12, 30e-12, 400e-12, 60e-12, 1 * 2**20, 1.0, 2.7),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(COEFFICIENTS))
 @pytest.mark.parametrize("numel", [10, 4096, 65536, 1 << 20, 2359296, 1 << 24])
 def test_per_layer_costs_from_global_price_the_update_phase_like_the_cost_model(preset, numel):
     """The per-layer curve (fixed + per entry + per line + density term) follows the cost model's
@@ -66,7 +83,7 @@ def test_per_layer_costs_from_global_price_the_update_phase_like_the_cost_model(
     the dense add (now the compensation) the update phase is small, and the transition is a logistic
     the per-layer curve only approximates (worst: rpi4 at 65536 entries, 60 % density, -4.5 %;
     elsewhere under 2 %)."""
-    truth = PRESETS[preset].truth
+    truth = COEFFICIENTS[preset]
     layer = cm.layer_costs_from_global(truth, numel, "float32")
     assert layer.joules(0, 0) == 0.0
     assert layer.compensation_j == cm.predict_joules(Compensation.counts_for(numel, 4), truth)
@@ -88,7 +105,7 @@ def test_round_joules_split_by_who_decides():
 def test_without_the_density_term_the_curve_misses_near_the_cache_size():
     """Why the density term exists: near the cache size the kept entries' buffers grow the working set,
     so the best fit of fixed + per entry + per line alone misses the update phase's price by over 5 %."""
-    truth = PRESETS["desktop-cpu"].truth
+    truth = COEFFICIENTS["desktop-cpu"]
     n = 1 << 20
     kept = [max(1, round(d * n)) for d in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)]
     lines = [round(cm.expected_lines(k, n, 4)) for k in kept]
@@ -102,7 +119,7 @@ def test_without_the_density_term_the_curve_misses_near_the_cache_size():
 def test_global_fit_recovers_the_truth_and_the_cache_boundary_from_exact_measurements():
     """Noise-free protocol results of real workloads' counts: the fit must find every coefficient,
     the cache size and the transition width (scikit-learn NNLS over the cost model's features)."""
-    truth = PRESETS["desktop-cpu"].truth
+    truth = COEFFICIENTS["desktop-cpu"]
     rows = []
     for name in ("sgd", "momentum", "adam", "fma", "scatter", "pack", "residual", "runs", "update"):
         for size in (4**6, 4**8, 4**10, 4**11, 4**12):
@@ -132,7 +149,7 @@ def _counts_without_allocating(name, size, density):
 
 def test_layer_fit_recovers_fixed_marginal_and_line_costs():
     numel = 1 << 20
-    truth = cm.layer_costs_from_global(PRESETS["rpi4"].truth, numel, "float32")
+    truth = cm.layer_costs_from_global(COEFFICIENTS["rpi4"], numel, "float32")
     kept = [round(d * numel) for d in cm.LAYER_DENSITIES]
     lines = [round(cm.expected_lines(k, numel, 4)) for k in kept]
     joules = [truth.joules(k, n) for k, n in zip(kept, lines)]
@@ -144,8 +161,9 @@ def test_layer_fit_recovers_fixed_marginal_and_line_costs():
 
 
 def test_every_prediction_goes_through_the_cost_model(monkeypatch):
-    """The simulator's truth, profiles, cost maps and the fit all price through energyprof.costmodel:
-    replace its two pricing functions and every one of them follows."""
+    """Profiles, cost maps and the fit all price through energyprof.costmodel: replace its two
+    pricing functions and every one of them follows. The simulator's truth does not (it is a
+    device model of its own: tests/test_simdevice.py)."""
     from calibrate.profile import load_profile
     from cwmp.costmap import CostMap
 
@@ -169,8 +187,8 @@ def test_every_prediction_goes_through_the_cost_model(monkeypatch):
         monkeypatch.setattr(module, "predict_joules", predict, raising=False)
     for module in (cm, calibrate.profile, cwmp.costmap, calibrate.fit):
         monkeypatch.setattr(module, "layer_joules", layer, raising=False)
-    PRESETS["h100"].price(WorkCounts(bytes_written=10, working_set_bytes=10))
-    assert calls["predict"] == 1
+    sim.PRESETS["h100"].price(WorkCounts(bytes_written=10, working_set_bytes=10))
+    assert calls["predict"] == 0  # the simulator's truth never asks the cost model
     profile = load_profile("sim-rpi4")
     model = torch.nn.Linear(8, 4)
     cmap = CostMap.from_profile(profile, "tiny", model.named_parameters(), allow_predicted=True)

@@ -20,7 +20,7 @@ def test_every_number_is_labelled_simulated():
 
 
 def test_static_power_over_long_window_matches_truth():
-    m = SimMeter("h100", seed=3, clock="virtual")
+    m = SimMeter("h100", seed=3, clock="virtual", effects="-interference")  # idle: no drift either
     m.begin()
     t0 = m.clock()
     m.sleep(60.0)
@@ -48,7 +48,7 @@ def test_short_kernel_is_seen_only_inside_the_averaging_window():
     # only if the burst falls inside the window before an update -- the flaw the protocol must beat.
     seen = []
     for seed in range(40):
-        m = SimMeter("h100", seed=seed, clock="virtual", noise_w=0.0)
+        m = SimMeter("h100", seed=seed, clock="virtual", noise_w=0.0, effects="none")  # the counter's flaw alone
         m.sleep(0.5)
         m.begin()
         m.run_kernel(BIG, 0.010)
@@ -61,35 +61,12 @@ def test_short_kernel_is_seen_only_inside_the_averaging_window():
 
 
 def test_wrap_around_is_unwrapped_by_the_reader():
-    m = open_meter("sim:preset=desktop-cpu,wrap_j=40,clock=virtual,noise_w=0")
+    m = open_meter("sim:preset=desktop-cpu,wrap_j=40,clock=virtual,noise_w=0,effects=none")
     m.begin()
     m.sleep(20.0)  # 300 J at 15 W: seven wraps of 40 J
     meas = m.end()
     assert m.wraps >= 7
     assert meas.energy_j == pytest.approx(300.0, abs=0.1)
-
-
-def test_cache_and_dram_levels_are_priced_differently_with_a_smooth_transition():
-    p = PRESETS["h100"]
-    small = WorkCounts(bytes_written=1000, working_set_bytes=1000)
-    far = WorkCounts(bytes_written=1000, working_set_bytes=p.cache_bytes * 2**8)
-    assert p.price(far) / p.price(small) == pytest.approx(p.j_per_byte_written_dram / p.j_per_byte_written_cache)
-    # at the cache size itself, half the traffic is priced at each level (no step)
-    at = WorkCounts(bytes_written=1000, working_set_bytes=p.cache_bytes)
-    assert p.price(at) == pytest.approx(500 * (p.j_per_byte_written_cache + p.j_per_byte_written_dram))
-    prices = [p.price(WorkCounts(bytes_written=1000, working_set_bytes=int(p.cache_bytes * 2**x)))
-              for x in (-2, -1, -0.5, 0, 0.5, 1, 2)]
-    assert all(a < b for a, b in zip(prices, prices[1:]))
-    jump = max(b / a for a, b in zip(prices, prices[1:]))
-    assert jump < 3  # smooth: no factor-6.7 step between neighbouring sizes
-
-
-def test_scattered_writes_are_paid_in_whole_lines_and_launches_cost_a_fixed_energy():
-    p = PRESETS["rpi4"]
-    alone = WorkCounts(bytes_written=4, scattered_bytes_written=4, lines_written=1, working_set_bytes=1000)
-    shared = WorkCounts(bytes_written=64, scattered_bytes_written=64, lines_written=1, working_set_bytes=1000)
-    assert p.price(alone) == pytest.approx(p.price(shared)) == pytest.approx(64 * p.j_per_byte_written_cache)
-    assert p.price(WorkCounts(launches=3)) == pytest.approx(3 * p.j_per_call)
 
 
 @settings(max_examples=25, deadline=None)
@@ -99,7 +76,9 @@ def test_scattered_writes_are_paid_in_whole_lines_and_launches_cost_a_fixed_ener
 )
 def test_counter_conserves_energy_over_long_windows(durations, gap):
     # Whatever the pattern of work, once the window is long the counter's error is bounded by
-    # edge effects (one period of peak power) plus noise: energy is never lost or invented.
+    # edge effects (one period of peak power) plus noise: energy is never lost or invented. Every
+    # effect is on: the device's drifting static power is in its truth, the interference bursts
+    # are foreign joules the meter sees too.
     m = SimMeter("rpi4", seed=1, clock="virtual", noise_w=0.0)
     m.begin()
     t0 = m.clock()
@@ -108,13 +87,13 @@ def test_counter_conserves_energy_over_long_windows(durations, gap):
         m.sleep(gap)
     m.sleep(1.0)
     meas = m.end()
-    truth = m.true_energy_j(t0, m.clock())
-    dyn_peak = max(m.price(BIG) / d for d in durations)
-    assert abs(meas.energy_j - truth) <= (2.7 + dyn_peak) * 0.01 * 2 + 1e-3
+    truth = m.true_energy_j(t0, m.clock()) + m.foreign_energy_j(t0, m.clock())
+    dyn_peak = max(m.price(BIG) / d for d in durations) * 1.1
+    assert abs(meas.energy_j - truth) <= (2.8 + dyn_peak + m.device.burst_max_w) * 0.01 * 2 + 1e-3
 
 
 def test_late_reported_work_is_not_lost():
-    m = SimMeter("h100", seed=0, clock="virtual", noise_w=0.0)
+    m = SimMeter("h100", seed=0, clock="virtual", noise_w=0.0, effects="none")
     m.begin()
     t0 = m.clock()
     m.sleep(1.0)
@@ -128,7 +107,7 @@ def test_late_reported_work_is_not_lost():
 def test_real_clock_measures_static_power():
     import time
 
-    m = open_meter("sim:preset=rpi4,noise_w=0")
+    m = open_meter("sim:preset=rpi4,noise_w=0,effects=none")
     m.begin()
     time.sleep(0.3)
     meas = m.end()

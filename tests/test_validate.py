@@ -1,5 +1,5 @@
-"""`energyprof validate` on the simulator (SIMULATED numbers) with the shipped simulated profiles,
-which `python -m calibrate.simulated` fitted from simulated measurements."""
+"""`energyprof validate` on the simulator (SIMULATED numbers): a profile calibrated here on the simulated
+rpi4 (every effect of its device model on), and the shipped simulated profiles for the warnings."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from calibrate.profile import load_profile, save_profile
-from cwmp.apps.validate import doubled, validate
+from calibrate.calibration import calibrate
+from cwmp.apps.validate import doubled, shrunk_cache, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = dict(min_window_s=0.5, min_periods=5, trials=3, idle_windows=3, warmup_s=0.05)
@@ -23,9 +24,16 @@ def energyprof(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def profile_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "rpi4-mlp.yaml"
+    calibrate("sim:preset=rpi4,seed=11", models=["mlp"], out=out, quick=True, progress=False, say=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, profile_path):
     report = tmp_path_factory.mktemp("val") / "report"
-    return validate("sim-rpi4", "sim:preset=rpi4,seed=11", model="mlp", ratios=(0.01, 0.1), report=report,
+    return validate(str(profile_path), "sim:preset=rpi4,seed=11", model="mlp", ratios=(0.01, 0.1), report=report,
                     progress=False, protocol_kwargs=FAST, say=lambda s: None)
 
 
@@ -43,16 +51,35 @@ def test_predicted_against_measured_and_the_truth(run):
 
 def test_the_report_says_simulated_in_every_file(run):
     names = sorted(p.name for p in run.report.iterdir())
-    assert names == ["SIMULATED-error-by-ratio.png", "SIMULATED-predicted-vs-measured.png", "SIMULATED-summary.json",
-                     "SIMULATED-summary.md", "SIMULATED-validation.csv"]
+    assert names == ["SIMULATED-error-by-ratio.png", "SIMULATED-layers.csv", "SIMULATED-predicted-vs-measured.png",
+                     "SIMULATED-residuals.png", "SIMULATED-summary.json", "SIMULATED-summary.md",
+                     "SIMULATED-validation.csv"]
     md = (run.report / "SIMULATED-summary.md").read_text()
     assert "SIMULATED" in md.splitlines()[0] and "MAPE" in md and "predicted from global coefficients" in md
     summary = json.loads((run.report / "SIMULATED-summary.json").read_text())
     assert summary["simulated"] is True and {"mape", "n", "worst", "bias"} <= set(summary)
 
 
-def test_a_doubled_profile_fails_the_gate(tmp_path):
-    bad = save_profile(doubled(load_profile("sim-rpi4")), tmp_path / "doubled.yaml")
+def test_per_layer_residuals_against_the_three_features(run):
+    layers = run.layers
+    assert len(layers) == 12 and set(layers["mask"]) == {"random"} and set(layers["ratio"]) == {0.01, 0.1}
+    assert {"working_set_bytes", "density", "layer_numel", "residual", "se", "truth_j"} <= set(layers.columns)
+    assert run.summary["layers_measured"] == len(layers) and "bias_features" in run.summary
+    assert "Per-layer residuals" in (run.report / "SIMULATED-summary.md").read_text()
+
+
+def test_a_profile_with_a_quarter_of_the_cache_fails_the_gate(tmp_path, profile_path):
+    # (that its residuals point at the working set is checked on cnn, whose layers span more sizes:
+    # tests/test_calibrate.py)
+    wrong = save_profile(shrunk_cache(load_profile(profile_path), 4), tmp_path / "cache-div4.yaml")
+    r = energyprof("validate", "--profile", str(wrong), "--meter", "sim:preset=rpi4,seed=11", "--model", "mlp",
+                   "--ratios", "0.01,0.1", "--max-mape", "0.05", "--json")
+    assert r.returncode == 3, r.stderr
+    assert json.loads(r.stdout)["mape"] > 0.05
+
+
+def test_a_doubled_profile_fails_the_gate(tmp_path, profile_path):
+    bad = save_profile(doubled(load_profile(profile_path)), tmp_path / "doubled.yaml")
     r = energyprof("validate", "--profile", str(bad), "--meter", "sim:preset=rpi4", "--model", "mlp",
                    "--ratios", "0.01,0.1", "--max-mape", "0.1", "--json")
     assert r.returncode == 3, r.stderr

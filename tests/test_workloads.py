@@ -359,7 +359,7 @@ def test_layer_replay_rejects_unknown_names_and_wrong_shapes():
 
 # ---------------------------------------------------------------------------- stand-in and devices
 def test_sim_kernel_reports_its_own_work_once_per_call():
-    meter = SimMeter("h100", clock="virtual")
+    meter = SimMeter("h100", clock="virtual", effects="-drift")  # a cold device: each call costs the same
     counts = WorkCounts(bytes_written=10**6, working_set_bytes=10**6)
     k = SimKernel(meter, counts, 0.01).setup()
     assert k.reports_work and k.counts_ == counts

@@ -15,9 +15,14 @@ For a device profile, a model and a meter:
    interval; on the simulator, the simulator's truth as a third column, so that model error and
    measurement error are told apart.
 
+5. every layer measured on its own at each of ``layer_densities`` (random positions: the same
+   densities in every layer, so that density and working set vary independently): the per-layer
+   residuals against working-set size, density and layer size, with a flag naming the feature
+   when they trend with it beyond their intervals (:mod:`cwmp.apps.residuals`).
+
 Output: a console table, and a report folder with the raw CSV, a scatter plot of predicted against
-measured (log axes, y = x, +-5 % and +-10 % bands), a plot of error by keep ratio and a Markdown
-summary. Every file of a simulated run says SIMULATED.
+measured (log axes, y = x, +-5 % and +-10 % bands), a plot of error by keep ratio, the per-layer
+residual plot and a Markdown summary. Every file of a simulated run says SIMULATED.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class ValidationResult:
     summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     report: Path | None = None
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    bias: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- updates
@@ -115,6 +122,7 @@ def validate(
     protocol_kwargs: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
     allow_device_mismatch: bool = False,
+    layer_densities: tuple[float, ...] = (0.01, 0.1),
 ) -> ValidationResult:
     """Every input is checked before any work (the profile, the model and the profile's table of it,
     the ratios, the report folder, the meter, the kernel device: the meter's unless ``device``)."""
@@ -181,6 +189,15 @@ def validate(
                                measurement_error=(result.joules_per_call - truth) / truth)
                 rows.append(row)
                 bar.advance(task)
+        from cwmp.apps.residuals import measure_layers, uniform_masks
+
+        per_layer = uniform_masks(module, layer_densities, seed)
+        layer_rows = measure_layers(module, per_layer, cost_map, meter, protocol, idle, dev, seed, info.simulated)
+    from cwmp.apps.residuals import bias_flags, describe
+
+    layers = pd.DataFrame(layer_rows)
+    bias = bias_flags(layers) if len(layers) else []
+    warnings.extend(describe(bias))
     table = pd.DataFrame(rows)
     errors = table["error"].to_numpy(float)
     worst = table.iloc[int(np.argmax(np.abs(errors)))]
@@ -190,14 +207,17 @@ def validate(
         "simulated": bool(info.simulated), "profile": profile.name, "profile_simulated": profile.simulated,
         "model": model, "meter": spec, "device": str(dev), "updates": update_kind,
         "predicted_layers": cost_map.predicted_layers, "warnings": warnings,
+        "bias_features": [f["feature"] for f in bias], "layers_measured": len(layers),
         "floor_j": float(table["predicted_floor_j"].iloc[0]),
         "mask_share_min": float((table["predicted_mask_j"] / table["predicted_j"]).min()),
         "mask_share_max": float((table["predicted_mask_j"] / table["predicted_j"]).max()),
     }
+    if len(layers):
+        summary["layer_mape"] = float(layers["residual"].abs().mean())
     if "truth_j" in table:
         summary["model_mape"] = float(table["model_error"].abs().mean())
         summary["measurement_mape"] = float(table["measurement_error"].abs().mean())
-    result = ValidationResult(table, summary, warnings)
+    result = ValidationResult(table, summary, warnings, layers=layers, bias=bias)
     if report is not None:
         result.report = write_report(result, Path(report), profile, say=say)
     return result
@@ -240,6 +260,9 @@ def console_table(result: ValidationResult) -> str:
     if truth:
         lines.append(f"against the simulator's truth: model MAPE {s['model_mape']:.2%}, "
                      f"measurement MAPE {s['measurement_mape']:.2%}{tag}")
+    if s.get("layers_measured"):
+        lines.append(f"per layer ({s['layers_measured']} measured one by one): mean |error| {s['layer_mape']:.2%}; "
+                     f"systematic bias with: {', '.join(s['bias_features']) or 'nothing beyond the intervals'}{tag}")
     for w in result.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -253,6 +276,8 @@ def write_report(result: ValidationResult, folder: Path, profile: Any, say: Call
     t, s = result.table, result.summary
     prefix = "SIMULATED-" if s["simulated"] else ""
     t.to_csv(folder / f"{prefix}validation.csv", index=False)
+    if len(result.layers):
+        result.layers.to_csv(folder / f"{prefix}layers.csv", index=False)
     (folder / f"{prefix}summary.json").write_text(json.dumps(s, indent=1))
     summary = folder / f"{prefix}summary.md"
     summary.write_text(_summary_markdown(result, profile, images=()))
@@ -314,7 +339,13 @@ def _write_plots(result: ValidationResult, folder: Path, profile: Any) -> tuple[
     by_ratio = folder / f"{prefix}error-by-ratio.png"
     fig.savefig(by_ratio, dpi=110)
     plt.close(fig)
-    return (("predicted vs measured", scatter), ("error by ratio", by_ratio))
+    images = [("predicted vs measured", scatter), ("error by ratio", by_ratio)]
+    if len(result.layers):
+        from cwmp.apps.residuals import plot_residuals
+
+        images.append(("per-layer residuals", plot_residuals(result.layers, result.bias, folder, prefix, tag,
+                                                             profile.coefficients.cache_bytes)))
+    return tuple(images)
 
 
 def _summary_markdown(result: ValidationResult, profile: Any, images: tuple[tuple[str, Path], ...]) -> str:
@@ -344,6 +375,10 @@ def _summary_markdown(result: ValidationResult, profile: Any, images: tuple[tupl
     ]
     for w in result.warnings:
         md.append(f"- **Warning:** {w}")
+    if len(result.layers):
+        md.append(f"- Per-layer residuals: {len(result.layers)} layers measured one by one, mean |error| "
+                  f"{s['layer_mape']:.2%}; systematic bias: "
+                  + (", ".join(f["words"] for f in result.bias) or "none beyond the intervals"))
     md.append("")
     for caption, path in images:
         md += [f"![{caption}]({path.name})", ""]
@@ -364,3 +399,27 @@ def doubled(profile: Any) -> Any:
     data["name"] = profile.name + "-doubled"
     return type(profile).model_validate(data)
 
+
+
+def shrunk_cache(profile: Any, factor: float = 4.0) -> Any:
+    """A copy of ``profile`` whose cache size is divided by ``factor`` and whose every layer is
+    predicted again from the global coefficients with it (a deliberately wrong profile, for checking
+    that validation catches one and that its residuals point at the working set)."""
+    data = profile.model_dump()
+    data["coefficients"]["cache_bytes"] = max(1, round(data["coefficients"]["cache_bytes"] / factor))
+    data["name"] = profile.name + "-cache-div" + f"{factor:g}"
+    data["quality"], data["quality_reason"], data["fit_residuals"] = None, None, {}
+    wrong = type(profile).model_validate(data)
+    for costs in data["models"].values():
+        for layer in costs["layers"]:
+            c = wrong.predict_layer(layer["numel"], layer["dtype"])
+            layer.update(fixed_j=c.fixed_j, fixed_ci_low=c.fixed_j, fixed_ci_high=c.fixed_j,
+                         joules_per_update=c.joules_per_update, ci_low=c.joules_per_update,
+                         ci_high=c.joules_per_update, joules_per_line=c.joules_per_line,
+                         line_ci_low=c.joules_per_line, line_ci_high=c.joules_per_line,
+                         joules_per_update_density=c.joules_per_update_density,
+                         density_ci_low=c.joules_per_update_density, density_ci_high=c.joules_per_update_density,
+                         compensation_j=c.compensation_j, compensation_ci_low=c.compensation_j,
+                         compensation_ci_high=c.compensation_j, compensation_method="predicted",
+                         method="predicted", reason=f"deliberately wrong: cache size divided by {factor:g}")
+    return type(profile).model_validate(data)

@@ -4,7 +4,10 @@ It exists for CI, demos and for testing the measurement protocol and the calibra
 truth that a physical meter never gives. Everything it reports carries ``simulated=True``.
 
 The device: static power plus the dynamic energy of work that energyprof's own workloads report as
-counts (bytes read and written at two memory levels, FLOPs). The counter reproduces real flaws:
+counts, priced by a device model of its own (:mod:`energyprof.meters.simdevice`: three memory
+levels or more, page walks and prefetched lines, thermal drift, kernel-dependent launches,
+interference bursts; each switchable with ``effects=``, e.g. ``sim:preset=h100,effects=none`` or
+``effects=-drift-interference``). It never calls the cost model. The counter reproduces real flaws:
 
 * it updates only every ``update_period_s`` (at a seeded phase);
 * each update adds the mean power over only the last ``averaging_window_s`` of the period, times the
@@ -28,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from energyprof.costmodel import LINE_BYTES, CostCoefficients, dram_fraction, predict_joules
 from energyprof.counts import WorkCounts
 from energyprof.errors import MeterSpecError
 from energyprof.meters.base import CounterMeter, MeterInfo, Probe, WrapTracker
+from energyprof.meters.simdevice import DEVICES, DeviceModel, Interference, ThermalState, effects_text, parse_effects
 from energyprof.meters.spec import MeterSpec
 
 __all__ = ["SimPreset", "PRESETS", "SimMeter", "SimulatedExecution", "open_from_spec", "probe"]
@@ -39,39 +42,13 @@ __all__ = ["SimPreset", "PRESETS", "SimMeter", "SimulatedExecution", "open_from_
 
 @dataclass(frozen=True)
 class SimPreset:
-    """Ground truth of a simulated device, a time model for its kernels and the flaws of its counter.
-
-    Energy truth (joules above idle, through the one cost model, :mod:`energyprof.costmodel`):
-
-    * a fixed ``j_per_call`` per kernel launch (launch and dispatch: the power a device draws above
-      idle while it runs back-to-back tiny kernels, times ``launch_s``: 50 W on the GPU, 10 W on the
-      desktop CPU, 1 W on the board);
-    * bytes read and written at two memory levels, with a smooth cache-to-DRAM transition of
-      ``transition_octaves`` around ``cache_bytes`` (not a step);
-    * scattered writes paid in whole 64-byte lines: a line touched by a scattered write costs
-      ``64 x j_per_byte_written`` of its level, whether it holds one kept entry or sixteen;
-    * ``j_per_flop`` per floating-point operation.
-
-    Time model (used only on the virtual clock, :meth:`SimMeter.simulate`): ``launch_s`` per launch
-    plus bytes over the level's bandwidth plus FLOPs over ``flops_per_s``.
-    """
+    """A simulated device (its physics, :class:`~energyprof.meters.simdevice.DeviceModel`: the
+    ground truth, never the cost model) and the flaws of its counter."""
 
     name: str
     description: str
     scope: str
-    static_power_w: float
-    j_per_call: float
-    j_per_byte_written_cache: float
-    j_per_byte_written_dram: float
-    j_per_byte_read_cache: float
-    j_per_byte_read_dram: float
-    j_per_flop: float
-    cache_bytes: int
-    transition_octaves: float
-    launch_s: float
-    bytes_per_s_cache: float
-    bytes_per_s_dram: float
-    flops_per_s: float
+    device: DeviceModel
     update_period_s: float
     averaging_window_s: float
     resolution_j: float
@@ -85,39 +62,28 @@ class SimPreset:
             )
 
     @property
-    def truth(self) -> CostCoefficients:
-        """The device's true coefficients, in the cost model's terms."""
-        return CostCoefficients(
-            j_per_call=self.j_per_call,
-            j_per_byte_read={"cache": self.j_per_byte_read_cache, "dram": self.j_per_byte_read_dram},
-            j_per_byte_written={"cache": self.j_per_byte_written_cache, "dram": self.j_per_byte_written_dram},
-            j_per_line_written={
-                "cache": LINE_BYTES * self.j_per_byte_written_cache,
-                "dram": LINE_BYTES * self.j_per_byte_written_dram,
-            },
-            j_per_flop=self.j_per_flop,
-            cache_bytes=self.cache_bytes,
-            transition_octaves=self.transition_octaves,
-            static_power_w=self.static_power_w,
-        )
+    def static_power_w(self) -> float:
+        """Idle power of the cold device."""
+        return self.device.static_power_w
 
-    def price(self, counts: WorkCounts) -> float:
+    @property
+    def effects(self) -> frozenset[str]:
+        return self.device.effects
+
+    def price(self, counts: WorkCounts, temperature: float = 0.0) -> float:
         """Dynamic joules of the work described by ``counts`` (the simulator's ground truth)."""
-        return predict_joules(counts, self.truth)
+        return self.device.price(counts, temperature)
 
     def seconds(self, counts: WorkCounts) -> float:
         """How long the simulated device takes for ``counts`` (its time model)."""
-        f = dram_fraction(counts.working_set_bytes, self.cache_bytes, self.transition_octaves)
-        traffic = counts.bytes_read + counts.bytes_written
-        memory_s = traffic * ((1 - f) / self.bytes_per_s_cache + f / self.bytes_per_s_dram)
-        return counts.launches * self.launch_s + memory_s + counts.flops / self.flops_per_s
+        return self.device.seconds(counts)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["device"] = self.device.to_dict()
+        return d
 
 
-# Orders of magnitude follow REFERENCE.md (Horowitz 2014; HBM ~ tens of pJ/byte, DDR ~ hundreds); they are
-# plausible, not measurements of any product.
 PRESETS: dict[str, SimPreset] = {
     p.name: p
     for p in (
@@ -125,19 +91,7 @@ PRESETS: dict[str, SimPreset] = {
             name="h100",
             description="H100-like GPU: NVML-style counter, 100 ms period averaging 25 ms, 1 mJ steps",
             scope="gpu",
-            static_power_w=70.0,
-            j_per_call=2e-4,
-            j_per_byte_written_cache=6e-12,
-            j_per_byte_written_dram=40e-12,
-            j_per_byte_read_cache=4e-12,
-            j_per_byte_read_dram=30e-12,
-            j_per_flop=2e-12,
-            cache_bytes=50 * 2**20,
-            transition_octaves=1.0,
-            launch_s=4e-6,
-            bytes_per_s_cache=8e12,
-            bytes_per_s_dram=2.5e12,
-            flops_per_s=3e13,
+            device=DEVICES["h100"],
             update_period_s=0.100,
             averaging_window_s=0.025,
             resolution_j=1e-3,
@@ -148,19 +102,7 @@ PRESETS: dict[str, SimPreset] = {
             name="desktop-cpu",
             description="desktop CPU package: RAPL-style counter, 1 ms updates, 15.3 uJ steps, wraps at 262 kJ",
             scope="package",
-            static_power_w=15.0,
-            j_per_call=3e-5,
-            j_per_byte_written_cache=15e-12,
-            j_per_byte_written_dram=150e-12,
-            j_per_byte_read_cache=10e-12,
-            j_per_byte_read_dram=100e-12,
-            j_per_flop=20e-12,
-            cache_bytes=32 * 2**20,
-            transition_octaves=1.5,
-            launch_s=3e-6,
-            bytes_per_s_cache=1e11,
-            bytes_per_s_dram=2e10,
-            flops_per_s=2e11,
+            device=DEVICES["desktop-cpu"],
             update_period_s=0.001,
             averaging_window_s=0.001,
             resolution_j=15.3e-6,
@@ -171,19 +113,7 @@ PRESETS: dict[str, SimPreset] = {
             name="rpi4",
             description="Raspberry-Pi-4-like board on an INA219-style supply meter, 10 ms samples",
             scope="board",
-            static_power_w=2.7,
-            j_per_call=1e-5,
-            j_per_byte_written_cache=30e-12,
-            j_per_byte_written_dram=400e-12,
-            j_per_byte_read_cache=20e-12,
-            j_per_byte_read_dram=300e-12,
-            j_per_flop=60e-12,
-            cache_bytes=1 * 2**20,
-            transition_octaves=1.0,
-            launch_s=10e-6,
-            bytes_per_s_cache=1e10,
-            bytes_per_s_dram=3e9,
-            flops_per_s=5e9,
+            device=DEVICES["rpi4"],
             update_period_s=0.010,
             averaging_window_s=0.010,
             resolution_j=1e-4,
@@ -270,6 +200,7 @@ class SimMeter(CounterMeter):
         seed: int = 0,
         clock: str = "real",
         sync_device: Any = None,
+        effects: str | frozenset[str] | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__(sync_device=sync_device)
@@ -279,8 +210,16 @@ class SimMeter(CounterMeter):
                     f"unknown sim preset {preset!r}; presets: {', '.join(sorted(PRESETS))}"
                 )
             preset = PRESETS[preset]
+        if "static_power_w" in overrides:
+            preset = replace(preset, device=replace(preset.device, static_power_w=overrides.pop("static_power_w")))
         if overrides:
             preset = replace(preset, **overrides)
+        if effects is not None:
+            try:
+                chosen = parse_effects(effects) if isinstance(effects, str) else frozenset(effects)
+                preset = replace(preset, device=preset.device.with_effects(chosen))
+            except ValueError as exc:
+                raise MeterSpecError(str(exc)) from None
         if clock not in ("real", "virtual"):
             raise MeterSpecError(f"sim clock must be 'real' or 'virtual', got {clock!r}")
         self.preset = preset
@@ -299,6 +238,9 @@ class SimMeter(CounterMeter):
         # every segment ever reported, unpruned: the ground truth for true_energy_j
         self._history: list[tuple[float, float, float]] = []
         self._reported_dynamic_j = 0.0
+        self.device = preset.device
+        self.thermal = ThermalState(preset.device.tau_s)
+        self.interference = Interference(preset.device, self.seed, origin=self._origin)
         self._tracker = WrapTracker(preset.wrap_j)
         self._tracker.update(self._raw_reading())
         self._info = MeterInfo(
@@ -310,7 +252,8 @@ class SimMeter(CounterMeter):
             resolution_j=preset.resolution_j,
             simulated=True,
             domains=(preset.scope,),
-            details={"preset": preset.name, "seed": self.seed, "clock": clock},
+            details={"preset": preset.name, "seed": self.seed, "clock": clock,
+                     "effects": effects_text(preset.device.effects)},
         )
 
     # ----------------------------------------------------------------- time base
@@ -330,7 +273,11 @@ class SimMeter(CounterMeter):
 
     # ----------------------------------------------------------------- work
     def report_work(self, counts: WorkCounts, t_start: float, t_end: float) -> None:
-        self.report_joules(self.preset.price(counts), t_start, t_end)
+        """Price ``counts`` with the device model at the device's temperature over [t_start, t_end]
+        (the device was busy then) and spend it there."""
+        with self._lock:
+            temperature = self.thermal.busy(t_start, t_end) if self.device.on("drift") else 0.0
+            self.report_joules(self.device.price(counts, temperature), t_start, t_end)
 
     def report_joules(self, joules: float, t_start: float, t_end: float) -> None:
         """Dynamic energy spent uniformly over [t_start, t_end] (meter clock)."""
@@ -366,13 +313,21 @@ class SimMeter(CounterMeter):
         self.report_work(counts, t0, t1)
         return t0, t1
 
+    def temperature(self) -> float:
+        """The device's temperature state now (0 cold .. 1 hot; 0 without the drift effect)."""
+        with self._lock:
+            return self.thermal.at(self.clock()) if self.device.on("drift") else 0.0
+
     def price(self, counts: WorkCounts) -> float:
-        return self.preset.price(counts)
+        """The truth of ``counts``: dynamic joules at the device's current temperature."""
+        return self.device.price(counts, self.temperature())
 
     def price_workload(self, workload: Any) -> float:
-        """The truth of one call of a set-up workload (each tensor of a replay priced on its own)."""
+        """The truth of one call of a set-up workload at the device's current temperature (each
+        tensor of a replay priced on its own)."""
         parts = getattr(workload, "count_parts_", None) or (workload.counts_,)
-        return sum(self.preset.price(c) for c in parts)
+        temperature = self.temperature()
+        return sum(self.device.price(c, temperature) for c in parts)
 
     def simulate(self, workload: Any, real_every: int = 65536) -> Any:
         """``workload`` as the protocol should run it on this meter: on the virtual clock, on the
@@ -383,10 +338,24 @@ class SimMeter(CounterMeter):
 
     # ----------------------------------------------------------------- ground truth
     def true_energy_j(self, t_start: float, t_end: float) -> float:
-        """Exact joules in [t_start, t_end]: static power plus reported dynamic work (no noise)."""
+        """Exact joules of this device in [t_start, t_end]: static power (at its temperature) plus
+        reported dynamic work; no noise, no interference (foreign power, :meth:`foreign_energy_j`)."""
         with self._lock:
             dynamic = _energy_in(self._history, t_start, t_end)
-            return self.preset.static_power_w * (t_end - t_start) + dynamic
+            return self._static_j(t_start, t_end) + dynamic
+
+    def foreign_energy_j(self, t_start: float, t_end: float) -> float:
+        """Joules of the interference bursts in [t_start, t_end] (another process's, not ours)."""
+        return self.interference.joules(t_start, t_end)
+
+    def _static_j(self, a: float, b: float) -> float:
+        if b <= a:
+            return 0.0
+        if not self.device.on("drift") or self.device.static_rise == 0:
+            return self.device.static_power_w * (b - a)
+        ts = np.linspace(a, b, 33)
+        powers = [self.device.static_power(self.thermal.at(float(t))) for t in ts]
+        return float(np.trapezoid(powers, ts))
 
     @property
     def reported_dynamic_j(self) -> float:
@@ -406,8 +375,10 @@ class SimMeter(CounterMeter):
         while self._update_time(self._next_update) <= now:
             k = self._next_update
             t = self._update_time(k)
-            dyn_w = _energy_in(self._segments, t - p.averaging_window_s, t) / p.averaging_window_s
-            power = max(0.0, p.static_power_w + dyn_w + self._noise_w(k))
+            a = t - p.averaging_window_s
+            dyn_w = (_energy_in(self._segments, a, t) + self.interference.joules(a, t)) / p.averaging_window_s
+            static_w = self.device.static_power(self.thermal.at(t)) if self.device.on("drift") else p.static_power_w
+            power = max(0.0, static_w + dyn_w + self._noise_w(k))
             self._raw_j += power * p.update_period_s + self._carry_j
             self._carry_j = 0.0
             self._next_update = k + 1
@@ -442,13 +413,14 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any) -> SimMeter:
     preset = spec.get_str("preset", "h100")
     seed = spec.get_int("seed", 0)
     clock = spec.get_str("clock", "real")
+    effects = spec.get_str("effects")
     overrides: dict[str, Any] = {}
     for key in ("static_power_w", "update_period_s", "averaging_window_s", "resolution_j", "wrap_j", "noise_w"):
         value = spec.get_float(key)
         if value is not None:
             overrides[key] = value
     spec.check_unused()
-    return SimMeter(preset=preset, seed=seed, clock=clock, **overrides, **kwargs)
+    return SimMeter(preset=preset, seed=seed, clock=clock, effects=effects, **overrides, **kwargs)
 
 
 def probe(spec: MeterSpec | None = None) -> Any:
