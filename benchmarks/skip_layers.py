@@ -4,7 +4,8 @@ Top-K, in one run.
 The update and the costs are those of ``benchmarks/prune_speed.py`` (ResNet-18 shapes, N(0, 1)
 float32 scaled per tensor; a SIMULATED per-layer table with ``fixed_j`` = 1000 x the marginal cost).
 For each Top-K keep ratio r, the budget is Top-K's energy at r, and the rows are Top-K, CWMP with
-the greedy rule (``skip_layers=0``) and CWMP with ``skip_layers=n`` for each n asked: entries kept,
+the greedy prefix rule (``rule="prefix"``), that rule with ``skip_layers=n`` for each n asked, and
+CWMP's default, the set-up-aware rule (``setup``): entries kept,
 retained ``sum |u|`` (``sum |u|**2`` with ``--power 2``), its ratio to the greedy rule's, open
 layers, predicted joules against the budget, and the call's time.
 
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in args.keep:
         budget = Budget.topk_keep_ratio(ratio)
         rows = [("Top-K", Pruner(costs, budget, method="topk"))]
-        rows += [("greedy", Pruner(costs, budget, power=args.power))]
-        rows += [(f"skip {n}", Pruner(costs, budget, power=args.power, skip_layers=n)) for n in args.skips]
+        rows += [("greedy", Pruner(costs, budget, power=args.power, rule="prefix"))]
+        rows += [(f"skip {n}", Pruner(costs, budget, power=args.power, skip_layers=n, rule="prefix"))
+                 for n in args.skips]
+        rows += [("setup", Pruner(costs, budget, power=args.power))]  # CWMP's default, the set-up-aware rule
         results = []
         for label, pruner in rows:
             start = time.perf_counter()
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append((label, result, time.perf_counter() - start, retained(update, result.masks, args.power)))
         greedy_value = results[1][3]
         for label, result, seconds, value in results:
-            worse |= label.startswith("skip") and value < greedy_value
+            worse |= label.startswith(("skip", "setup")) and value < greedy_value
             print(f"{ratio:>6.1%} {label:<12} {result.kept:>9} {value:>12.6g} {value / greedy_value:>8.3f}x "
                   f"{sum(bool(m.any()) for m in result.masks.values()):>5} "
                   f"{result.predicted_j / result.budget_j:>10.4f}x {seconds * 1e3:>7.0f}", flush=True)

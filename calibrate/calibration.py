@@ -287,12 +287,17 @@ def calibrate(
     say(f"calibration plan: {len(items)} measurements ({len(items) - len(pending)} already in {csv_path.name})"
         f", meter {spec}, kernels on {device}")
     dev = torch.device(device)
+    from energyprof.meters.base import torch_device_problem
+
     try:
         meter = open_meter(spec)
     except EnergyprofError as exc:
         raise CalibrationError(_no_meter_message(spec, exc)) from None
     with meter:
         info = meter.info
+        problem = torch_device_problem(info)
+        if problem:  # the meter sees a GPU this torch cannot run kernels on
+            raise CalibrationError(problem)
         if info.simulated:
             say("the meter is SIMULATED: every number of this profile is simulated, not a measurement")
         protocol = MeasurementProtocol(random_state=0, **settings)

@@ -5,7 +5,7 @@ Pure torch; no dependency on Flower or on the meters.
 """
 
 from cwmp.costmap import CostMap, LayerPrice, named_tensors
-from cwmp.errors import CostMapError, FeedbackStateError, MaskInputError
+from cwmp.errors import BudgetError, CostMapError, FeedbackStateError, MaskInputError
 from cwmp.feedback import ErrorFeedback
 from cwmp.masks import (
     cwmp_mask,
@@ -15,12 +15,14 @@ from cwmp.masks import (
     magnitude_budget_mask,
     topk_mask,
 )
-from cwmp.pruner import METHODS, Budget, Pruner, PruneResult
+from cwmp.pruner import METHODS, RULES, Budget, Pruner, PruneResult
 from cwmp.sparse import SparseUpdate
 
 __all__ = [
     "METHODS",
+    "RULES",
     "Budget",
+    "BudgetError",
     "CostMap",
     "CostMapError",
     "ErrorFeedback",

@@ -18,3 +18,8 @@ class CostMapError(EnergyprofError, LookupError):
 
 class FeedbackStateError(EnergyprofError, ValueError):
     """Error-feedback state that does not belong to these tensors (names, shapes or dtypes differ)."""
+
+
+class BudgetError(EnergyprofError, ValueError):
+    """A whole-round budget that cannot be met: it is below what every round pays whatever the mask
+    keeps (the compensation over every tensor, ``CostMap.floor_j``). The message names the floor."""

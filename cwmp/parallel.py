@@ -7,7 +7,7 @@ threads ran it or in which order they finished.
 
 How many threads: torch's intra-op thread count as the caller set it (``torch.set_num_threads(1)``
 makes the pruner single-threaded too), at most ``MAX_WORKERS``. The pruner runs torch itself with
-one thread meanwhile (``cwmp.masks.single_threaded``), which records the caller's count here.
+one thread meanwhile (``cwmp.kernels.single_threaded``), which records the caller's count here.
 """
 
 from __future__ import annotations

@@ -30,20 +30,28 @@ import torch
 from torch import Tensor
 
 from cwmp.costmap import CostMap, NamedTensors, named_tensors
-from cwmp.errors import MaskInputError
+from cwmp.errors import BudgetError, MaskInputError
 from cwmp.feedback import ErrorFeedback
 from cwmp.masks import Layers, check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
 from cwmp.parallel import map_largest_first
+from cwmp.pools import _LayeredPool
+from cwmp.selection import RETAINED_TOLERANCE, retained
+from cwmp.setup_rule import Opening, openings
 from cwmp.sparse import SparseUpdate
 
-__all__ = ["METHODS", "Budget", "PruneResult", "Pruner"]
+__all__ = ["METHODS", "RULES", "Budget", "PruneResult", "Pruner"]
 
 METHODS = ("cwmp", "topk")
+#: CWMP's selection rules: ``setup`` (the default) decides per layer whether its set-up is worth
+#: paying; ``prefix`` is the plain longest score-ordered prefix (every layer it touches pays)
+RULES = ("setup", "prefix")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Joules per pruning step, given directly or as what Top-K spends at a keep ratio."""
+    """Joules per round (the whole round: what every round pays whatever the mask keeps, the cost
+    map's ``floor_j``, plus the mask's part), given directly or as what Top-K spends at a keep
+    ratio (the floor plus Top-K's mask)."""
 
     joules: Optional[float] = None
     keep_ratio: Optional[float] = None
@@ -74,7 +82,16 @@ class Budget:
 
 @dataclass(frozen=True)
 class PruneResult:
-    """Masks of one step, with what they are predicted to cost."""
+    """Masks of one round, with what they are predicted to cost.
+
+    - ``budget_j``: the whole round's budget (for a keep-ratio budget: the floor plus Top-K's mask);
+    - ``predicted_j``: the whole round, ``floor_j + mask_j``, never above ``budget_j``;
+    - ``mask_j``: the part the masks decide (set-ups, kept entries, lines, density), the sum of
+      ``joules_by_layer``;
+    - ``floor_j``: what the round pays whatever the masks keep (``CostMap.floor_j`` of these tensors);
+    - ``candidate``: which candidate the set-up-aware rule kept (``envelope``, ``open set``,
+      ``open set - 1``, ``single layer``, ``topk``), or the method's name for the other rules.
+    """
 
     method: str
     masks: dict[str, Tensor]
@@ -84,6 +101,9 @@ class PruneResult:
     kept: int
     total: int
     simulated: bool  # the costs came from a simulated profile
+    mask_j: float = 0.0
+    floor_j: float = 0.0
+    candidate: str = ""
 
     @property
     def keep_ratio(self) -> float:
@@ -93,7 +113,8 @@ class PruneResult:
         label = "  [SIMULATED costs]" if self.simulated else ""
         return (
             f"{self.method}: kept {self.kept}/{self.total} ({self.keep_ratio:.3%}), predicted "
-            f"{self.predicted_j:.6g} J of a {self.budget_j:.6g} J budget{label}"
+            f"{self.predicted_j:.6g} J (mask {self.mask_j:.6g} J + floor {self.floor_j:.6g} J) "
+            f"of a {self.budget_j:.6g} J budget{label}"
         )
 
 
@@ -111,7 +132,11 @@ class _Priced:
 
 
 class Pruner:
-    """Masks for named updates under an energy budget; ``method`` is ``'cwmp'`` or ``'topk'``."""
+    """Masks for named updates under an energy budget; ``method`` is ``'cwmp'`` or ``'topk'``.
+
+    ``rule`` (CWMP only) is ``'setup'`` (the default: the set-up-aware rule, see the module's
+    docstring) or ``'prefix'`` (the plain longest score-ordered prefix, every touched layer paying
+    its set-up)."""
 
     #: selection budgets tried when the cost map's exact energy of a mask exceeds the budget (a
     #: cost map whose layer cost is not linear in k), before bisecting towards the empty mask
@@ -121,19 +146,26 @@ class Pruner:
     #: share of the budget is left, larger selection budgets are tried (GROWTHS bisection steps)
     UNDERSPENT = 0.005
     GROWTHS = 8
+    #: the set-up rule repairs its envelope prefix only when the best candidate may be more than
+    #: this share below the optimum (by the fractional bound); then with at most REPAIRS selections
+    #: of local search over the open layers
+    CERTIFIED = 0.005
+    REPAIRS = 8
 
     def __init__(
         self, cost_map: CostMap, budget: Budget, method: str = "cwmp", power: float = 1.0, fill: bool = False,
-        skip_layers: int = 0,
+        skip_layers: int = 0, rule: str = "setup",
     ) -> None:
         if method not in METHODS:
             raise MaskInputError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+        if rule not in RULES:
+            raise MaskInputError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
         if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or skip_layers < 0:
             raise MaskInputError(
                 f"skip_layers must be an int >= 0 (how many layers to try closing; 0: the greedy rule alone), "
                 f"got {skip_layers!r}"
             )
-        self.skip_layers = skip_layers
+        self.skip_layers, self.rule = skip_layers, rule
         if not isinstance(budget, Budget):
             raise MaskInputError(
                 f"budget must be a Budget (Budget.of_joules or Budget.topk_keep_ratio), got {budget!r}"
@@ -149,39 +181,179 @@ class Pruner:
         names = list(named)
         marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
         fixed = [self.cost_map.fixed_j(name) for name in names]
+        floor_j = self.cost_map.floor_j(names)
         known = None if feedback is None else [feedback.extremes_of(named[name]) for name in names]
-        tensors = check_layers([named[name] for name in names], known)  # once, for both selections
+        tensors = check_layers([named[name] for name in names], known)  # once, for every selection
         sizes = [t.numel() for t in tensors.flats]
         total = sum(sizes)
         top = None
         if self.budget.keep_ratio is not None:
             top = self._price(layers_topk_mask(tensors, _k_of(self.budget.keep_ratio, total)), named, sizes)
-            budget_j = top.joules
+            mask_budget_j = top.joules
+            budget_j = floor_j + mask_budget_j
         else:
             budget_j = self.budget.joules
+            mask_budget_j = _mask_budget(budget_j, floor_j)
         if self.method == "topk" and top is not None:
-            chosen = top
+            chosen, candidate = top, "topk"
         else:
-            top = None  # free Top-K's mask before selecting
-            chosen = self._within(tensors, marginal, fixed, budget_j, named)
+            chosen = None
+            candidate = self.method
+            setup = self.method == "cwmp" and self.rule == "setup"
+            if not setup or not self.cost_map.linear:
+                chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
             if not self.cost_map.linear:
                 # a layer's cost per entry depends on how many of its entries are kept (shared cache
                 # lines, the density term): select again, priced at the densities just selected
                 marginal = [self.cost_map.marginal_j(name, max(k, 1) / n)
                             for name, k, n in zip(names, chosen.counts, sizes)]
-                chosen = self._within(tensors, marginal, fixed, budget_j, named)
+                chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
+            if setup:
+                chosen, candidate = self._setup_rule(tensors, marginal, fixed, mask_budget_j, named, top)
             if self.skip_layers and self.method == "cwmp":
-                chosen = self._skip(tensors, marginal, fixed, budget_j, named, chosen)
+                chosen = self._skip(tensors, marginal, fixed, mask_budget_j, named, chosen)
+        mask_j = chosen.joules
         return PruneResult(
             method=self.method,
             masks=_views(chosen.mask, named),
             budget_j=budget_j,
-            predicted_j=chosen.joules,
+            predicted_j=floor_j + mask_j,
             joules_by_layer=chosen.by_layer,
             kept=sum(chosen.counts),
             total=total,
             simulated=self.cost_map.simulated,
+            mask_j=mask_j,
+            floor_j=floor_j,
+            candidate=candidate,
         )
+
+    # ------------------------------------------------------------------------ the set-up-aware rule
+    def _setup_rule(self, tensors: Layers, marginal, fixed, budget_j: float, named,
+                    top: "_Priced | None") -> tuple["_Priced", str]:
+        """The set-up-aware rule (see the module's docstring): the envelope prefix, the repairs of
+        the layer it broke at, the break layer alone when the guarantee needs it, and Top-K's own
+        mask when it fits; the one that retains the most ``sum |u|**power`` (the first on ties)."""
+        opens = openings(tensors, marginal, fixed, budget_j, self.power)
+        caps = [o.cap for o in opens]
+        envelope = self._largest(tensors, self._within(tensors, marginal, fixed, budget_j, named, caps=caps),
+                                 opens, budget_j, named)
+        if top is None:  # a budget in joules: Top-K's order at this energy
+            top = self._within(tensors, marginal, fixed, budget_j, named, rank_by_cost=False)
+        fits = top.joules <= budget_j
+        values = self._retained(tensors, [envelope, top] if fits else [envelope])
+        candidates = [("envelope", envelope, values[0])] + ([("topk", top, values[1])] if fits else [])
+        b = _break_layer(opens, envelope.counts)
+        bound = self._bound(tensors, envelope, values[0] * (1 + RETAINED_TOLERANCE), opens, b, budget_j, named)
+        if max(c[2] for c in candidates) * (1 - RETAINED_TOLERANCE) < (1 - self.CERTIFIED) * bound:
+            everything = set(range(len(opens)))
+            open_ = {i for i, k in enumerate(envelope.counts) if k}
+            tried: list[set[int]] = [open_]
+            if not self.fill:  # the greedy walk on: the entries after the break that still fit
+                filled = self._largest(tensors, self._within(tensors, marginal, fixed, budget_j, named, caps=caps,
+                                                             fill=True), opens, budget_j, named)
+                candidates.append(("envelope + fill", filled, self._retained(tensors, [filled])[0]))
+            if b is not None:
+                for label, keep in (("open set", open_ | {b}), ("open set - 1", open_ - {b})):
+                    if keep and keep not in tried[1:]:
+                        tried.append(keep)
+                        trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep,
+                                         fill=True)
+                        candidates.append((label, trial, self._retained(tensors, [trial])[0]))
+                # the half-approximation needs the layer alone (fast sums: with their margin)
+                if max(c[2] for c in candidates) * (1 - RETAINED_TOLERANCE) < bound / 2:
+                    alone = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - {b},
+                                         fill=True)
+                    candidates.append(("single layer", alone, self._retained(tensors, [alone])[0]))
+            candidates.append(self._local_search(tensors, marginal, fixed, budget_j, named, opens,
+                                                 max(candidates, key=lambda c: c[2]), bound, tried))
+        return self._best(tensors, candidates)
+
+    def _best(self, tensors: Layers, candidates: list[tuple]) -> tuple["_Priced", str]:
+        """The candidate that retains the most (the first of equals): by the fast sums, and by
+        exact float64 sums among those the fast sums cannot tell apart."""
+        best = max(c[2] for c in candidates)
+        close = [c for c in candidates if c[2] >= best * (1 - 2 * RETAINED_TOLERANCE)]
+        if len(close) > 1:
+            exact = self._retained(tensors, close, exact=True)
+            close = [(label, chosen, value) for (label, chosen, _), value in zip(close, exact)]
+        label, chosen, _ = max(close, key=lambda c: c[2])  # max keeps the first of equals
+        return chosen, label
+
+    def _local_search(self, tensors: Layers, marginal, fixed, budget_j: float, named, opens: list[Opening],
+                      best: tuple, bound: float, tried: list[set[int]]) -> tuple:
+        """Improve the best candidate's open set by closing one of its layers with a set-up (the
+        least value per joule first), opening one it left closed (of the two of largest ratio), or
+        swapping one for the other, a selection each, keeping a move only if it retains more; at
+        most ``REPAIRS`` selections, and none once the best is within ``CERTIFIED`` of the bound."""
+        everything = set(range(len(opens)))
+        label, chosen, value = best
+        tries = 0
+        improved = True
+        while improved and tries < self.REPAIRS and value < (1 - self.CERTIFIED) * bound:
+            improved = False
+            values = self._values(tensors, chosen)
+            names = list(named)
+            open_ = {i for i, k in enumerate(chosen.counts) if k}
+            closing = sorted((i for i in open_ if fixed[i] > 0),
+                             key=lambda i: values[i] / max(chosen.by_layer[names[i]], 1e-300))
+            opening = sorted((i for i in everything - open_ if opens[i].affordable),
+                             key=lambda i: (-opens[i].ratio, i))
+            moves = [open_ - {i} for i in closing] + [open_ | {i} for i in opening[:2]]
+            moves += [(open_ | {i}) - {j} for i in opening[:2] for j in closing]  # swaps
+            for keep in moves:
+                if not keep or keep in tried:
+                    continue
+                if tries >= self.REPAIRS:
+                    break
+                tries += 1
+                tried.append(keep)
+                trial = self._within(tensors, marginal, fixed, budget_j, named, closed=everything - keep,
+                                     fill=True)
+                trial_value = self._retained(tensors, [trial])[0]
+                if trial_value > value:
+                    label, chosen, value = "local search", trial, trial_value
+                    improved = True
+                    break
+        return label, chosen, value
+
+    def _largest(self, tensors: Layers, chosen: "_Priced", opens: list[Opening], budget_j: float,
+                 named) -> "_Priced":
+        """Within a layer the clipped scores tie at its cap, and ties go by position: where the
+        prefix kept only part of a layer's tied entries, keep that many of its largest instead
+        (same count, same joules by the linear accounting; kept only if the cost map agrees)."""
+        partial = [i for i, (o, k) in enumerate(zip(opens, chosen.counts)) if 0 < k < o.at_cap]
+        if not partial:
+            return chosen
+        mask = chosen.mask.clone()
+        start = [0]
+        for flat in tensors.flats:
+            start.append(start[-1] + flat.numel())
+        for i in partial:
+            mask[start[i] : start[i + 1]] = layers_topk_mask([tensors.flats[i]], chosen.counts[i])
+        fixed = self._price(mask, named, [f.numel() for f in tensors.flats])
+        return fixed if fixed.joules <= budget_j else chosen
+
+    def _retained(self, tensors: Layers, chosen: list, exact: bool = False) -> list[float]:
+        """The retained ``sum |u|**power`` of each selection (or candidate), in one pass over the
+        update; fast sums (within ``RETAINED_TOLERANCE``) unless ``exact``."""
+        masks = [c[1].mask if isinstance(c, tuple) else c.mask for c in chosen]
+        return retained(_LayeredPool(tensors, None, self.power), masks, exact=exact)
+
+    def _bound(self, tensors: Layers, envelope: "_Priced", value: float, opens: list[Opening], b: int | None,
+               budget_j: float, named) -> float:
+        """An upper bound on the optimum (linear accounting): the fractional knapsack over the layers'
+        envelopes. It takes what the envelope prefix took before the item it broke at, then spends
+        the rest of the budget at that item's value per joule at most: the break layer's r* when
+        the prefix broke inside an open item (without what it kept of that layer), else the value
+        per joule of one entry, which is also at most the largest ``|u|**power`` of any layer."""
+        left = max(0.0, budget_j - envelope.joules)
+        if b is None:
+            per_joule = max((min(o.cap, o.ratio) for o in opens if o.affordable), default=0.0)
+            top = max((m**self.power for m in tensors.max_magnitudes), default=0.0)
+            return value + min(left * per_joule, top)
+        name = list(named)[b]
+        kept_b = self._values(tensors, envelope)[b] if envelope.counts[b] else 0.0
+        return value - kept_b + (left + envelope.by_layer[name]) * opens[b].ratio
 
     def _skip(self, tensors: Layers, marginal, fixed, budget_j: float, named, chosen: "_Priced") -> "_Priced":
         """The layer-skipping rule: try closing layers, one at a time, at most ``skip_layers``
@@ -190,9 +362,9 @@ class Pruner:
         then the open layers that return least for their joules (retained
         ``sum |u|**power`` over the layer's predicted joules). Each try selects again at the same
         budget without the closed layers, and is kept only if it retains strictly more
-        ``sum |u|**power``. Every candidate is a full selection within the budget and the greedy
-        result is the first, so the result is never worse than the greedy rule's at equal budget
-        (and never over it)."""
+        ``sum |u|**power``. Every candidate is a full selection within the budget and the rule's
+        result is the first, so the result is never worse than the rule's at equal budget (and
+        never over it)."""
         names = list(named)
         values = self._values(tensors, chosen)
         top = [m**self.power / c for m, c in zip(tensors.max_magnitudes, marginal)]  # each layer's best score
@@ -213,7 +385,7 @@ class Pruner:
                 order.insert(0, max(blocked, key=lambda i: (top[i], -i)))
             for layer in order[: self.skip_layers - tries]:
                 tries += 1
-                trial = self._within_open(tensors, marginal, fixed, budget_j, named, closed | {layer})
+                trial = self._within(tensors, marginal, fixed, budget_j, named, closed=closed | {layer})
                 trial_values = self._values(tensors, trial)
                 if math.fsum(trial_values) > math.fsum(values):
                     chosen, values = trial, trial_values
@@ -222,25 +394,6 @@ class Pruner:
             else:
                 break  # no candidate helped: stop
         return chosen
-
-    def _within_open(self, tensors: Layers, marginal, fixed, budget_j: float, named, closed: set[int]) -> "_Priced":
-        """``_within`` over the layers not in ``closed`` (which keep nothing), as a full mask."""
-        names = list(named)
-        keep = [i for i in range(len(names)) if i not in closed]
-        sub = Layers([tensors.flats[i] for i in keep], [tensors.max_magnitudes[i] for i in keep],
-                     tensors.score_dtype, tensors.device)
-        part = self._within(sub, [marginal[i] for i in keep], [fixed[i] for i in keep], budget_j,
-                            {names[i]: named[names[i]] for i in keep})
-        sizes = [t.numel() for t in tensors.flats]
-        mask = torch.zeros(sum(sizes), dtype=torch.bool, device=tensors.device)
-        starts = [0]
-        for size in sizes:
-            starts.append(starts[-1] + size)
-        at = 0
-        for i in keep:
-            mask[starts[i] : starts[i + 1]] = part.mask[at : at + sizes[i]]
-            at += sizes[i]
-        return self._price(mask, named, sizes)
 
     def _values(self, tensors: Layers, chosen: "_Priced") -> list[float]:
         """Per layer, the retained ``sum |u|**power`` of the kept entries (float64)."""
@@ -260,24 +413,47 @@ class Pruner:
         counts = layer_counts(mask, sizes)
         return _Priced(mask, self.cost_map.joules_by_layer(_views(mask, named), counts), counts)
 
-    def _select(self, tensors, marginal, fixed, budget_j: float, named) -> "_Priced":
-        mask = layers_budget_mask(
-            tensors, marginal, fixed, budget_j, self.power, rank_by_cost=self.method == "cwmp", fill=self.fill
-        )
-        return self._price(mask, named, [t.numel() for t in tensors.flats])
+    def _select(self, tensors: Layers, marginal, fixed, budget_j: float, named, caps=None,
+                closed: frozenset | set = frozenset(), rank_by_cost: bool | None = None,
+                fill: bool | None = None) -> "_Priced":
+        """One selection with the linear accounting, priced by the cost map. ``closed`` layers keep
+        nothing (the selection runs over the others); ``caps`` clip the scores (the set-up rule)."""
+        rank = self.method == "cwmp" if rank_by_cost is None else rank_by_cost
+        fill = self.fill if fill is None else fill
+        sizes = [t.numel() for t in tensors.flats]
+        if not closed:
+            mask = layers_budget_mask(tensors, marginal, fixed, budget_j, self.power, rank_by_cost=rank,
+                                      fill=fill, caps=caps)
+            return self._price(mask, named, sizes)
+        keep = [i for i in range(len(sizes)) if i not in closed]
+        sub = Layers([tensors.flats[i] for i in keep], [tensors.max_magnitudes[i] for i in keep],
+                     tensors.score_dtype, tensors.device)
+        part = layers_budget_mask(sub, [marginal[i] for i in keep], [fixed[i] for i in keep], budget_j, self.power,
+                                  rank_by_cost=rank, fill=fill,
+                                  caps=None if caps is None else [caps[i] for i in keep])
+        mask = torch.zeros(sum(sizes), dtype=torch.bool, device=tensors.device)
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        at = 0
+        for i in keep:
+            mask[starts[i] : starts[i + 1]] = part[at : at + sizes[i]]
+            at += sizes[i]
+        return self._price(mask, named, sizes)
 
-    def _within(self, tensors, marginal, fixed, budget_j: float, named) -> "_Priced":
+    def _within(self, tensors, marginal, fixed, budget_j: float, named, **how) -> "_Priced":
         """Select with the linear accounting (fixed + marginal x k), then price the mask with the
         cost map. If the cost map says it is over the budget (its layer cost is not linear), select
         again with a smaller budget, a few times, then bisect between the empty mask (which costs
-        nothing) and the last budget that was too much; return the best mask that fits."""
+        nothing) and the last budget that was too much; return the best mask that fits. ``how``:
+        ``_select``'s options."""
         selection_j = budget_j
         for attempt in range(self.RESCALES):
-            chosen = self._select(tensors, marginal, fixed, selection_j, named)
+            chosen = self._select(tensors, marginal, fixed, selection_j, named, **how)
             spent_j = chosen.joules
             if spent_j <= budget_j:
                 if attempt == 0 and not self.cost_map.linear and 0 < spent_j < budget_j * (1 - self.UNDERSPENT):
-                    return self._grow(tensors, marginal, fixed, budget_j, named, selection_j, chosen)
+                    return self._grow(tensors, marginal, fixed, budget_j, named, selection_j, chosen, how)
                 return chosen
             selection_j = min(selection_j * (budget_j / spent_j), math.nextafter(selection_j, 0.0))
         sizes = [t.numel() for t in tensors.flats]
@@ -287,22 +463,22 @@ class Pruner:
                 f"the cost map prices keeping nothing at {best.joules} J, above the budget of {budget_j} J; "
                 "a layer that keeps no entry must cost nothing (layer_joules)"
             )
-        return self._bisect(tensors, marginal, fixed, budget_j, named, 0.0, selection_j, best, self.BISECTIONS)
+        return self._bisect(tensors, marginal, fixed, budget_j, named, 0.0, selection_j, best, self.BISECTIONS, how)
 
     def _grow(self, tensors, marginal, fixed, budget_j: float, named, selection_j: float,
-              chosen: "_Priced") -> "_Priced":
+              chosen: "_Priced", how: dict) -> "_Priced":
         """Spend what the linear accounting left: bisect the selection budget upwards, keeping the
         largest selection the cost map prices within the budget."""
         high_j = selection_j * max(2.0, 1.5 * budget_j / max(chosen.joules, 1e-300))
-        return self._bisect(tensors, marginal, fixed, budget_j, named, selection_j, high_j, chosen, self.GROWTHS)
+        return self._bisect(tensors, marginal, fixed, budget_j, named, selection_j, high_j, chosen, self.GROWTHS, how)
 
     def _bisect(self, tensors, marginal, fixed, budget_j: float, named, low_j: float, high_j: float,
-                best: "_Priced", steps: int) -> "_Priced":
+                best: "_Priced", steps: int, how: dict) -> "_Priced":
         """Bisect the selection budget between ``low_j`` (whose selection ``best`` fits) and ``high_j``
         for ``steps`` steps; return the largest selection the cost map prices within ``budget_j``."""
         for _ in range(steps):
             middle_j = (low_j + high_j) / 2
-            chosen = self._select(tensors, marginal, fixed, middle_j, named)
+            chosen = self._select(tensors, marginal, fixed, middle_j, named, **how)
             if chosen.joules <= budget_j:
                 best, low_j = chosen, middle_j
             else:
@@ -340,6 +516,32 @@ class Pruner:
             feedback.undo(named)
             raise
         return feedback.remember(corrected, result.masks, sparse=sparse), result
+
+
+def _break_layer(opens: list[Opening], counts: list[int]) -> int | None:
+    """The layer of the first entry the envelope prefix did not keep, when that entry is part of
+    an open item: among the layers whose open item the prefix kept only part of, the one of largest
+    cap, the first of equals (the prefix's order puts it first). None when every open item that
+    can be paid for is whole (the prefix then stopped at a single entry)."""
+    incomplete = [i for i, o in enumerate(opens) if o.affordable and counts[i] < o.count]
+    if not incomplete:
+        return None
+    return max(incomplete, key=lambda i: (opens[i].cap, -i))
+
+
+def _mask_budget(budget_j: float, floor_j: float) -> float:
+    """What a whole-round budget leaves for the masks: ``budget_j - floor_j``, rounded down so that
+    ``floor_j + mask_j <= budget_j`` holds in floats for every mask within it."""
+    if not budget_j >= floor_j:
+        raise BudgetError(
+            f"the budget of {budget_j:.6g} J per round is below the {floor_j:.6g} J every round pays whatever "
+            "the mask keeps (error feedback's compensation over every tensor, CostMap.floor_j); give a budget "
+            f"of at least {floor_j:.6g} J"
+        )
+    mask_j = max(0.0, budget_j - floor_j)
+    while mask_j > 0 and floor_j + mask_j > budget_j:
+        mask_j = math.nextafter(mask_j, 0.0)
+    return mask_j
 
 
 def _k_of(ratio: float, n: int) -> int:

@@ -24,7 +24,7 @@ def _fail(message: str, code: int = EXIT_METER) -> int:
 
 # ---------------------------------------------------------------------------- detect
 def cmd_detect(args: argparse.Namespace) -> int:
-    from energyprof.meters import probe_all
+    from energyprof.meters import auto_choice, probe_all
 
     probes = probe_all()
     if args.json:
@@ -37,7 +37,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     usable = [p.backend for p in probes if p.available and p.backend != "sim"]
     print()
     if usable:
-        print(f"real meters available: {', '.join(usable)} ('--meter auto' picks {usable[0]})")
+        pick = auto_choice(probes)
+        print(f"real meters available: {', '.join(usable)}"
+              + (f" ('--meter auto' picks {pick})" if pick else " (none of them is one '--meter auto' tries: name one)"))
     else:
         print("no real meter is available here; 'sim' gives simulated numbers (labelled simulated)")
     return 0

@@ -23,7 +23,22 @@ Attribute contents follow the drivers:
   ``samples``, ``update_interval`` (ms);
 * ``ina2xx`` (Documentation/hwmon/ina2xx.rst): ``in0_input`` shunt voltage (mV), ``in1_input``
   bus voltage (mV), ``curr1_input`` (mA), ``power1_input`` (uW), ``shunt_resistor`` (uOhm);
-* energy counters (``energy1_input``, uJ) as chips that accumulate energy expose them.
+* energy counters (``energy1_input``, uJ) as chips that accumulate energy expose them;
+* GPU nodes under their PCI device (``add_gpu``), which also gets ``vendor``, ``device``,
+  ``class`` and a ``drm/cardN`` folder linked from ``sys/class/drm/cardN`` (drivers/gpu/drm/drm_sysfs.c):
+
+  - ``amdgpu`` (Documentation/gpu/amdgpu/thermal.rst): ``power1_average`` "average power used by
+    the SoC in microWatts" (older ASICs) or ``power1_input`` "instantaneous power used by the SoC
+    in microWatts" (newer), ``power1_label`` (``PPT``), ``power1_cap``/``_cap_max``/``_cap_min``,
+    ``temp1_input``/``temp1_label`` (``edge``), ``in0_input``/``in0_label`` (``vddgfx``, mV);
+    PCI vendor 0x1002;
+  - ``i915`` (Documentation/ABI/testing/sysfs-driver-intel-i915-hwmon, discrete GPUs only):
+    ``energy1_input`` "Energy consumption of the GPU in uJ", ``power1_max``,
+    ``power1_rated_max``, ``power1_max_interval``, ``in0_input`` (GPU voltage, mV), no labels;
+  - ``xe`` (Documentation/ABI/testing/sysfs-driver-intel-xe-hwmon, drivers/gpu/drm/xe/xe_hwmon.c):
+    ``energy1_input`` "Card energy input of device in microjoules", ``energy2_input`` "Package
+    energy", labels ``card`` and ``pkg`` on the energy and power channels, ``power1_max``,
+    ``power1_rated_max``, ``power2_max``, ``in1_input`` (package voltage, mV); vendor 0x8086.
 
 Values are written atomically (write a temporary file, then rename), as a reader must never see
 half a number. Files are static between writes, so a tree whose rails are not touched has
@@ -161,6 +176,59 @@ class FakeHwmon:
             self._attr(node, "energy1_label", label)
         self.set_energy(node.index, microjoules, power_uw=0)
         return node.index
+
+    def add_drm_card(self, pci: str, vendor: str, card: int) -> Path:
+        """A PCI display device and its DRM card (an integrated GPU has no hwmon node)."""
+        device_dir = self.sys / "devices" / "pci0000:00" / "0000:00:01.0" / pci
+        (device_dir / "drm" / f"card{card}").mkdir(parents=True, exist_ok=True)
+        _atomic_write(device_dir / "vendor", vendor + "\n")
+        _atomic_write(device_dir / "class", "0x030000\n")
+        card_dir = device_dir / "drm" / f"card{card}"
+        if not (card_dir / "device").exists():
+            os.symlink(os.path.relpath(device_dir, card_dir), card_dir / "device")
+        drm = self.sys / "class" / "drm"
+        drm.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(card_dir, drm), drm / f"card{card}")
+        return device_dir
+
+    def add_gpu(self, driver: str, pci: str, card: int, watts: float = 150.0, microjoules: int = 0,
+                amd_power: str = "power1_input") -> int:
+        """A GPU's hwmon node as ``amdgpu``, ``i915`` or ``xe`` lays it out (see the module doc)."""
+        vendor = "0x1002" if driver == "amdgpu" else "0x8086"
+        device_dir = self.add_drm_card(pci, vendor, card)
+        _atomic_write(device_dir / "device", ("0x744c" if driver == "amdgpu" else "0x56a0") + "\n")
+        node = self._add_node(os.path.relpath(device_dir, self.sys / "devices"))
+        self._attr(node, "name", driver)
+        node.rails = [Rail(driver, 0.0, 0.0)]
+        node.amd_power = amd_power  # type: ignore[attr-defined]
+        if driver == "amdgpu":
+            for attr, value in (("power1_label", "PPT"), ("power1_cap", 300_000_000), ("power1_cap_max", 339_000_000),
+                                ("power1_cap_min", 0), ("temp1_input", 41000), ("temp1_label", "edge"),
+                                ("in0_input", 806), ("in0_label", "vddgfx")):
+                self._attr(node, attr, value)
+            self.set_gpu_power(node.index, watts)
+        elif driver == "i915":
+            for attr, value in (("power1_max", 190_000_000), ("power1_rated_max", 190_000_000),
+                                ("power1_max_interval", 28000), ("in0_input", 720)):
+                self._attr(node, attr, value)
+            self.set_gpu_energy(node.index, microjoules)
+        else:  # xe
+            for attr, value in (("energy1_label", "card"), ("energy2_label", "pkg"), ("power1_label", "card"),
+                                ("power2_label", "pkg"), ("power1_max", 225_000_000), ("power1_rated_max", 225_000_000),
+                                ("power2_max", 180_000_000), ("in1_input", 750), ("in1_label", "pkg")):
+                self._attr(node, attr, value)
+            self.set_gpu_energy(node.index, microjoules, package_uj=microjoules // 2)
+        return node.index
+
+    def set_gpu_power(self, index: int, watts: float) -> None:
+        node = self.nodes[index]
+        self._attr(node, node.amd_power, round(watts * 1e6))  # type: ignore[attr-defined]
+
+    def set_gpu_energy(self, index: int, microjoules: int, package_uj: int | None = None) -> None:
+        node = self.nodes[index]
+        self._attr(node, "energy1_input", int(microjoules))
+        if package_uj is not None:
+            self._attr(node, "energy2_input", int(package_uj))
 
     # ------------------------------------------------------------------ values
     def set_rail(self, index: int, ch: int, volts: float | None = None, amps: float | None = None) -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import contextlib
 from unittest import mock
 
-import cwmp.masks as masks
+import cwmp.kernels as kernels
 
 TUNINGS = ["shipped", "tiny", "tiny_torch_kernels"]
-TINY = dict(_EXACT_MAX=3, _SAMPLE_MIN=2, _SAMPLE_MAX=12, _CHUNK_CPU=16, _MIN_GROUP=8)
+TINY = dict(EXACT_MAX=3, SAMPLE_MIN=2, SAMPLE_MAX=12, CHUNK_CPU=16, MIN_GROUP=8)
 
 
 @contextlib.contextmanager
@@ -19,6 +19,6 @@ def tuning(name: str):
     if name.startswith("tiny"):
         settings.update(TINY)
     if name.endswith("torch_kernels"):
-        settings.update(_NUMPY_ON_CPU=False)
-    with mock.patch.multiple(masks, **settings) if settings else contextlib.nullcontext():
+        settings.update(NUMPY_ON_CPU=False)
+    with mock.patch.multiple(kernels, **settings) if settings else contextlib.nullcontext():
         yield

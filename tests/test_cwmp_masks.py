@@ -17,7 +17,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
+import cwmp.costs as cwmp_costs
 import cwmp.masks as masks
+import cwmp.pools as pools
 from cwmp import cwmp_mask, cwmp_scores, magnitude_budget_mask, topk_mask
 from cwmp.errors import MaskInputError
 from energyprof.errors import EnergyprofError
@@ -243,13 +245,13 @@ def test_a_pivot_that_misses_by_one_ulp_still_gives_the_exact_mask():
     """pow() may round the last bit differently at sampled positions than in the chunked pass; the
     selection must then still end, and exactly. Emulated by nudging every sampled score up."""
     update = torch.full((100_000,), 0.5)
-    real = masks._UpdatePool.sample_scores
+    real = pools._UpdatePool.sample_scores
 
     def nudged(self, index):
         s = real(self, index)
         return torch.nextafter(s, torch.full_like(s, math.inf))
 
-    with mock.patch.object(masks._UpdatePool, "sample_scores", nudged):
+    with mock.patch.object(pools._UpdatePool, "sample_scores", nudged):
         got = cwmp_mask(update, 1.0, 1234.5, power=1.5)
     expected = torch.zeros(100_000, dtype=torch.bool)
     expected[:1234] = True  # all tied: the lowest indices
@@ -271,7 +273,7 @@ def test_one_shared_cost_totals_k_entries_as_k_times_c(c, k, nudge, base):
     if nudge:
         budget = math.nextafter(budget, math.inf if nudge > 0 else 0.0)
     n = 10**10
-    j = masks._UniformCost(c).affordable_prefix(base, n, budget)
+    j = cwmp_costs._UniformCost(c).affordable_prefix(base, n, budget)
     if j > 0:
         assert (base + j) * c <= budget
     assert (base + j + 1) * c > budget

@@ -16,7 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cwmp.kernels as kernels
 import cwmp.masks as masks
+import cwmp.pools as pools
+import cwmp.selection as selection
 import cwmp.parallel as parallel
 import cwmp.sparse as sparse
 from cwmp import Budget, CostMap, ErrorFeedback, LayerPrice, MaskInputError, Pruner
@@ -101,7 +104,7 @@ def test_a_forked_child_gets_threads_of_its_own(two_threads):
 # --------------------------------------------------------------------------- the thresholds
 def pool_of(divisors, power, dtype=torch.float32):
     layers = masks.check_layers([torch.ones(3, dtype=dtype) for _ in divisors])
-    return masks._LayeredPool(layers, divisors, power)
+    return pools._LayeredPool(layers, divisors, power)
 
 
 floats32 = st.floats(min_value=0, max_value=float(np.finfo(np.float32).max), width=32)
@@ -115,7 +118,7 @@ floats32 = st.floats(min_value=0, max_value=float(np.finfo(np.float32).max), wid
 def test_a_threshold_is_the_least_magnitude_whose_score_passes(divisors, bound, power, strict, dtype):
     """"score > bound" (or >=) is exactly "magnitude >= t": t passes, the float below it does not."""
     pool = pool_of(divisors, power, dtype)
-    t = masks._magnitude_thresholds(pool, bound, strict)
+    t = selection._magnitude_thresholds(pool, bound, strict)
     assert t.dtype == pool.numpy_dtype
     layers = np.arange(len(divisors))
 
@@ -136,10 +139,10 @@ def test_a_threshold_is_the_least_magnitude_whose_score_passes(divisors, bound, 
 
 def test_thresholds_near_zero_and_at_the_edges():
     pool = pool_of([1.0, 3.0], 2.0)
-    t = masks._magnitude_thresholds(pool, 0.0, strict=True)  # the least x with x * x / c > 0: far from 0 * c
+    t = selection._magnitude_thresholds(pool, 0.0, strict=True)  # the least x with x * x / c > 0: far from 0 * c
     assert (t > 0).all() and (pool.numpy_scores(t, np.arange(2)) > 0).all()
-    assert (masks._magnitude_thresholds(pool, 0.0, strict=False) == 0).all()
-    assert np.isinf(masks._magnitude_thresholds(pool, math.inf, strict=True)).all()
+    assert (selection._magnitude_thresholds(pool, 0.0, strict=False) == 0).all()
+    assert np.isinf(selection._magnitude_thresholds(pool, math.inf, strict=True)).all()
 
 
 # ------------------------------------------------------------------ masks vs thread counts
@@ -155,10 +158,10 @@ def test_the_masks_do_not_depend_on_the_thread_count(seed, sizes, ratio, power):
     k = int(ratio * sum(sizes))
     results = []
     for workers in (1, 3):
-        with mock.patch.multiple(masks, **TINY), mock.patch.object(parallel, "MAX_WORKERS", workers), \
+        with mock.patch.multiple(kernels, **TINY), mock.patch.object(parallel, "MAX_WORKERS", workers), \
                 parallel.torch_threads(workers):
             results.append((layers_budget_mask(tensors, marginal, fixed, budget, power), layers_topk_mask(tensors, k)))
-    with mock.patch.multiple(masks, **TINY, _NUMPY_ON_CPU=False):  # the torch kernels (CUDA's path)
+    with mock.patch.multiple(kernels, **TINY, NUMPY_ON_CPU=False):  # the torch kernels (CUDA's path)
         results.append((layers_budget_mask(tensors, marginal, fixed, budget, power), layers_topk_mask(tensors, k)))
     for cwmp_mask, topk_mask in results[1:]:
         assert torch.equal(cwmp_mask, results[0][0]) and torch.equal(topk_mask, results[0][1])

@@ -211,7 +211,7 @@ def test_pruner_with_fixed_costs_matches_the_walk(seed, fraction, method, fixed)
     updates = updates_of(seed)
     tensors = list(updates.values())
     budget_j = layer_joules([t.numel() for t in tensors], marginal, fixed) * fraction
-    result = Pruner(cmap, Budget.of_joules(budget_j), method=method).masks(updates)
+    result = Pruner(cmap, Budget.of_joules(budget_j), method=method, rule="prefix").masks(updates)
     expected = reference_mask(tensors, marginal, fixed, budget_j, by_cost=method == "cwmp")
     assert torch.equal(torch.cat([m.reshape(-1) for m in result.masks.values()]), expected)
     assert result.predicted_j == cmap.predicted_joules(result.masks) <= budget_j
@@ -235,7 +235,7 @@ def test_topk_energy_includes_the_fixed_costs_of_the_layers_topk_touches():
     counts = mask_counts(expected, tensors)
     assert counts[3] == 0 and all(counts[:3])
     assert top.budget_j == top.predicted_j == layer_joules(counts, marginal, fixed)
-    cw = Pruner(cmap, Budget.topk_keep_ratio(0.1), method="cwmp").masks(updates)
+    cw = Pruner(cmap, Budget.topk_keep_ratio(0.1), method="cwmp", rule="prefix").masks(updates)
     assert cw.budget_j == top.budget_j and cw.predicted_j <= cw.budget_j
     assert torch.equal(torch.cat([m.reshape(-1) for m in cw.masks.values()]),
                        reference_mask(tensors, marginal, fixed, top.budget_j))
@@ -261,10 +261,10 @@ def test_a_non_linear_cost_map_never_sees_its_budget_exceeded(method, fraction):
     linear = cost_map(LAYERS, marginal, fixed)
     updates = updates_of(11)
     budget_j = linear.predicted_joules({n: torch.ones_like(u, dtype=torch.bool) for n, u in updates.items()}) * fraction
-    result = Pruner(cmap, Budget.of_joules(budget_j), method=method).masks(updates)
+    result = Pruner(cmap, Budget.of_joules(budget_j), method=method, rule="prefix").masks(updates)
     assert result.predicted_j == math.fsum(cmap.joules_by_layer(result.masks).values())
     assert result.predicted_j <= budget_j
-    plain = Pruner(linear, Budget.of_joules(budget_j), method=method).masks(updates)
+    plain = Pruner(linear, Budget.of_joules(budget_j), method=method, rule="prefix").masks(updates)
     if (method, fraction) in {("cwmp", 0.3), ("cwmp", 0.6), ("cwmp", 1.0), ("topk", 1.0)}:
         # the linear selection alone would be over the budget; the pruner keeps fewer, not none
         assert math.fsum(cmap.joules_by_layer(plain.masks).values()) > budget_j
@@ -422,16 +422,16 @@ def test_skipping_a_layer_whose_fixed_cost_buys_little_keeps_more_at_the_same_bu
     cmap = CostMap({"a": LayerPrice(1.0, "measured", fixed_j=50.0), "b": LayerPrice(1.0, "measured")},
                    simulated=True)
     update = {"a": torch.tensor([10.0, 0.01, 0.01]), "b": torch.ones(100)}
-    greedy = Pruner(cmap, Budget.of_joules(60.0)).masks(update)
-    skipped = Pruner(cmap, Budget.of_joules(60.0), skip_layers=1).masks(update)
+    greedy = Pruner(cmap, Budget.of_joules(60.0), rule="prefix").masks(update)
+    skipped = Pruner(cmap, Budget.of_joules(60.0), skip_layers=1, rule="prefix").masks(update)
     assert {n: int(m.sum()) for n, m in greedy.masks.items()} == {"a": 1, "b": 9}
     assert {n: int(m.sum()) for n, m in skipped.masks.items()} == {"a": 0, "b": 60}
     assert retained(update, skipped.masks) == 60 > retained(update, greedy.masks) == 19
     assert skipped.predicted_j == cmap.predicted_joules(skipped.masks) <= 60.0
     # a layer whose fixed cost does not fit at all stops the prefix at its first entry: the greedy
     # rule keeps nothing, closing that layer lets the prefix go on
-    greedy = Pruner(cmap, Budget.of_joules(40.0)).masks(update)
-    skipped = Pruner(cmap, Budget.of_joules(40.0), skip_layers=1).masks(update)
+    greedy = Pruner(cmap, Budget.of_joules(40.0), rule="prefix").masks(update)
+    skipped = Pruner(cmap, Budget.of_joules(40.0), skip_layers=1, rule="prefix").masks(update)
     assert greedy.kept == 0 and {n: int(m.sum()) for n, m in skipped.masks.items()} == {"a": 0, "b": 40}
 
 
@@ -441,8 +441,8 @@ def test_the_first_try_is_not_spent_on_a_layer_that_blocked_nothing():
     cmap = CostMap({"a": LayerPrice(1.0, "measured"), "b": LayerPrice(1.0, "measured"),
                     "c": LayerPrice(1.0, "measured", fixed_j=95.0)}, simulated=True)
     update = {"a": torch.full((100,), 10.0), "b": torch.full((100,), 5.0), "c": torch.full((100,), 9.0)}
-    greedy = Pruner(cmap, Budget.of_joules(200.0)).masks(update)
-    skipped = Pruner(cmap, Budget.of_joules(200.0), skip_layers=1).masks(update)
+    greedy = Pruner(cmap, Budget.of_joules(200.0), rule="prefix").masks(update)
+    skipped = Pruner(cmap, Budget.of_joules(200.0), skip_layers=1, rule="prefix").masks(update)
     assert {n: int(m.sum()) for n, m in greedy.masks.items()} == {"a": 100, "b": 0, "c": 5}
     assert {n: int(m.sum()) for n, m in skipped.masks.items()} == {"a": 100, "b": 100, "c": 0}
     assert retained(update, skipped.masks) == 1500 > retained(update, greedy.masks) == 1045
@@ -457,8 +457,8 @@ def test_the_skipping_rule_is_never_worse_than_the_greedy_rule_at_equal_budget(s
     cmap = cost_map(LAYERS, marginal, fixed)
     update = updates_of(seed)
     budget = Budget.of_joules(layer_joules([t.numel() for t in update.values()], marginal, fixed) * fraction)
-    greedy = Pruner(cmap, budget, power=power).masks(update)
-    skipped = Pruner(cmap, budget, power=power, skip_layers=skips).masks(update)
+    greedy = Pruner(cmap, budget, power=power, rule="prefix").masks(update)
+    skipped = Pruner(cmap, budget, power=power, skip_layers=skips, rule="prefix").masks(update)
     assert retained(update, skipped.masks, power) >= retained(update, greedy.masks, power)
     assert skipped.predicted_j == cmap.predicted_joules(skipped.masks) <= budget.joules
     assert skipped.kept == sum(int(m.sum()) for m in skipped.masks.values())
@@ -483,4 +483,4 @@ def test_the_skip_layers_benchmark_runs_and_is_never_worse(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--model", "cnn", "--keep", "0.01", "0.1", "--skips", "2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")][1:]
-    assert [row[1] for row in rows] == ["Top-K", "greedy", "skip", "Top-K", "greedy", "skip"]
+    assert [row[1] for row in rows] == ["Top-K", "greedy", "skip", "setup", "Top-K", "greedy", "skip", "setup"]

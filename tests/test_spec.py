@@ -74,4 +74,4 @@ def test_auto_without_real_meters_lists_every_reason(monkeypatch):
         open_meter("auto")
     text = str(info.value)
     for name in meters.AUTO_ORDER:
-        assert f"{name} absent here" in text
+        assert f"{parse_spec(name).backend} absent here" in text

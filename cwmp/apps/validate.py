@@ -117,7 +117,9 @@ def validate(
 ) -> ValidationResult:
     from calibrate.calibration import resolve_meter_spec
     from calibrate.profile import load_profile
+    from energyprof.errors import MeterUnavailable
     from energyprof.meters import open_meter
+    from energyprof.meters.base import torch_device_problem
     from energyprof.models import resolve_model
     from energyprof.protocol import MeasurementProtocol
     from energyprof.workloads import RoundReplay
@@ -140,6 +142,9 @@ def validate(
 
     with open_meter(spec) as meter:
         info = meter.info
+        problem = torch_device_problem(info)
+        if problem:  # the meter sees a GPU this torch cannot run kernels on
+            raise MeterUnavailable(problem)
         warnings.extend(_mismatch(profile, info, spec, dev))
         sim = "  [SIMULATED]" if info.simulated else ""
         say(f"validate {profile.name} on {model} with meter {spec}, kernels on {dev}{sim}")

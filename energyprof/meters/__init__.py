@@ -1,4 +1,4 @@
-"""Meters: NVML, RAPL (powercap), external power-meter adapters, and a simulator.
+"""Meters: NVML, amdsmi, RAPL (powercap), hwmon, batteries, external power-meter adapters, and a simulator.
 
 ``open_meter("rapl")``, ``open_meter("nvml:index=0")``, ``open_meter("sim:preset=h100,seed=1")``,
 ``open_meter("auto")``. ``probe_all()`` tells, for every backend, whether it is usable here and why
@@ -37,6 +37,7 @@ __all__ = [
     "Probe",
     "Window",
     "WrapTracker",
+    "auto_choice",
     "format_spec",
     "open_meter",
     "parse_spec",
@@ -63,10 +64,15 @@ BACKENDS: dict[str, str] = {
     "stream": "energyprof.meters.stream",
     "pmic": "energyprof.meters.pmic",
     "hwmon": "energyprof.meters.hwmon",
+    "battery": "energyprof.meters.battery",
+    "amdsmi": "energyprof.meters.amdsmi",
 }
 
-# real on-device meters that ``auto`` tries, best first (adapters need wiring parameters)
-AUTO_ORDER: tuple[str, ...] = ("nvml", "rapl")
+# real on-device meters that ``auto`` tries, best first (adapters need wiring parameters): the
+# GPU meters (NVIDIA through NVML, AMD through amdsmi, then a GPU's own hwmon node: amdgpu, Intel
+# xe/i915), the CPU package (RAPL), and last the whole device's battery (laptops, phones), whose
+# readings are slow and cover everything the device powers
+AUTO_ORDER: tuple[str, ...] = ("nvml", "amdsmi", "hwmon:gpu=any", "rapl", "battery")
 
 
 def _module(backend: str):
@@ -100,6 +106,18 @@ def probe_backend(spec: str | MeterSpec) -> Probe:
 def probe_all() -> list[Probe]:
     """Probe every backend with default parameters (each one exactly once)."""
     return [probe_backend(parse_spec(name)) for name in BACKENDS]
+
+
+def auto_choice(probes: list[Probe] | None = None) -> str | None:
+    """The spec ``auto`` would open here (the first usable entry of :data:`AUTO_ORDER`), reusing
+    ``probes`` (from :func:`probe_all`) for plain backend names."""
+    known = {p.backend: p for p in probes or []}
+    for name in AUTO_ORDER:
+        spec = parse_spec(name)
+        probe = known.get(spec.backend) if not spec.params else None
+        if (probe or probe_backend(spec)).available:
+            return name
+    return None
 
 
 def open_meter(spec: str | MeterSpec, **kwargs: Any) -> Meter:

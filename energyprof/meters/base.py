@@ -35,6 +35,7 @@ __all__ = [
     "BackgroundReader",
     "periodic",
     "synchronize",
+    "torch_device_problem",
     "DEVICE_CALL_TIMEOUT_S",
     "JOIN_TIMEOUT_S",
 ]
@@ -145,6 +146,51 @@ def synchronize(device: Any) -> None:
         torch.mps.synchronize()
     elif dev.type == "xpu" and hasattr(torch, "xpu"):
         torch.xpu.synchronize(dev)
+
+
+def torch_device_problem(info: MeterInfo) -> str | None:
+    """Why kernels cannot run on the torch device this meter sees (``info.torch_device``), in one
+    line that says what to install; None when they can, or when the meter sees the host.
+
+    calibrate and validate call it after opening their meter, so that a GPU meter whose GPU this
+    torch cannot drive (no ROCm build for an AMD GPU, no XPU support for an Intel GPU) is refused
+    before any measuring, instead of timing kernels that run elsewhere."""
+    device = info.torch_device
+    if device is None:
+        return None
+    import torch  # lazy: meters work without torch imported
+
+    kind, _, number = device.partition(":")
+    index = int(number or 0)
+    sees = f"the {info.backend} meter sees {device}"
+    gpu = info.details.get("gpu") if isinstance(info.details.get("gpu"), Mapping) else {}
+    if kind == "cuda":
+        amd = info.backend == "amdsmi" or gpu.get("driver") == "amdgpu"
+        hip = getattr(torch.version, "hip", None)
+        if amd and not hip:
+            build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            return (f"{sees}, an AMD GPU, but this torch {torch.__version__} is {build}, not a ROCm build: its "
+                    "kernels cannot run on that GPU. Install torch for ROCm (pip install torch --index-url "
+                    "https://download.pytorch.org/whl/rocm6.2, or the index for your ROCm), or use a meter that "
+                    "sees the CPU (rapl, battery)")
+        if not torch.cuda.is_available():
+            return (f"{sees}, but torch.cuda.is_available() is False in this torch {torch.__version__}: the kernels "
+                    "cannot run on that GPU. Install a torch build for it (ROCm for AMD, CUDA for NVIDIA) and check "
+                    "the driver")
+        if index >= torch.cuda.device_count():
+            return f"{sees}, but torch sees only {torch.cuda.device_count()} GPU(s); check *_VISIBLE_DEVICES"
+        return None
+    if kind == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            return (f"{sees}, an Intel GPU, but this torch {torch.__version__} has no usable XPU device "
+                    "(torch.xpu.is_available() is False): the kernels cannot run on that GPU. Install torch's XPU "
+                    "build (pip install torch --index-url https://download.pytorch.org/whl/xpu) and Intel's GPU "
+                    "driver, or use a meter that sees the CPU (rapl, battery)")
+        if index >= xpu.device_count():
+            return f"{sees}, but torch sees only {xpu.device_count()} XPU device(s)"
+        return None
+    return None
 
 
 class Window:

@@ -4,8 +4,10 @@
 ``hwmon:name=ina3221,channel=VDD_IN``, ``hwmon:name=ina219``, ``hwmon:root=DIR,...``. Keys:
 ``root`` (default ``/sys/class/hwmon``; tests pass a tree written in a temporary folder, as
 ``rapl:root=DIR`` does), ``name`` (the chip's ``name`` file: ``ina3221``, ``ina219``,
-``ina226``, ``ina260``, ``ina238``, ...), ``device`` (``hwmonN``, or the device the hwmon node
-belongs to, e.g. the I2C client ``1-0041``, when several chips share a name), ``channel`` (a
+``ina226``, ``ina260``, ``ina238``, ``amdgpu``, ``xe``, ``i915``...), ``device`` (``hwmonN``, or
+the device the hwmon node belongs to, e.g. the I2C client ``1-0041``, when several chips share a
+name), ``gpu`` (a GPU's node: ``any``, its PCI address, its DRM card ``card1`` or its torch device
+``cuda:0``/``xpu:0``), ``channel`` (a
 label from a ``*_label`` file, or a channel number; ``A+B`` sums disjoint rails), ``rate_hz``
 (default 50) and the sampled-meter keys ``max_gap_s``, ``startup_s``, ``scope``.
 
@@ -22,6 +24,11 @@ files (drivers of the old style put them in ``hwmonN/device/`` instead; both are
   where the pair is one rail (a label names it, or the chip's layout is known): the INA3221 (Documentation/hwmon/ina3221.rst: ``in[123]_input`` bus voltage in mV,
   ``curr[123]_input`` current in mA, ``in[123]_label`` the rail names, ``in[456]_input`` the
   shunt voltages, ``in7``/``curr4`` the sums), the driver NVIDIA Jetson boards use from JetPack 5.
+
+GPU nodes (``amdgpu``, Intel ``xe`` and ``i915``) have scope ``gpu``: the meter says which GPU
+(PCI address, DRM card) in ``details["gpu"]`` and sets ``info.torch_device`` to the device whose
+kernels it sees (``cuda:N`` under ROCm, ``xpu:N`` for Intel; see :func:`gpu_identity`); ``xe``'s
+default channel is the card (``energy1``, label ``card``), not its package.
 
 A sensor file that disappears while the meter runs (ENOENT or ENODEV: the driver was unbound or
 the device removed) fails the window at once with the file named; other read errors (an I2C
@@ -58,6 +65,13 @@ TOTAL_INPUT_LABELS = ("VDD_IN", "POM_5V_IN")
 # voltages and sums): the INA3221's channels 1-3
 _VI_CHANNELS = {"ina3221": range(1, 4)}
 _GONE = (errno.ENOENT, errno.ENODEV, errno.ENXIO)
+# GPU drivers with hwmon power or energy channels, and the torch device type whose kernels they see
+# (Documentation/gpu/amdgpu/thermal.rst; Documentation/ABI/testing/sysfs-driver-intel-i915-hwmon and
+# sysfs-driver-intel-xe-hwmon): amdgpu power1_input / power1_average (uW); i915 energy1_input (uJ,
+# discrete GPUs only); xe energy1_input (card) and energy2_input (pkg), labelled "card" / "pkg"
+GPU_DRIVERS = {"amdgpu": "cuda", "xe": "xpu", "i915": "xpu"}
+_PCI_VENDOR = {"amdgpu": "0x1002", "xe": "0x8086", "i915": "0x8086"}
+_GPU_PREFERRED = ("card",)  # xe: the whole card rather than its package
 _ATTR = re.compile(r"^(power|energy|curr|in)(\d+)_(input|average|label)$")
 
 
@@ -84,6 +98,60 @@ class HwmonChannel:
     def to_dict(self) -> dict[str, Any]:
         return {"hwmon": self.hwmon, "device": self.device, "chip": self.chip, "index": self.index,
                 "label": self.label, "kind": self.kind, "files": list(self.files)}
+
+
+def gpu_identity(root: str, hwmon: str, chip: str) -> dict[str, Any] | None:
+    """Which GPU a hwmon node belongs to: PCI address, DRM card, and the torch device whose kernels
+    it sees (``cuda:N`` under ROCm for amdgpu, ``xpu:N`` for Intel), or None for other chips.
+
+    N counts the DRM cards of the same PCI vendor in PCI order (the class folder ``drm`` beside
+    ``hwmon``; an integrated GPU without a hwmon node counts too); for amdgpu the ROCm visibility
+    variables (ROCR_/HIP_/CUDA_VISIBLE_DEVICES) then map it to the HIP ordinal, or to None when
+    they hide it. Level Zero's ZE_AFFINITY_MASK is not applied."""
+    kind = GPU_DRIVERS.get(chip.lower())
+    if kind is None:
+        return None
+    device = os.path.realpath(os.path.join(root, hwmon, "device"))
+    pci = os.path.basename(device)
+    cards = sorted((d for d in (os.listdir(os.path.join(device, "drm")) if os.path.isdir(os.path.join(device, "drm"))
+                                else []) if re.fullmatch(r"card\d+", d)), key=_natural)
+    vendor = _PCI_VENDOR[chip.lower()]
+    peers: set[str] = set()
+    drm = os.path.join(os.path.dirname(root), "drm")
+    if os.path.isdir(drm):
+        for card in os.listdir(drm):
+            if not re.fullmatch(r"card\d+", card):
+                continue
+            dev = os.path.realpath(os.path.join(drm, card, "device"))
+            try:
+                if _read_text(os.path.join(dev, "vendor")).lower() == vendor:
+                    peers.add(os.path.basename(dev))
+            except OSError:
+                continue
+    basis = "DRM cards of this vendor in PCI order"
+    if pci not in peers:  # no drm class folder: the GPU hwmon nodes of this vendor
+        peers = {pci}
+        for node in os.listdir(root):
+            try:
+                if _read_text(os.path.join(root, node, "name")).lower() in [c for c, v in _PCI_VENDOR.items() if v == vendor]:
+                    peers.add(os.path.basename(os.path.realpath(os.path.join(root, node, "device"))))
+            except OSError:
+                continue
+        basis = "GPU hwmon nodes of this vendor in PCI order"
+    physical = sorted(peers).index(pci)
+    index: int | None = physical
+    if kind == "cuda":
+        from energyprof.meters.amdsmi import visible_physical_indices
+
+        try:
+            order = visible_physical_indices(len(peers))
+        except MeterSpecError as exc:
+            order, basis = [], f"{basis}; {exc}"
+        index = order.index(physical) if physical in order else None
+        basis += "; ROCR_/HIP_/CUDA_VISIBLE_DEVICES applied"
+    return {"driver": chip, "pci": pci, "card": cards[0] if cards else None,
+            "torch_device": f"{kind}:{index}" if index is not None else None,
+            "torch_device_basis": basis if index is not None else f"{basis}: hidden from this process"}
 
 
 def _read_text(path: str) -> str:
@@ -243,7 +311,10 @@ def _select(channels: list[HwmonChannel], spec: MeterSpec, root: str) -> tuple[l
     name = spec.get_str("name")
     device = spec.get_str("device")
     wanted = spec.get_list("channel")
+    gpu = spec.get_str("gpu")
     pool = channels
+    if gpu:
+        pool = _gpu_pool(channels, gpu, root)
     if name:
         pool = [c for c in pool if c.chip.lower() == name.lower()]
         if not pool:
@@ -271,6 +342,10 @@ def _select(channels: list[HwmonChannel], spec: MeterSpec, root: str) -> tuple[l
     totals = [c for c in pool if (c.label or "").upper() in TOTAL_INPUT_LABELS]
     if len(totals) == 1:
         return totals, True
+    if pool and len({c.hwmon for c in pool}) == 1 and pool[0].chip.lower() in GPU_DRIVERS:
+        # one GPU's node: its whole card (xe "card", not "pkg"), else its first channel
+        preferred = [c for c in pool if (c.label or "").lower() in _GPU_PREFERRED] or pool[:1]
+        return preferred, True
     if len(pool) == 1:
         return pool, True
     if not pool:
@@ -281,6 +356,30 @@ def _select(channels: list[HwmonChannel], spec: MeterSpec, root: str) -> tuple[l
         "name=CHIP or device=hwmonN); on Jetson the rails are nested parts of the input, so add "
         "rails with channel=A+B only when they are disjoint"
     )
+
+
+def _gpu_pool(channels: list[HwmonChannel], gpu: str, root: str) -> list[HwmonChannel]:
+    """The channels of the GPU named by ``gpu``: ``any`` (the first GPU, by torch device), a PCI
+    address, a DRM card (``card1``) or a torch device (``cuda:0``, ``xpu:0``)."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for c in channels:
+        if c.hwmon not in nodes:
+            ident = gpu_identity(root, c.hwmon, c.chip)
+            if ident is not None:
+                nodes[c.hwmon] = ident
+    if not nodes:
+        raise MeterUnavailable(f"hwmon: no GPU power sensor ({', '.join(GPU_DRIVERS)}) under {root}")
+    if gpu == "any":
+        ranked = sorted(nodes, key=lambda n: (nodes[n]["torch_device"] is None, nodes[n]["torch_device"] or "",
+                                              nodes[n]["pci"]))
+        hit = ranked[0]
+    else:
+        hits = [n for n, i in nodes.items() if gpu in (i["pci"], i["card"], i["torch_device"], n)]
+        if not hits:
+            listing = "; ".join(f"{i['driver']} {n} ({i['pci']}, {i['card']}, {i['torch_device']})" for n, i in nodes.items())
+            raise MeterUnavailable(f"hwmon: no GPU {gpu!r}; GPU sensors: {listing}")
+        hit = hits[0]
+    return [c for c in channels if c.hwmon == hit]
 
 
 def _as_power(channel: HwmonChannel) -> HwmonChannel:
@@ -307,12 +406,24 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
     channels, _ = discover(root)
     picked, total = _select(channels, spec, root)
     spec.check_unused()
-    scope = spec.params.get("scope") or ("board" if total else "+".join(c.title for c in picked))
+    gpus = {c.hwmon: gpu_identity(root, c.hwmon, c.chip) for c in picked}
+    gpu = next(iter(gpus.values())) if len(gpus) == 1 else None
+    if any(gpus.values()) and gpu is None:
+        raise MeterSpecError("hwmon: these channels belong to several devices, one at least a GPU; measure one GPU "
+                             "at a time (gpu=PCI address, card or torch device)")
+    scope = spec.params.get("scope") or ("gpu" if gpu else "board" if total else "+".join(c.title for c in picked))
     details: dict[str, Any] = {
         "root": root,
         "channels": [c.to_dict() for c in picked],
         "total_input": total,
     }
+    torch_device = None
+    if gpu:
+        details["gpu"] = gpu
+        torch_device = gpu["torch_device"]
+        if gpu["driver"] == "amdgpu":
+            details["note"] = ("amdgpu's power1 is the power the SMU reports for the whole package (on an APU "
+                               "it includes the CPU cores)")
     if any(c.chip.lower() == "ina3221" for c in picked):
         details["note"] = ("INA3221 rails: the module's input (VDD_IN / POM_5V_IN) leaves out the carrier "
                            "board's own draw and its regulator losses upstream of the module")
@@ -324,7 +435,7 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
     if all(c.kind == "energy" for c in picked):
         info = MeterInfo(backend="hwmon", scope=scope, kind="counter", update_period_s=None,
                          resolution_j=1e-6, simulated=False, domains=tuple(c.title for c in picked),
-                         details=details)
+                         details=details, torch_device=torch_device)
         try:
             return HwmonCounterMeter(picked, info, **kwargs)
         except MeterFailure as exc:
@@ -339,7 +450,8 @@ def open_from_spec(spec: MeterSpec, **kwargs: Any):
         except OSError as exc:
             raise MeterUnavailable(f"cannot read {', '.join(c.files)}: {exc}") from exc
     info = MeterInfo(backend="hwmon", scope=scope, kind="sampled", update_period_s=period_s,
-                     resolution_j=None, simulated=False, domains=(scope,), details=details)
+                     resolution_j=None, simulated=False, domains=(scope,), details=details,
+                     torch_device=torch_device)
     source = _HwmonSource(
         f"hwmon {_describe(picked)}", lambda: sum(channel_watts(c) for c in picked), period_s,
         give_up_s=options.max_gap_for(period_s),
@@ -360,6 +472,14 @@ def probe(spec: MeterSpec) -> Any:
     if not channels:
         seen = f" (hwmon chips without power channels: {', '.join(others)})" if others else ""
         return Probe("hwmon", False, f"no hwmon power sensors under {root}{seen}", details)
+    if spec.params.get("gpu"):  # e.g. 'hwmon:gpu=any' in --meter auto: usable only where a GPU node is
+        try:
+            picked, _ = _select(channels, MeterSpec("hwmon", dict(spec.params)), root)
+        except (MeterSpecError, MeterUnavailable) as exc:
+            return Probe("hwmon", False, str(exc), details)
+        ident = gpu_identity(root, picked[0].hwmon, picked[0].chip) or {}
+        return Probe("hwmon", True, f"GPU {picked[0].chip} {picked[0].hwmon} ({ident.get('pci')}, {ident.get('card')}, "
+                     f"{ident.get('torch_device') or 'hidden from torch'}): {'+'.join(c.title for c in picked)}", details)
     readings = []
     for c in channels:
         try:
@@ -368,8 +488,17 @@ def probe(spec: MeterSpec) -> Any:
             value = f"unreadable: {exc}"
         readings.append(value)
     details["readings"] = readings
+    idents = {c.hwmon: gpu_identity(root, c.hwmon, c.chip) for c in channels}
+    details["gpus"] = {n: i for n, i in idents.items() if i}
+
+    def where(c: HwmonChannel) -> str:
+        i = idents[c.hwmon]
+        if i is None:
+            return c.device
+        return f"GPU {i['pci']}, {i['card'] or 'no DRM card'}, {i['torch_device'] or 'hidden from torch'}"
+
     listing = "; ".join(
-        f"{c.chip} {c.hwmon} ({c.device}) {c.title} [{c.kind}, {r}]" for c, r in zip(channels, readings)
+        f"{c.chip} {c.hwmon} ({where(c)}) {c.title} [{c.kind}, {r}]" for c, r in zip(channels, readings)
     )
     try:
         picked, _ = _select(channels, MeterSpec("hwmon", {k: v for k, v in spec.params.items()}), root)
