@@ -183,15 +183,19 @@ def test_a_budget_below_the_rounds_floor_is_refused_by_name():
 
 def test_the_train_config_overrides_the_budget_for_a_round(mlp_weights):
     mod = make_cwmp_mod("sim-rpi4", model="mlp", budget=Budget.topk_keep_ratio(0.01))
-    deltas = _deltas(mlp_weights, 2)
-    kept = []
-    for ratio in (None, 0.2):
-        extra = {} if ratio is None else {"cwmp-keep-ratio": ratio, "cwmp-method": "topk"}
-        reply = mod(_train_msg(mlp_weights, **extra), _context(), _template_train(deltas))
-        kept.append(reply.content["metrics"]["cwmp-kept"])
+    deltas = _deltas(mlp_weights, 3)
     total = sum(w.numel() for w in mlp_weights.values())
-    assert kept[1] == round(0.2 * total)  # Top-K at 20 %: exactly k entries
-    assert kept[0] < kept[1]
+    kept = []
+    for extra in ({"cwmp-method": "topk"}, {"cwmp-method": "topk", "cwmp-keep-ratio": 0.2},
+                  {"cwmp-method": "topk", "cwmp-budget-j": 1.0}):
+        reply = mod(_train_msg(mlp_weights, **extra), _context(), _template_train(deltas))
+        assert not reply.has_error(), reply.error.reason
+        kept.append(reply.content["metrics"]["cwmp-kept"])
+    # Top-K at the mod's default ratio, then at the round's 20 %: exactly k entries each time; a
+    # joule, far above what keeping everything costs on this simulated device, keeps everything
+    assert kept == [round(0.01 * total), round(0.2 * total), total]
+    both = _train_msg(mlp_weights, **{"cwmp-keep-ratio": 0.2, "cwmp-budget-j": 1.0})
+    assert "sets both" in _reason(mod(both, _context(), _template_train(deltas)))
 
 
 def test_decode_refuses_a_reply_without_the_sparse_record(mlp_weights):
