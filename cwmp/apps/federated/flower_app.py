@@ -1,17 +1,20 @@
 """The ``flower`` engine: the same experiment on Flower's simulation runtime (flwr >= 1.42, Ray
 backend), with Flower's Message API.
 
-- ``client_app`` (a ``flwr.clientapp.ClientApp``) trains: it receives the global weights and the
-  run's settings in the train message, trains on its partition (the node's ``partition-id``) and
-  replies with the dense update. It knows nothing of pruning.
-- ``cwmp_mod`` is the thin client-side mod that sparsifies that reply on its way out: it adds the
-  client's error-feedback residual (kept in ``Context.state``, which Flower keeps per node across
-  rounds), masks with Top-K or CWMP, stores the new residual, replaces the dense update by the
-  kept values and int32 indices, and adds the client's predicted energy to the reply's metrics.
-- ``SparseFedAvg`` (a ``flwr.serverapp.strategy.FedAvg``) decodes the sparse replies and applies
-  the example-weighted mean to the global weights, with the same ``fedavg_step`` as the local
-  engine; the ``ServerApp`` runs one strategy per (seed, method) of the sweep and evaluates the
-  global model on the held-out test split after every round.
+- ``client_app`` (a ``flwr.clientapp.ClientApp``) trains as Flower's templates do: it receives the
+  global weights (``"arrays"``) and the run's settings (``"config"``), trains on its partition (the
+  node's ``partition-id``) and replies with its local weights and ``num-examples``. It knows
+  nothing of pruning.
+- Its one mod is the integration anyone can add to their own app, ``cwmp.flower.make_cwmp_mod``:
+  it turns the reply into the update, adds the client's error-feedback residual (kept in
+  ``Context.state``), masks with Top-K or CWMP at the run's keep ratio (the ``cwmp-*`` keys of the
+  train config; ``cwmp-run`` starts each (seed, method) run with an empty residual), and sends the
+  kept values and int32 indices. The cost map is the client's profile's, from the ``Fleet``.
+- ``SparseFedAvg`` (a ``flwr.serverapp.strategy.FedAvg``) decodes the sparse replies with
+  ``cwmp.flower.decode_update`` and applies the example-weighted mean to the global weights with
+  the local engine's ``fedavg_step``; a client's energy is ``client_energy`` of the masks it sent
+  (``cwmp.flower.sent_masks``). The ``ServerApp`` runs one strategy per (seed, method) of the sweep
+  and evaluates the global model on the held-out test split after every round.
 
 Every computation is a function of ``experiment`` shared with the local engine, so both engines
 give the same numbers up to float summation order (the test states the tolerance).
@@ -30,9 +33,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Optional
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -48,8 +50,6 @@ from cwmp.apps.federated.experiment import (
     build_model_for,
     client_energy,
     client_generator,
-    compress_update,
-    decode_sparse,
     evaluate,
     fedavg_step,
     local_update,
@@ -57,14 +57,13 @@ from cwmp.apps.federated.experiment import (
     runs_of,
     seed_setup,
     tensors_of,
-    wire_bytes,
 )
-from cwmp.feedback import ErrorFeedback
+from cwmp.flower import decode_update, make_cwmp_mod, sent_masks
+from cwmp.pruner import Budget
 
 __all__ = ["SparseFedAvg", "client_app", "cwmp_mod", "make_server_app", "run_flower"]
 
-UPDATE_KEY, BUFFERS_KEY, SPARSE_KEY, METRICS_KEY = "update", "buffers", "sparse", "metrics"
-RESIDUAL_KEY, RUN_KEY = "cwmp.residual", "cwmp.run"
+ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"
 Progress = Callable[[int, str], None]
 
 
@@ -77,6 +76,8 @@ def settings_record(config: FLConfig, seed: int, arm: Arm) -> ConfigRecord:
         "rounds": c["rounds"], "local-epochs": c["local_epochs"], "batch-size": c["batch_size"], "lr": c["lr"],
         "min-partition": c["min_partition"], "profiles": list(c["profiles"]),
         "seed": seed, "method": arm.method, "ratio": arm.ratio, "power": arm.power or 0.0, "fixed": arm.fixed,
+        # what the CWMP mod reads (cwmp.flower): this run's method and residual tag (the budget: _client_budget)
+        "cwmp-method": arm.method, "cwmp-p": arm.power or 1.0, "cwmp-run": f"{seed}/{arm.tag()}",
     })
 
 
@@ -121,51 +122,26 @@ def _fleet(config: FLConfig) -> tuple[torch.nn.Module, Fleet]:
 
 
 # ----------------------------------------------------------------------------- the ClientApp
-def cwmp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """Client-side mod: sparsify the dense update that the train function replies with."""
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, context)
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply
-    config, seed, arm = settings_of(msg.content["config"])
-    client = int(context.node_config["partition-id"])
+def _client_cost_map(msg: Message, context: Context):
+    config, _, _ = settings_of(msg.content[CONFIG_KEY])
     _, fleet = _fleet(config)
-    updates = reply.content[UPDATE_KEY].to_torch_state_dict()
+    return fleet.cost_map(int(context.node_config["partition-id"]))
 
-    feedback = ErrorFeedback()
-    run_tag = f"{seed}/{arm.tag()}"
-    if RUN_KEY in context.state and context.state[RUN_KEY]["tag"] == run_tag and RESIDUAL_KEY in context.state:
-        feedback.load_state_dict({"residuals": context.state[RESIDUAL_KEY].to_torch_state_dict()}, like=updates)
-    # (a new run starts with an empty residual: the same as a fresh ErrorFeedback in the local engine)
+
+def _client_budget(msg: Message, context: Context) -> Budget:
+    """The run's budget on this client's device: what ``Arm.pruner`` gives the local engine."""
+    config, _, arm = settings_of(msg.content[CONFIG_KEY])
+    return arm.pruner(_client_cost_map(msg, context)).budget
+
+
+# the run's method, p and residual tag come with every train message (``cwmp-*`` keys)
+_sparsify = make_cwmp_mod(cost_map=_client_cost_map, budget=_client_budget)
+
+
+def cwmp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """The integration's mod (``cwmp.flower.make_cwmp_mod``) with torch on one thread."""
     with one_thread():
-        payload, result = compress_update(updates, feedback, arm.pruner(fleet.cost_map(client)))
-    context.state[RESIDUAL_KEY] = ArrayRecord(torch_state_dict=feedback.state_dict()["residuals"])
-    context.state[RUN_KEY] = ConfigRecord({"tag": run_tag})
-
-    buffers = reply.content[BUFFERS_KEY].to_torch_state_dict()
-    energy = client_energy(fleet.cost_map(client), fleet.profile(client), result.masks, wire_bytes(payload, buffers),
-                           result)
-    sparse = ArrayRecord(numpy_ndarrays=[])
-    for name, (values, index) in payload.items():
-        sparse[f"{name}/values"] = _array(values)
-        sparse[f"{name}/indices"] = _array(index)
-    metrics = reply.content[METRICS_KEY]
-    metrics.update({
-        "floor-j": energy.floor_j, "mask-j": energy.mask_j, "radio-j": energy.radio_j, "bytes-sent": energy.bytes_sent,
-        "kept": energy.kept, "total": energy.total,
-        **{f"kept/{name}": k for name, k in energy.kept_by_layer.items()},
-    })
-    return Message(
-        RecordDict({SPARSE_KEY: sparse, BUFFERS_KEY: reply.content[BUFFERS_KEY], METRICS_KEY: metrics}),
-        reply_to=msg,
-    )
-
-
-def _array(values: np.ndarray):
-    from flwr.app import Array
-
-    return Array(np.ascontiguousarray(values))
+        return _sparsify(msg, context, call_next)
 
 
 client_app = ClientApp(mods=[cwmp_mod])
@@ -173,7 +149,8 @@ client_app = ClientApp(mods=[cwmp_mod])
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local SGD from the global weights; replies with the dense update (the mod sparsifies it)."""
+    """Local SGD from the global weights; replies with the local weights, as Flower's templates do (the
+    mod sparsifies the update)."""
     config, seed, _ = settings_of(msg.content["config"])
     server_round = int(msg.content["config"]["server-round"])
     client = int(context.node_config["partition-id"])
@@ -184,12 +161,12 @@ def train(msg: Message, context: Context) -> Message:
     x_train, y_train, _, _ = tensors_of(dataset)
     global_state = msg.content["arrays"].to_torch_state_dict()
     with one_thread():
-        updates, buffers = local_update(
+        local_update(
             model, global_state, x_train[idx], y_train[idx], config, client_generator(seed, server_round, client)
         )
+    local = {name: t.detach().clone() for name, t in model.state_dict().items()}
     content = RecordDict({
-        UPDATE_KEY: ArrayRecord(torch_state_dict=updates),
-        BUFFERS_KEY: ArrayRecord(torch_state_dict=buffers),
+        ARRAYS_KEY: ArrayRecord(torch_state_dict=local),
         METRICS_KEY: MetricRecord({"num-examples": int(idx.numel()), "partition-id": client}),
     })
     return Message(content, reply_to=msg)
@@ -208,10 +185,12 @@ class SparseFedAvg(FedAvg):
         self.config, self.seed, self.arm, self.param_names = config, seed, arm, param_names
         self.energies: dict[int, list[ClientEnergy]] = {}
         self._global: dict[str, torch.Tensor] = {}
+        self._sent = ArrayRecord()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
+        self._sent = arrays
         return super().configure_train(server_round, arrays, settings_record(self.config, self.seed, self.arm), grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -223,18 +202,16 @@ class SparseFedAvg(FedAvg):
         if len(replies) != self.config.clients:
             raise RuntimeError(f"round {server_round}: {len(replies)} replies from {self.config.clients} clients")
         replies.sort(key=lambda m: int(m.content[METRICS_KEY]["partition-id"]))
-        params = {name: self._global[name] for name in self.param_names}
+        _, fleet = _fleet(self.config)
         decoded, energies = [], []
         for m in replies:
-            sparse, metrics = m.content[SPARSE_KEY], m.content[METRICS_KEY]
-            payload = {
-                name: (sparse[f"{name}/values"].numpy(), sparse[f"{name}/indices"].numpy()) for name in params
-            }
-            decoded.append((int(metrics["num-examples"]), decode_sparse(payload, params),
-                            m.content[BUFFERS_KEY].to_torch_state_dict()))
-            energies.append(ClientEnergy(float(metrics["floor-j"]), float(metrics["mask-j"]), float(metrics["radio-j"]),
-                                         int(metrics["bytes-sent"]), int(metrics["kept"]), int(metrics["total"]),
-                                         {name: int(metrics[f"kept/{name}"]) for name in params}))
+            metrics = m.content[METRICS_KEY]
+            client = int(metrics["partition-id"])
+            updates, dense = decode_update(m, self._sent)
+            buffers = {name: dense[name] for name in self._global if name not in updates}
+            decoded.append((int(metrics["num-examples"]), updates, buffers))
+            energies.append(client_energy(fleet.cost_map(client), fleet.profile(client), sent_masks(m, self._sent),
+                                          int(metrics["cwmp-bytes-sent"])))
         self.energies[server_round] = energies
         new = fedavg_step(self._global, self.param_names, decoded)
         return ArrayRecord(torch_state_dict=new), MetricRecord({"clients": len(replies)})
