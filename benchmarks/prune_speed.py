@@ -107,7 +107,8 @@ def make_costs(model: str, shapes: dict[str, tuple[int, ...]]) -> CostMap:
         j = (c.joules_per_update + c.joules_per_line) * (0.5 + 0.25 * (i % 5))  # per entry, lines not shared
         layers.append({"name": name, "shape": list(shape), "dtype": "float32", "numel": math.prod(shape),
                        "compensation_j": c.compensation_j, "compensation_ci_low": c.compensation_j,
-                       "compensation_ci_high": c.compensation_j, "fixed_j": 1000 * j, "fixed_ci_low": 1000 * j, "fixed_ci_high": 1000 * j,
+                       "compensation_ci_high": c.compensation_j,
+                       "fixed_j": 1000 * j, "fixed_ci_low": 1000 * j, "fixed_ci_high": 1000 * j,
                        "joules_per_update": j, "ci_low": j, "ci_high": j, "method": "predicted"})
     data["models"] = {model: {"description": "benchmark table (SIMULATED)", "layers": layers}}
     profile = DeviceProfile.model_validate(data)
@@ -272,9 +273,12 @@ def prepare(model: str, shapes, ratio: float, device: torch.device, memory: bool
     kth = float(torch.topk(magnitudes, k, sorted=False).values.min()) if k else math.inf
     same = {"torch.topk": not k or kth == float(ref.magnitudes[top_ref].min())}
     top = topk.masks(update)
-    same["topk"] = torch.equal(flat(top.masks), top_ref) and top.budget_j == ref.joules(top_ref)
+    floor_j = costs.floor_j(list(update))  # the round's compensation, paid whatever is kept
+    same["topk"] = (torch.equal(flat(top.masks), top_ref) and top.mask_j == ref.joules(top_ref)
+                    and top.budget_j == top.predicted_j == floor_j + top.mask_j)
     cw = cwmp.masks(update)
-    same["cwmp@topk-J"] = ref.setup_rule_ok(flat(cw.masks), top.budget_j, top_ref) and cw.budget_j == top.budget_j
+    same["cwmp@topk-J"] = (ref.setup_rule_ok(flat(cw.masks), top.mask_j, top_ref) and cw.budget_j == top.budget_j
+                           and cw.predicted_j == floor_j + cw.mask_j <= cw.budget_j)
     del ref, top_ref, top, cw
     feedback = ErrorFeedback()
     cwmp.compress(update, feedback)  # a residual to work with
