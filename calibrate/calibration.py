@@ -477,19 +477,19 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
                 else:
                     raise CalibrationError(
                         f"measurement {item.id} gave a row that cannot be fitted {MEASURE_ATTEMPTS} times ({problem}); "
-                        f"{len(done)} finished measurements are saved in {csv_path}: give the meter longer windows "
+                        f"{len(done) + len(references)} finished measurements are saved in {csv_path}: give the meter longer windows "
                         "or a quieter machine, and continue with the same command and --resume")
                 _append(csv_path, row)
                 done[item.id] = row
                 bar.advance(task)
     except KeyboardInterrupt:
         raise CalibrationInterrupted(
-            f"interrupted during {current.id if current else '?'}; {len(done)} finished measurements are saved "
+            f"interrupted during {current.id if current else '?'}; {len(done) + len(references)} finished measurements are saved "
             f"in {csv_path}: continue with the same command and --resume"
         ) from None
     except EnergyprofError as exc:
         raise CalibrationError(
-            f"measurement {current.id if current else '?'} failed: {exc}\n{len(done)} finished measurements are "
+            f"measurement {current.id if current else '?'} failed: {exc}\n{len(done) + len(references)} finished measurements are "
             f"saved in {csv_path}: fix the meter and continue with the same command and --resume"
         ) from None
 
