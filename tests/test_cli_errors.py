@@ -157,7 +157,8 @@ def test_validate_writes_its_summary_when_the_plot_fails(tmp_path, no_matplotlib
     result = validate("sim-rpi4", "sim:preset=rpi4,seed=3", model="mlp", ratios=(0.1,), updates="random",
                       report=report, progress=False, protocol_kwargs=FAST, say=said.append)
     names = sorted(p.name for p in report.iterdir())
-    assert names == ["SIMULATED-summary.json", "SIMULATED-summary.md", "SIMULATED-validation.csv"]
+    assert names == ["SIMULATED-layers.csv", "SIMULATED-summary.json", "SIMULATED-summary.md",
+                     "SIMULATED-validation.csv"]  # the data (with the per-layer residuals), no image
     assert "MAPE" in (report / "SIMULATED-summary.md").read_text() and result.summary["n"] == 3
     assert any("no plots" in line and "matplotlib" in line for line in said)
 
