@@ -259,7 +259,7 @@ def test_a_meter_failing_mid_run_keeps_what_was_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(MeasurementProtocol, "measure", failing)
     out = tmp_path / "p.yaml"
     # the reference kernel comes first: 5 measurements saved, 4 of them the plan's
-    with pytest.raises(CalibrationError, match=r"4 finished measurements are saved.*--resume"):
+    with pytest.raises(CalibrationError, match=r"5 finished measurements are saved.*--resume"):
         calibrate(SPEC, models=["mlp"], out=out, quick=True, progress=False, say=lambda s: None)
     saved = pd.read_csv(out.with_name(out.name + ".measurements.csv"))
     assert len(saved) == 5 and (saved.kind == "reference").sum() == 1
