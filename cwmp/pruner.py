@@ -204,10 +204,12 @@ class Pruner:
                 chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
             if not self.cost_map.linear:
                 # a layer's cost per entry depends on how many of its entries are kept (shared cache
-                # lines, the density term): select again, priced at the densities just selected
+                # lines, the density term): select again, priced at the densities just selected (the
+                # set-up rule selects with these prices itself)
                 marginal = [self.cost_map.marginal_j(name, max(k, 1) / n)
                             for name, k, n in zip(names, chosen.counts, sizes)]
-                chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
+                if not setup:
+                    chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
             if setup:
                 chosen, candidate = self._setup_rule(tensors, marginal, fixed, mask_budget_j, named, top)
             if self.skip_layers and self.method == "cwmp":
@@ -474,15 +476,34 @@ class Pruner:
 
     def _bisect(self, tensors, marginal, fixed, budget_j: float, named, low_j: float, high_j: float,
                 best: "_Priced", steps: int, how: dict) -> "_Priced":
-        """Bisect the selection budget between ``low_j`` (whose selection ``best`` fits) and ``high_j``
-        for ``steps`` steps; return the largest selection the cost map prices within ``budget_j``."""
-        for _ in range(steps):
-            middle_j = (low_j + high_j) / 2
+        """Search the selection budget between ``low_j`` (whose selection ``best`` fits) and ``high_j``
+        for at most ``steps`` selections; return the largest selection the cost map prices within
+        ``budget_j``. It stops once a selection spends at least ``1 - UNDERSPENT`` of the budget (as
+        ``_within`` accepts a first selection). The next selection budget is interpolated between
+        the bracket's ends (the price of a selection is nearly proportional to its selection
+        budget), kept a tenth of the bracket away from either end, and every third step is a plain
+        bisection: the bracket halves at least every three steps, as a bisection's does every step."""
+        target_j = budget_j * (1 - self.UNDERSPENT / 2)
+        high_spent: float | None = None
+        for step in range(steps):
+            if best.joules >= budget_j * (1 - self.UNDERSPENT):
+                break
+            width = high_j - low_j
+            if step % 3 == 2:
+                middle_j = low_j + width / 2
+            else:
+                if high_spent is not None and high_spent > best.joules:
+                    share = (target_j - best.joules) / (high_spent - best.joules)
+                elif best.joules > 0 and low_j > 0:  # proportional from the origin
+                    share = (low_j * target_j / best.joules - low_j) / width
+                else:
+                    share = 0.5
+                middle_j = low_j + width * min(0.9, max(0.1, share))
             chosen = self._select(tensors, marginal, fixed, middle_j, named, **how)
             if chosen.joules <= budget_j:
                 best, low_j = chosen, middle_j
             else:
-                high_j = middle_j
+                high_j, high_spent = middle_j, chosen.joules
         return best
 
     def compress(
