@@ -481,29 +481,41 @@ class Pruner:
         ``budget_j``. It stops once a selection spends at least ``1 - UNDERSPENT`` of the budget (as
         ``_within`` accepts a first selection). The next selection budget is interpolated between
         the bracket's ends (the price of a selection is nearly proportional to its selection
-        budget), kept a tenth of the bracket away from either end, and every third step is a plain
-        bisection: the bracket halves at least every three steps, as a bisection's does every step."""
+        budget): the secant through the last two tries, kept within 2 % and 98 % of the bracket; after
+        two tries on the same side, a plain bisection step.
+        A larger selection budget that keeps exactly what the smaller one kept sends the next try to
+        the bracket's top; when that keeps the same too, the selection is saturated (selections grow
+        with their budget) and the search stops."""
         target_j = budget_j * (1 - self.UNDERSPENT / 2)
-        high_spent: float | None = None
-        for step in range(steps):
+        tried: list[tuple[float, float]] = [(low_j, best.joules)] if low_j > 0 else [(0.0, 0.0)]
+        sides: list[bool] = []  # True: the try fitted
+        saturated = False  # a larger selection budget kept nothing more: try the bracket's top
+        for _ in range(steps):
             if best.joules >= budget_j * (1 - self.UNDERSPENT):
                 break
             width = high_j - low_j
-            if step % 3 == 2:
-                middle_j = low_j + width / 2
+            if saturated:
+                middle_j = high_j
+            elif len(sides) >= 2 and sides[-1] == sides[-2]:
+                middle_j = low_j + width / 2  # two tries on one side: halve the bracket
             else:
-                if high_spent is not None and high_spent > best.joules:
-                    share = (target_j - best.joules) / (high_spent - best.joules)
-                elif best.joules > 0 and low_j > 0:  # proportional from the origin
-                    share = (low_j * target_j / best.joules - low_j) / width
-                else:
-                    share = 0.5
-                middle_j = low_j + width * min(0.9, max(0.1, share))
+                (x1, f1), (x2, f2) = (tried[-2], tried[-1]) if len(tried) >= 2 else ((0.0, 0.0), tried[-1])
+                share = 0.5
+                if f2 != f1:  # the secant through the last two tries
+                    share = (x2 + (target_j - f2) * (x2 - x1) / (f2 - f1) - low_j) / width
+                middle_j = low_j + width * min(0.98, max(0.02, share))
             chosen = self._select(tensors, marginal, fixed, middle_j, named, **how)
-            if chosen.joules <= budget_j:
+            tried.append((middle_j, chosen.joules))
+            fits = chosen.joules <= budget_j
+            sides.append(fits)
+            if fits:
+                if saturated and sum(chosen.counts) == sum(best.counts):
+                    break  # the top of the bracket keeps what its bottom keeps: nothing more fits in
+                saturated = sum(chosen.counts) == sum(best.counts) and chosen.joules == best.joules
                 best, low_j = chosen, middle_j
             else:
-                high_j, high_spent = middle_j, chosen.joules
+                saturated = False
+                high_j = middle_j
         return best
 
     def compress(
