@@ -231,6 +231,9 @@ class _LayerCosts(_CostModel):
             fixed = torch.where(amount == 0, self._fixed_t, 0.0)
         else:
             fixed = self._fixed_t
+        present = getattr(self, "present", None)
+        if present is not None:  # a gathered set: a layer none of whose entries it holds adds nothing
+            fixed = torch.where(present, fixed, 0.0)
         points = sample.scores[first:end].to(self.device)  # descending
         # a layer's fixed cost counts from the first sample point at or below its largest score
         start = torch.searchsorted(-points, -self._top.to(points.dtype))  # points above the top
@@ -246,6 +249,10 @@ class _GatheredLayerCosts(_CostModel):
     def __init__(self, parent: _LayerCosts, layers: Tensor) -> None:
         self.parent, self.layers = parent, layers
         self.min_joules = parent.min_joules
+        # the layers this set holds entries of (for the pivots' estimate: counting the set-up of a
+        # layer it does not hold made every estimate too high, and the selection crawled an entry
+        # per pass)
+        self.present = torch.bincount(layers, minlength=parent.n_layers) > 0 if parent.has_fixed else None
 
     def to_joules(self, amount) -> float:
         return self.parent.to_joules(amount)

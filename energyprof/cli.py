@@ -297,6 +297,11 @@ def cmd_fl(args: argparse.Namespace) -> int:
         return _fail(f"--out {out} already holds {', '.join(earlier)} of an earlier run; choose another --out, "
                      "or pass --force to replace them", 1)
     total = len(list(runs_of(config))) * config.rounds
+    if args.workers is not None and args.workers < 1:
+        return _fail(f"--workers must be at least 1, got {args.workers}", 1)
+    from cwmp.apps.federated.engine_local import default_workers
+
+    workers = args.workers if args.workers is not None else default_workers(len(list(runs_of(config))))
     command = "energyprof fl " + " ".join(_shlex.quote(str(a)) for a in (
         "--dataset", args.dataset, "--model", args.model, "--clients", args.clients, "--alpha", args.alpha,
         "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--ratios", args.ratios, "--sweep", args.sweep, "--seeds", args.seeds,
@@ -323,7 +328,7 @@ def cmd_fl(args: argparse.Namespace) -> int:
             else:
                 from cwmp.apps.federated.engine_local import run_local
 
-                records = run_local(config, dataset, progress)
+                records = run_local(config, dataset, progress, workers=workers)
         except (ValueError, DataError, CostMapError) as exc:
             return _fail(str(exc), 1)
     summary = summarize(records, config, fleet.describe(), args.engine, command)
@@ -506,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device profile name or YAML path; A,B,... assigns them to clients round-robin (default: sim-rpi4)")
     p.add_argument("--min-partition", type=int, default=10, help="fewest training examples per client (default: 10)")
     p.add_argument("--engine", default="local", choices=["local", "flower"], help="local (in process) or flower (simulation on Ray)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local engine: processes that share the runs, one CPU each (default: one per CPU, at most one "
+                   "per run); the results do not depend on it")
     p.add_argument("--ray-address", default=None, help="flower engine: join a running Ray cluster (auto or HOST:PORT)")
     p.add_argument("--verbose", action="store_true", help="flower engine: show Flower's and Ray's logs")
     p.add_argument("--out", default="fl-results", help="output folder (default: fl-results)")

@@ -259,3 +259,32 @@ def test_compress_without_feedback_sends_the_kept_entries(setup):
     sent, result = Pruner(cmap, Budget.topk_keep_ratio(0.2)).compress(updates)
     for n, u in updates.items():
         assert torch.equal(sent[n], torch.where(result.masks[n], u, 0))
+
+
+def test_the_greedy_walk_does_not_crawl_past_a_layer_it_cannot_open(monkeypatch):
+    """A layer whose set-up never fits (C: the largest entries, a 1e9 J set-up) stays out of the
+    greedy walk's gathered set. The pivots' estimate once charged its set-up anyway, every estimate
+    was over the budget, and the walk kept one entry per pass over the set: thousands of passes
+    (fl with the mlp took 10 s a step). Counted in passes, not timed."""
+    import cwmp.selection as selection
+    from cwmp import CostMap, LayerPrice
+
+    g = torch.Generator().manual_seed(0)
+    updates = {"a": torch.randn(20000, generator=g), "b": 0.5 * torch.randn(20000, generator=g),
+               "c": torch.full((100,), 10.0)}
+    cmap = CostMap({"a": LayerPrice(1.0, "measured"), "b": LayerPrice(1.0, "measured"),
+                    "c": LayerPrice(1.0, "measured", 1e9)}, simulated=False)
+    splits = {"n": 0}
+    real = selection._split
+
+    def counting(*args, **kwargs):
+        splits["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "_split", counting)
+    result = Pruner(cmap, Budget.of_joules(2000.0), method="cwmp", rule="prefix", fill=True).masks(updates)
+    assert result.kept == 2000 and not result.masks["c"].any() and result.predicted_j <= 2000.0
+    # the 2000 largest of a and b together (every entry of them costs 1 J)
+    both = torch.cat([updates["a"].abs(), updates["b"].abs()])
+    assert torch.equal(torch.cat([result.masks["a"], result.masks["b"]]), both >= torch.topk(both, 2000).values.min())
+    assert splits["n"] < 200, splits["n"]

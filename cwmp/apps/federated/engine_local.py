@@ -1,15 +1,24 @@
-"""The ``local`` engine: the whole sweep in this process, one client after another.
+"""The ``local`` engine: the sweep's runs on this machine, one client after another within a run.
+
+The runs (one seed, one method) are independent, so with ``workers`` > 1 they are shared among that
+many worker processes (spawned, one torch thread each: a simulated client has one CPU); the rows
+come back in run order whatever finished first.
 
 Deterministic: torch runs on one thread while it trains (so float sums do not depend on how many
 threads the machine offers), every shuffle comes from ``client_generator`` and the partitions and
-initial weights from the run seed. The same config gives the same CSV, bit for bit.
+initial weights from the run seed. The same config gives the same CSV, bit for bit, with any number
+of workers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import multiprocessing
+import os
+import queue as _queue
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -36,7 +45,7 @@ from cwmp.apps.federated.experiment import (
 from cwmp.feedback import ErrorFeedback
 from cwmp.parallel import torch_threads
 
-__all__ = ["run_local", "one_thread"]
+__all__ = ["run_local", "one_thread", "default_workers"]
 
 Progress = Callable[[int, str], None]  # (rounds just finished, description)
 
@@ -46,13 +55,31 @@ def one_thread() -> contextlib.AbstractContextManager[None]:
     return torch_threads(1)
 
 
-def run_local(config: FLConfig, dataset: Dataset, progress: Optional[Progress] = None) -> list[RoundRecord]:
-    """Every (seed, method) run of the sweep; rows in run order, round 0 first in each run."""
+def default_workers(runs: int) -> int:
+    """One worker per CPU this process may use, at most one per run."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, runs))
+
+
+def run_local(config: FLConfig, dataset: Dataset, progress: Optional[Progress] = None,
+              workers: int = 1) -> list[RoundRecord]:
+    """Every (seed, method) run of the sweep; rows in run order, round 0 first in each run.
+    ``workers`` > 1: the runs are shared among that many spawned processes."""
+    runs = list(runs_of(config))
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if workers == 1 or len(runs) == 1:
+        return _run_here(config, dataset, runs, progress)
+    return _run_in_workers(config, dataset, runs, progress, min(workers, len(runs)))
+
+
+def _run_here(config: FLConfig, dataset: Dataset, runs: list[tuple[int, Arm]],
+              progress: Optional[Progress]) -> list[RoundRecord]:
     records: list[RoundRecord] = []
     x_train, y_train, x_test, y_test = tensors_of(dataset)
     with one_thread():
         setups = {}
-        for seed, arm in runs_of(config):
+        for seed, arm in runs:
             if seed not in setups:
                 setups = {seed: seed_setup(config, dataset, seed)}
             setup = setups[seed]
@@ -60,6 +87,56 @@ def run_local(config: FLConfig, dataset: Dataset, progress: Optional[Progress] =
             fleet = Fleet(config, model)
             records.extend(_one_run(config, arm, setup, model, fleet, x_train, y_train, x_test, y_test, progress))
     return records
+
+
+# ------------------------------------------------------------------------ worker processes
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(config: FLConfig, dataset: Dataset, messages: Any) -> None:
+    _WORKER.update(config=config, dataset=dataset, messages=messages)
+
+
+def _worker_run(seed: int, arm: Arm) -> list[RoundRecord]:
+    config, dataset, messages = _WORKER["config"], _WORKER["dataset"], _WORKER["messages"]
+    return _run_here(config, dataset, [(seed, arm)], lambda n, what: messages.put((n, what)))
+
+
+def _run_in_workers(config: FLConfig, dataset: Dataset, runs: list[tuple[int, Arm]],
+                    progress: Optional[Progress], workers: int) -> list[RoundRecord]:
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+    messages = context.Queue()
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                  initargs=(config, dataset, messages))
+    try:
+        futures = [pool.submit(_worker_run, seed, arm) for seed, arm in runs]
+        pending = set(futures)
+        told = 0
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=0.2,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            told += _drain(messages, progress)
+            for future in done:
+                future.result()  # a run that failed fails the sweep here, with its own exception
+        told += _drain(messages, progress, until=len(runs) * config.rounds - told)
+        return [record for future in futures for record in future.result()]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        messages.close()
+
+
+def _drain(messages: Any, progress: Optional[Progress], until: int = 0) -> int:
+    """Pass the workers' progress messages on; with ``until``, wait (a second at most for each) for
+    that many rounds still in the queue's pipe. Returns the rounds told."""
+    told = 0
+    while True:
+        try:
+            n, what = messages.get(timeout=1.0) if told < until else messages.get_nowait()
+        except (_queue.Empty, OSError, ValueError):
+            return told
+        told += n
+        if progress is not None:
+            progress(n, what)
 
 
 def _one_run(config: FLConfig, arm: Arm, setup, model, fleet: Fleet, x_train, y_train, x_test, y_test,

@@ -490,8 +490,15 @@ def seed_setup(config: FLConfig, dataset: Dataset, seed: int) -> SeedSetup:
 
 
 def tensors_of(dataset: Dataset) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return (torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train),
-            torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test))
+    """The dataset as tensors in the standard contiguous layout. A copy: an array's strides along a
+    dimension of size 1 are arbitrary (digits' images come with a channels-last stride, a pickled
+    copy without), and torch picks its convolution kernels, and so its float rounding, by them; a
+    worker process must train exactly as this one does."""
+    def standard(a: np.ndarray) -> Tensor:
+        out = torch.empty(a.shape, dtype=torch.from_numpy(a[:0]).dtype)  # the standard strides
+        return out.copy_(torch.from_numpy(a))
+
+    return tuple(standard(a) for a in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test))
 
 
 def check_partitionable(config: FLConfig, dataset: Dataset) -> None:
