@@ -287,4 +287,4 @@ def test_the_greedy_walk_does_not_crawl_past_a_layer_it_cannot_open(monkeypatch)
     # the 2000 largest of a and b together (every entry of them costs 1 J)
     both = torch.cat([updates["a"].abs(), updates["b"].abs()])
     assert torch.equal(torch.cat([result.masks["a"], result.masks["b"]]), both >= torch.topk(both, 2000).values.min())
-    assert splits["n"] < 200, splits["n"]
+    assert splits["n"] < 50, splits["n"]  # 4 here; 223 with the estimate that charged C
