@@ -237,3 +237,15 @@ def test_worker_processes_give_the_same_records_bit_for_bit(digits):
     two = run_local(config, digits, progress=lambda n, what: told.append(n), workers=2)
     assert [asdict(r) for r in two] == [asdict(r) for r in one]
     assert sum(told) == len(list(runs_of(config))) * config.rounds  # every round reported
+
+
+def test_the_frontier_says_who_is_ahead_and_who_is_level():
+    from cwmp.apps.federated.report import ahead
+
+    b = lambda a, s: {"accuracy": a, "std": s}  # noqa: E731
+    assert ahead({"Top-K": b(0.59, 0.11), "CWMP p=1": b(0.83, 0.07), "CWMP p=2": b(0.87, 0.04)}) == \
+        "CWMP p=2 and CWMP p=1 (level within the seeds' spread; ahead of Top-K)"
+    assert ahead({"Top-K": b(0.86, 0.04), "CWMP p=2": b(0.87, 0.03)}) == "tie (within the seeds' spread)"
+    assert ahead({"Top-K": b(0.48, 0.14)}) == "Top-K"
+    assert ahead({"Top-K": b(0.50, 0.01), "CWMP p=2": b(0.60, 0.02)}) == "CWMP p=2"
+    assert ahead({}) is None

@@ -146,12 +146,24 @@ def frontier(records: Sequence[RoundRecord], config: FLConfig) -> dict[str, Any]
             if mine:
                 top = max(mine, key=lambda p: p["accuracy"])
                 best[fam] = {"accuracy": top["accuracy"], "std": top["accuracy_std"], "arm": top["arm"]}
-        ranked = sorted(best.items(), key=lambda kv: -kv[1]["accuracy"])
-        leader = ranked[0][0] if ranked else None
-        if len(ranked) > 1 and ranked[0][1]["accuracy"] - ranked[1][1]["accuracy"] <= max(ranked[0][1]["std"], ranked[1][1]["std"]):
-            leader = "tie (within the seeds' spread)"
-        rows.append({"energy_j": e, "best": best, "ahead": leader})
+        rows.append({"energy_j": e, "best": best, "ahead": ahead(best)})
     return {"points": points, "rows": rows}
+
+
+def ahead(best: dict[str, dict[str, float]]) -> str | None:
+    """Who is ahead among methods' best ``{"accuracy", "std"}``: the methods within the seeds' spread
+    of the most accurate one (the larger of the two stds) are level with it; the others are behind."""
+    ranked = sorted(best.items(), key=lambda kv: -kv[1]["accuracy"])
+    if not ranked:
+        return None
+    top = ranked[0][1]
+    level = [name for name, b in ranked if top["accuracy"] - b["accuracy"] <= max(top["std"], b["std"])]
+    behind = [name for name, _ in ranked if name not in level]
+    if len(level) == 1:
+        return level[0]
+    if not behind:
+        return "tie (within the seeds' spread)"
+    return f"{' and '.join(level)} (level within the seeds' spread; ahead of {', '.join(behind)})"
 
 
 def energy_split(records: Sequence[RoundRecord], config: FLConfig) -> list[dict[str, Any]]:
