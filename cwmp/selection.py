@@ -432,21 +432,34 @@ def retained(pool: _LayeredPool, masks: Sequence[Tensor], exact: bool = False) -
         width = max((stop - start for start, stop, _, _ in pool.chunk_info), default=0)
         dtype = np.float64 if exact else np.float32
 
+        def powered(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+            np.abs(values, out=out)
+            if pool.power == 2:
+                np.multiply(out, out, out=out)
+            elif pool.power != 1:
+                np.power(out, pool.power, out=out)
+            return out
+
         def run(group):
             buffer = np.empty(width, dtype=dtype)
             weights = np.empty(width, dtype=dtype)
             out = []
             for start, stop, layer, local in group:
                 m = stop - start
-                s, w = buffer[:m], weights[:m]
-                np.abs(pool.numpy_flats[layer][local : local + m], out=s)
-                if pool.power == 2:
-                    np.multiply(s, s, out=s)
-                elif pool.power != 1:
-                    np.power(s, pool.power, out=s)
+                data = pool.numpy_flats[layer][local : local + m]
+                s = None
                 sums = []
-                for f in flags:  # products by 0 or 1 are exact; numpy's sum is pairwise
-                    np.multiply(s, f[start:stop], out=w)
+                for f in flags:
+                    chunk = f[start:stop]
+                    kept = np.count_nonzero(chunk)
+                    if 4 * kept < m:  # a sparse mask: only its kept entries are read (pairwise sum)
+                        picked = data[np.flatnonzero(chunk)]
+                        sums.append(float(powered(picked, np.empty(kept, dtype=dtype)).sum()) if kept else 0.0)
+                        continue
+                    if s is None:
+                        s = powered(data, buffer[:m])
+                    w = weights[:m]
+                    np.multiply(s, chunk, out=w)  # products by 0 or 1 are exact; numpy's sum is pairwise
                     sums.append(float(w.sum()))
                 out.append(sums)
             return out
