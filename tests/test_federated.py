@@ -249,3 +249,33 @@ def test_the_frontier_says_who_is_ahead_and_who_is_level():
     assert ahead({"Top-K": b(0.48, 0.14)}) == "Top-K"
     assert ahead({"Top-K": b(0.50, 0.01), "CWMP p=2": b(0.60, 0.02)}) == "CWMP p=2"
     assert ahead({}) is None
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_at_once_and_exits_130(tmp_path):
+    """SIGINT to `energyprof fl` alone (as `kill -INT` sends it; a terminal's Ctrl-C reaches the
+    workers too): exit 130 with one line, and no worker left running its run to the end."""
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "energyprof", "fl", "--model", "mlp", "--clients", "3", "--rounds", "500",
+           "--seeds", "0,1", "--ratios", "5%", "--sweep", "none", "--workers", "2", "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: set[int] = set()
+    deadline = time.monotonic() + 120
+    while len(children) < 2 and time.monotonic() < deadline and proc.poll() is None:  # the workers are up
+        time.sleep(0.5)
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                children |= {int(c) for c in f.read().split()}
+    assert len(children) >= 2, "the workers never started"
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)  # 500 rounds x 3 runs each would take many minutes
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    time.sleep(1.0)
+    alive = [c for c in children if os.path.exists(f"/proc/{c}") and
+             open(f"/proc/{c}/stat").read().split()[2] != "Z"]
+    assert not alive, alive

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from cwmp.apps.federated.data import Dataset
+from cwmp.apps.federated.data import Dataset, load_dataset
 from cwmp.apps.federated.experiment import (
     Arm,
     FLConfig,
@@ -64,7 +64,8 @@ def default_workers(runs: int) -> int:
 def run_local(config: FLConfig, dataset: Dataset, progress: Optional[Progress] = None,
               workers: int = 1) -> list[RoundRecord]:
     """Every (seed, method) run of the sweep; rows in run order, round 0 first in each run.
-    ``workers`` > 1: the runs are shared among that many spawned processes."""
+    ``workers`` > 1: the runs are shared among that many spawned processes, each of which loads
+    ``config.dataset`` itself (``dataset`` must be what ``load_dataset(config.dataset)`` gives)."""
     runs = list(runs_of(config))
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -93,7 +94,11 @@ def _run_here(config: FLConfig, dataset: Dataset, runs: list[tuple[int, Arm]],
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(config: FLConfig, dataset: Dataset, messages: Any) -> None:
+def _worker_init(config: FLConfig, messages: Any) -> None:
+    # the worker loads the dataset itself (the same arrays: digits' split is fixed, CIFAR-10 is read
+    # from its folder): its start-up data stay small, so the parent never blocks writing them to a
+    # worker still importing torch (a Ctrl-C there left the worker to die with a traceback)
+    dataset = load_dataset(config.dataset)
     _WORKER.update(config=config, dataset=dataset, messages=messages)
 
 
@@ -107,7 +112,7 @@ def _run_in_workers(config: FLConfig, dataset: Dataset, runs: list[tuple[int, Ar
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
     messages = context.Queue()
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                  initargs=(config, dataset, messages))
+                                                  initargs=(config, messages))
     try:
         futures = [pool.submit(_worker_run, seed, arm) for seed, arm in runs]
         pending = set(futures)
@@ -120,6 +125,11 @@ def _run_in_workers(config: FLConfig, dataset: Dataset, runs: list[tuple[int, Ar
                 future.result()  # a run that failed fails the sweep here, with its own exception
         told += _drain(messages, progress, until=len(runs) * config.rounds - told)
         return [record for future in futures for record in future.result()]
+    except BaseException:
+        # Ctrl-C (or a failed run): the workers stop now, not after the runs they are in
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         messages.close()
