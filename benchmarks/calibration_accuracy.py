@@ -3,7 +3,8 @@
 
 For each simulated preset and seed, with every effect of the device model on:
 
-1. ``energyprof calibrate --quick`` (the real command's code) on ``sim:preset=P,seed=S``, then
+1. ``energyprof calibrate --quick`` (or the full plan, ``--plan full``; the real command's code) on
+   ``sim:preset=P,seed=S``, then
    ``energyprof validate`` of that profile on the same meter: MAPE against the meter, the model's
    error against the truth (``model_mape``) apart from the measurement's (``measurement_mape``);
 2. the same with the meter's noise off (``noise_w=0``): the model must still miss the truth by >= 1 %,
@@ -19,6 +20,7 @@ Goals (issue 19): 1. within 5 % against the meter and against the truth on h100 
 3. coverage >= 90 %; 4. fails, and the working set is flagged. Example:
 
     python benchmarks/calibration_accuracy.py --presets h100 rpi4 --seeds 1 --model cnn
+    python benchmarks/calibration_accuracy.py --presets h100 --seeds 1 --model resnet18 --plan full
 """
 
 from __future__ import annotations
@@ -67,14 +69,14 @@ def held_out(profile, model: str, preset: str, seed: int) -> tuple[list[float], 
     return errors, covered
 
 
-def run(preset: str, seed: int, model: str, folder: Path, wrong_model: str | None = None) -> dict:
+def run(preset: str, seed: int, model: str, folder: Path, wrong_model: str | None = None, quick: bool = True) -> dict:
     quiet = lambda line: None  # noqa: E731
     out = {}
     for label, extra in (("noisy", ""), ("noise off", ",noise_w=0")):
         spec = f"sim:preset={preset},seed={seed}{extra}"
         path = folder / f"{preset}-{seed}-{label.replace(' ', '')}.yaml"
         t0 = time.monotonic()
-        profile = calibrate(spec, models=[model], out=path, quick=True, progress=False, say=quiet)
+        profile = calibrate(spec, models=[model], out=path, quick=quick, progress=False, say=quiet)
         wall = time.monotonic() - t0
         v = validate(str(path), spec, model=model, progress=False, say=quiet)
         out[label] = {"wall_s": wall, "profile": profile, "summary": v.summary, "quality": profile.quality,
@@ -101,13 +103,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--wrong-model", default=None,
                         help="validate the cache/4 profile (and the right one) on this model instead (e.g. resnet18: "
                              "its layers' working sets lie between a GPU's cache/4 and cache)")
+    parser.add_argument("--plan", choices=["quick", "full"], default="quick",
+                        help="calibration plan (default quick; full: e.g. resnet18 on h100)")
     args = parser.parse_args(argv)
-    print(f"calibration and validation against the simulator's device model -- SIMULATED (quick plan, model "
+    print(f"calibration and validation against the simulator's device model -- SIMULATED ({args.plan} plan, model "
           f"{args.model}, {args.seeds} seed(s), every effect on)\n")
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
-            results = [run(preset, seed, args.model, Path(tmp), args.wrong_model) for seed in range(args.seeds)]
+            results = [run(preset, seed, args.model, Path(tmp), args.wrong_model, args.plan == "quick")
+                       for seed in range(args.seeds)]
             print(f"== {preset} (SIMULATED)")
             for label in ("noisy", "noise off"):
                 s = [r[label]["summary"] for r in results]
