@@ -494,6 +494,8 @@ class Pruner:
             if best.joules >= budget_j * (1 - self.UNDERSPENT):
                 break
             width = high_j - low_j
+            if not width > 0:
+                break  # the bracket closed (its top fitted)
             if saturated:
                 middle_j = high_j
             elif len(sides) >= 2 and sides[-1] == sides[-2]:
