@@ -296,12 +296,13 @@ def cmd_fl(args: argparse.Namespace) -> int:
     if earlier and not args.force:
         return _fail(f"--out {out} already holds {', '.join(earlier)} of an earlier run; choose another --out, "
                      "or pass --force to replace them", 1)
-    total = len(list(runs_of(config))) * config.rounds
+    runs = len(list(runs_of(config)))
+    total = runs * config.rounds
     if args.workers is not None and args.workers < 1:
         return _fail(f"--workers must be at least 1, got {args.workers}", 1)
     from cwmp.apps.federated.engine_local import default_workers
 
-    workers = args.workers if args.workers is not None else default_workers(len(list(runs_of(config))))
+    workers = args.workers if args.workers is not None else default_workers(runs)
     command = "energyprof fl " + " ".join(_shlex.quote(str(a)) for a in (
         "--dataset", args.dataset, "--model", args.model, "--clients", args.clients, "--alpha", args.alpha,
         "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--ratios", args.ratios, "--sweep", args.sweep, "--seeds", args.seeds,
