@@ -661,9 +661,9 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
         return _predicted_entry(glob, numel, dtype, (
             f"{why} (95 % band +-{fit.band_:.1%}, fit error {fit.rmse_rel_:.1%}; at most 10 % each); predicted "
             "from the global coefficients"))
-    if fit.joules_per_update_ <= 0:
-        return _predicted_entry(glob, numel, dtype, "the fit found no per-entry cost; predicted from the global "
-                                "coefficients")
+    if fit.joules_per_update_ + fit.joules_per_line_ <= 0:  # a kept entry may be priced by its lines alone
+        return _predicted_entry(glob, numel, dtype, "the fit found no per-entry or per-line cost; predicted from "
+                                "the global coefficients")
     lo, hi = fit.coef_low_, fit.coef_high_
     return dict(
         fixed_j=fit.fixed_j_, fixed_ci_low=lo[0], fixed_ci_high=hi[0],
