@@ -77,7 +77,7 @@ from energyprof.costmodel import FEATURES, layer_costs_from_global, lines_touche
 from energyprof.costmodel import LAYER_DENSITIES as LAYER_DENSITIES_ALL
 from energyprof.errors import EnergyprofError
 from energyprof.meters.spec import parse_spec
-from energyprof.workloads import UpdatePhase, itemsize_of, make_workload
+from energyprof.workloads import CompensationGroup, UpdatePhase, itemsize_of, make_workload
 from calibrate.runfiles import (
     CalibrationError,
     CalibrationInterrupted,
@@ -129,6 +129,7 @@ class PlanItem:
     density: float | None = None
     model: str | None = None
     tensors: tuple[str, ...] = field(default=())  # the tensors this replay prices (same numel, dtype)
+    sizes: tuple[int, ...] = field(default=())  # a compensation group: each tensor's entries (same order)
 
     @property
     def seed(self) -> int:
@@ -177,6 +178,13 @@ def build_plan(models: dict[str, torch.nn.Module], quick: bool = False,
             ] + [PlanItem(f"layer/{label}/{tensors[0]}/compensation", "compensation", "compensation", numel, dtype,
                           None, label, tuple(tensors))]
             items.extend(measured[(numel, dtype)])
+        small: dict[str, list[str]] = {}
+        for numel, dtype in too_small:
+            small.setdefault(dtype, []).extend(groups[(numel, dtype)])
+        for dtype, tensors in small.items():  # measured together: one replay, one launch per tensor
+            sizes = tuple(math.prod(shapes[n][0]) for n in tensors)
+            items.append(PlanItem(f"layer/{label}/small-{dtype}/compensation", "compensation-group", "compensation-group",
+                                  sum(sizes), dtype, None, label, tuple(tensors), sizes))
         model_plans[label] = ModelPlan(label, shapes, groups, measured, too_small)
     return items, model_plans
 
@@ -496,8 +504,11 @@ def _run_items(pending: list[PlanItem], meter: Any, protocol: Any, dev: torch.de
 
 def _measure(item: PlanItem, meter: Any, protocol: Any, dev: torch.device, idle: Any, session: str,
              t0: float) -> dict[str, Any]:
-    workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
-                             seed=item.seed).setup(dev)
+    if item.kind == "compensation-group":
+        workload = CompensationGroup(item.sizes, dtype=item.dtype, seed=item.seed).setup(dev)
+    else:
+        workload = make_workload(item.workload, size=item.size, density=item.density, dtype=item.dtype,
+                                 seed=item.seed).setup(dev)
     positions = workload.tensors_.get("positions")
     kept = int(positions.numel()) if positions is not None else 0
     lines = lines_touched(positions, itemsize_of(item.dtype)) if positions is not None else 0
@@ -555,7 +566,7 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
         fit=FitQuality(r2=glob.r2_, cv_mape=glob.cv_mape_, n_measurements=glob.n_measurements_),
     )
     layer_rows = table[table.kind == "layer"]
-    compensation_rows = table[table.kind == "compensation"]
+    compensation_rows = table[table.kind.isin(["compensation", "compensation-group"])]
     models: dict[str, ModelCosts] = {}
     for label, plan in model_plans.items():
         costs: dict[str, LayerCost] = {}
@@ -678,8 +689,15 @@ def _layer_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel
 
 def _compensation_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel: int,
                         dtype: str) -> dict[str, Any]:
-    """The layer's compensation: its own replay's joules per call and interval where it was measured,
-    else predicted from the global coefficients (with the bootstrap's interval)."""
+    """The layer's compensation: its own replay's joules per call and interval where it was measured;
+    for a tensor too small for its own, its share of the small tensors' replay (measured together,
+    shared in proportion to the global coefficients' prediction of each); else predicted from the
+    global coefficients (with the bootstrap's interval)."""
+    if (numel, dtype) in plan.too_small:
+        together = _compensation_together(glob, rows, plan, numel, dtype)
+        if together is not None:
+            return together
+    rows = rows[rows["kind"] == "compensation"]
     group = rows[(rows["model"] == plan.label) & (rows["size"] == numel) & (rows["dtype"] == dtype)]
     values = pd.to_numeric(group.get("joules_per_call"), errors="coerce") if len(group) else pd.Series([], dtype=float)
     if len(group) and np.isfinite(values.iloc[0]) and values.iloc[0] > 0:
@@ -693,6 +711,24 @@ def _compensation_entry(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan
     lo, hi = np.quantile(samples, [0.025, 0.975]) if samples else (point, point)
     return dict(compensation_j=point, compensation_ci_low=min(point, float(lo)),
                 compensation_ci_high=max(point, float(hi)), compensation_method="predicted")
+
+
+def _compensation_together(glob: GlobalCostFit, rows: pd.DataFrame, plan: ModelPlan, numel: int,
+                           dtype: str) -> dict[str, Any] | None:
+    row = rows[(rows["kind"] == "compensation-group") & (rows["model"] == plan.label) & (rows["dtype"] == dtype)]
+    if not len(row):
+        return None
+    row = row.iloc[0]
+    total = float(row["joules_per_call"])
+    if not (np.isfinite(total) and total > 0):
+        return None
+    sizes = [n for (n, d) in plan.too_small if d == dtype for _ in plan.groups[(n, d)]]
+    coefficients = glob.coefficients()
+    predicted = {n: layer_costs_from_global(coefficients, n, dtype).compensation_j for n in set(sizes)}
+    share = predicted[numel] / sum(predicted[n] for n in sizes)
+    lo, hi = max(0.0, float(row["ci_low_j"])), float(row["ci_high_j"])
+    return dict(compensation_j=total * share, compensation_ci_low=min(total, lo) * share,
+                compensation_ci_high=max(total, hi) * share, compensation_method="measured-together")
 
 
 def _standard_error(rows: pd.DataFrame) -> np.ndarray:

@@ -64,7 +64,8 @@ def _dry_run(args: Any, models: list[str]) -> int:
     print(f"plan: {len(items)} measurements: {sweep} workload-sweep points, {len(items) - sweep} layer replays")
     for label, plan in plans.items():
         print(f"  {label}: {len(plan.shapes)} tensors in {len(plan.groups)} distinct (numel, dtype); "
-              f"{len(plan.measured)} replayed at several densities, {len(plan.too_small)} too small (predicted)")
+              f"{len(plan.measured)} replayed at several densities, {len(plan.too_small)} too small for their own "
+              "(update phase predicted; compensation measured together)")
     settings = protocol_settings(args.quick)
     period = info.update_period_s
     seconds = estimate_seconds(items, settings, period)

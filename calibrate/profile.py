@@ -170,7 +170,9 @@ class LayerCost(_Strict):
     compensation_j: float = Field(ge=0, description="joules every round pays whatever the mask keeps")
     compensation_ci_low: float
     compensation_ci_high: float
-    compensation_method: Literal["measured", "predicted"] = "predicted"
+    compensation_method: Literal["measured", "measured-together", "predicted"] = Field(
+        default="predicted", description="measured: its own replay; measured-together: its share of the replay of "
+        "the model's tensors too small for their own; predicted: from the global coefficients")
     fixed_j: float = Field(ge=0)
     fixed_ci_low: float
     fixed_ci_high: float

@@ -165,6 +165,13 @@ def test_the_compensation_is_measured_on_its_own_and_never_charged_to_a_mask(cal
     for layer in layers.values():
         assert layer.compensation_ci_low <= layer.compensation_j <= layer.compensation_ci_high
         assert layer.compensation_j > 0
+    # the tensors too small for their own replay are measured together (one launch each), not
+    # extrapolated from the sweep, whose one cost per launch mixes scattering and compute kernels
+    small = [layer for layer in layers.values() if layer.compensation_method == "measured-together"]
+    assert len(after[after.kind == "compensation-group"]) == 1
+    assert small and all(layer.method == "predicted" for layer in small)
+    true_small = sum(device.price(Compensation.counts_for(layer.numel, 4), 0.5) for layer in small)
+    assert sum(layer.compensation_j for layer in small) == pytest.approx(true_small, rel=0.05)
 
 
 def test_a_second_run_without_force_refuses_and_leaves_the_file_unchanged(calibrated):

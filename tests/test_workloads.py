@@ -379,3 +379,18 @@ def test_workloads_run_on_cuda_with_the_same_counts(name):
     assert (rec.read, rec.written, rec.flops) == (gpu.counts_.bytes_read, gpu.counts_.bytes_written, gpu.counts_.flops)
     assert all(t.device.type == "cuda" for t in gpu.tensors_.values())
     assert not math.isnan(float(gpu.tensors_[UPDATED[name]].float().sum()))
+
+
+def test_a_compensation_group_is_each_tensors_compensation_one_launch_each():
+    from energyprof.workloads import Compensation, CompensationGroup
+
+    sizes = (10, 64, 64, 1728)
+    group = CompensationGroup(sizes, seed=3).setup("cpu")
+    assert group.count_parts_ == tuple(Compensation.counts_for(n, 4) for n in sizes)
+    assert group.counts_.launches == len(sizes) and group.counts_.elements == sum(sizes)
+    before = {k: t.clone() for k, t in group.tensors_.items()}
+    group()
+    for i, n in enumerate(sizes):
+        assert torch.equal(group.tensors_[f"{i}.residual"], before[f"{i}.residual"] + before[f"{i}.update"])
+    with pytest.raises(ValueError, match="sizes"):
+        CompensationGroup(())
