@@ -589,7 +589,8 @@ def _fit_profile(table: pd.DataFrame, items: list[PlanItem], model_plans: dict[s
     label = "SIMULATED: " if info.simulated else ""
     method = (f"{label}energyprof calibrate{' --quick' if quick else ''}: {len(table)} protocol measurements, "
               "global coefficients by non-negative least squares (scikit-learn) over a workload sweep, per-layer "
-              "costs from update-phase replays at several densities and a compensation replay")
+              "costs from update-phase replays at several densities and compensation replays (a model's small tensors "
+              "together)")
     return DeviceProfile(
         name=_profile_name(out),
         simulated=bool(info.simulated),
