@@ -37,14 +37,8 @@ def cmd_calibrate(args: Any) -> int:
 
 
 def _dry_run(args: Any, models: list[str]) -> int:
-    from calibrate.calibration import (
-        REFERENCE_EVERY,
-        build_plan,
-        estimate_seconds,
-        extra_seconds,
-        protocol_settings,
-        resolve_meter_spec,
-    )
+    from calibrate.calibration import resolve_meter_spec
+    from calibrate.plan import REFERENCE_EVERY, build_plan, estimate_seconds, extra_seconds, protocol_settings
     from energyprof.devices import describe, kernel_device
     from energyprof.errors import EnergyprofError
     from energyprof.meters import open_meter

@@ -248,12 +248,12 @@ def test_a_schema_2_profile_is_refused_with_the_command_that_regenerates_it(tmp_
 def test_a_meter_failing_mid_run_keeps_what_was_measured(tmp_path, monkeypatch):
     """A meter that dies after a few measurements: the calibration stops with a clear error, the
     finished measurements stay in the CSV, and --resume continues from there."""
-    import calibrate.calibration as cal
+    import calibrate.plan as plan_module
     from energyprof.errors import MeterFailure
     from energyprof.protocol import MeasurementProtocol
 
-    monkeypatch.setattr(cal, "SWEEP_SIZES", {"quick": (4**5, 4**7)})
-    monkeypatch.setattr(cal, "SPARSE_SIZES", {"quick": (4**5, 4**7)})
+    monkeypatch.setattr(plan_module, "SWEEP_SIZES", {"quick": (4**5, 4**7)})
+    monkeypatch.setattr(plan_module, "SPARSE_SIZES", {"quick": (4**5, 4**7)})
     real = MeasurementProtocol.measure
     count = {"n": 0}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import calibrate.calibration as cal
+import calibrate.plan as plan_module
 from calibrate.calibration import CalibrationError, build_plan, calibrate
 from calibrate.runfiles import RunLock, RunLocked
 from energyprof.errors import MeterFailure
@@ -35,8 +35,8 @@ def energyprof(*args: str, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture
 def small_plan(monkeypatch):
     """A short sweep (two sizes), so that a whole mlp calibration takes seconds."""
-    monkeypatch.setattr(cal, "SWEEP_SIZES", {"quick": (4**5, 4**7)})
-    monkeypatch.setattr(cal, "SPARSE_SIZES", {"quick": (4**5, 4**7)})
+    monkeypatch.setattr(plan_module, "SWEEP_SIZES", {"quick": (4**5, 4**7)})
+    monkeypatch.setattr(plan_module, "SPARSE_SIZES", {"quick": (4**5, 4**7)})
     return build_plan({"mlp": build_model("mlp")}, True)[0]
 
 
@@ -85,7 +85,7 @@ def test_a_garbled_line_in_the_middle_is_named_and_refused_with_the_repair_comma
     profile = calibrate(SPEC, models=["mlp"], out=out, resume=True, **QUIET)
     table = pd.read_csv(csv)
     plan_rows = table[table.kind != "reference"]  # the periodic reference kernel (drift) is outside the plan
-    assert table.id.is_unique and len(plan_rows) == len(cal.build_plan({"mlp": build_model("mlp")}, True)[0])
+    assert table.id.is_unique and len(plan_rows) == len(plan_module.build_plan({"mlp": build_model("mlp")}, True)[0])
     assert out.exists() and profile.models["mlp"].layers
 
 

@@ -206,7 +206,8 @@ def test_a_layer_whose_entries_are_priced_by_their_lines_alone_keeps_its_measure
 
     import pandas as pd
 
-    from calibrate.calibration import ModelPlan, _layer_entry
+    from calibrate.plan import ModelPlan
+    from calibrate.profile_fit import _layer_entry
 
     numel = 2359296
     kept = [max(1, round(d * numel)) for d in cm.LAYER_DENSITIES]
