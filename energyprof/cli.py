@@ -1,25 +1,15 @@
-"""The ``energyprof`` command line. One parser, one function per subcommand; everything heavy
-(meters, torch, calibrate, cwmp) is imported inside the handler that needs it."""
+"""The ``energyprof`` command line: it parses arguments. Each subcommand's body lives beside its
+code (``energyprof.commands``, ``calibrate.commands``, ``cwmp.apps.commands``) and is imported when
+the subcommand runs, so that nothing heavy (meters, torch, calibrate, cwmp) loads for ``--help``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import subprocess
 import sys
 from typing import Any, Sequence
 
 from energyprof import __version__
-
-EXIT_METER = 2  # a meter that cannot start or failed
-EXIT_NOT_FOUND = 127  # the measured command does not exist (as a shell says)
-
-
-def _fail(message: str, code: int = EXIT_METER) -> int:
-    print(f"energyprof: {message}", file=sys.stderr)
-    return code
 
 
 # ---------------------------------------------------------------------------- argument types (checked before any work)
@@ -60,106 +50,41 @@ def _name(text: str) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------- detect
+# ---------------------------------------------------------------------------- handlers: each command's body lives beside its code
 def cmd_detect(args: argparse.Namespace) -> int:
-    from energyprof.meters import auto_choice, probe_all
+    from energyprof.commands import cmd_detect as run
 
-    probes = probe_all()
-    if args.json:
-        print(json.dumps([p.to_dict() for p in probes], indent=2))
-        return 0
-    width = max(len(p.backend) for p in probes)
-    for p in probes:
-        mark = "yes" if p.available else "no "
-        print(f"{p.backend:<{width}}  {mark}  {p.reason}")
-    usable = [p.backend for p in probes if p.available and p.backend != "sim"]
-    print()
-    if usable:
-        pick = auto_choice(probes)
-        print(f"real meters available: {', '.join(usable)}"
-              + (f" ('--meter auto' picks {pick})" if pick else " (none of them is one '--meter auto' tries: name one)"))
-    else:
-        print("no real meter is available here; 'sim' gives simulated numbers (labelled simulated)")
-    return 0
+    return run(args)
 
 
-# ---------------------------------------------------------------------------- measure
 def cmd_measure(args: argparse.Namespace) -> int:
-    from energyprof.errors import EnergyprofError
-    from energyprof.meters import open_meter
-    from energyprof.outputs import check_output_file
-    from energyprof.wrapper import CommandError, HeldSignals, run_measured
+    from energyprof.commands import cmd_measure as run
 
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        return _fail("no command to measure; usage: energyprof measure --meter SPEC -- COMMAND [ARGS...]")
-    if args.output:
-        check_output_file(args.output, "--output")
-    # --json on stdout: the command's own output goes to stderr, so that stdout is one JSON object
-    child_stdout = 2 if args.json and not args.output else None
-    with HeldSignals() as held:  # before the meter opens: its threads inherit the blocked signals
-        try:
-            meter = open_meter(args.meter)
-        except EnergyprofError as exc:
-            return _fail(f"cannot start meter {args.meter!r}: {exc}")
-        try:
-            with meter:
-                outcome = run_measured(command, meter, held, stdout=child_stdout)
-        except CommandError:
-            raise
-        except EnergyprofError as exc:
-            return _fail(f"measurement failed: {exc}")
-    measurement = outcome.measurement
-    result: dict[str, Any] = measurement.to_dict()
-    result["command"] = command
-    result["returncode"] = outcome.exit_status  # as a shell says: 128+N when killed by signal N
-    result["signal"] = outcome.signal
-    if outcome.forwarded:
-        result["forwarded_signals"] = outcome.forwarded
-    if measurement.energy_j == 0.0:
-        period = measurement.meter.update_period_s
-        result["warning"] = (
-            "the meter's counter did not move during this window"
-            + (f" ({measurement.seconds:.3g} s against an update period of {period:.3g} s)" if period else "")
-            + ": the energy is below what this meter resolves, not zero; measure a longer run "
-            "or use 'energyprof bench-kernel', which repeats a kernel until the meter sees it"
-        )
-        print(f"energyprof: warning: {result['warning']}", file=sys.stderr)
-    if args.output:
-        with open(args.output, "w") as out:
-            if args.json:
-                print(json.dumps(result), file=out)
-            else:
-                _print_perf_stat(result, out)
-    elif args.json:
-        print(json.dumps(result))
-    else:
-        _print_perf_stat(result, sys.stderr if args.stderr else sys.stdout)
-    return outcome.exit_status  # like perf stat: the measured command's status
+    return run(args)
 
 
-def _print_perf_stat(r: dict[str, Any], out) -> None:
-    meter = r["meter"]
-    label = " -- SIMULATED, not a physical measurement" if r["simulated"] else ""
-    print(f"\n Energy stats for '{shlex.join(r['command'])}' "
-          f"(meter: {meter['backend']}, scope: {meter['scope']}){label}:\n", file=out)
-    for name, joules in sorted(r["domains"].items()):
-        print(f"{joules:>16.3f} J  {name}", file=out)
-    print(f"{r['energy_j']:>16.3f} J  total", file=out)
-    print(f"{r['duration_s']:>16.3f} s  elapsed", file=out)
-    if r["duration_s"] > 0:
-        print(f"{r['energy_j'] / r['duration_s']:>16.3f} W  average", file=out)
-    period = meter.get("update_period_s")
-    if period and r["duration_s"] < 10 * period:
-        print(f"\n meter updates every {meter['update_period_s'] * 1e3:.3g} ms; a command much shorter than "
-              "that is not resolved (use 'energyprof bench-kernel' for short kernels)", file=out)
-    if r.get("signal"):
-        print(f"\n command was killed by {r['signal']} (status {r['returncode']})", file=out)
-    elif r["returncode"]:
-        print(f"\n command exited with status {r['returncode']}", file=out)
-    print(file=out)
+def cmd_bench_kernel(args: argparse.Namespace) -> int:
+    from energyprof.commands import cmd_bench_kernel as run
+
+    return run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cwmp.apps.commands import cmd_demo as run
+
+    return run(args)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cwmp.apps.commands import cmd_validate as run
+
+    return run(args)
+
+
+def cmd_fl(args: argparse.Namespace) -> int:
+    from cwmp.apps.commands import cmd_fl as run
+
+    return run(args)
 
 
 # ---------------------------------------------------------------------------- calibrate, profile
@@ -173,69 +98,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from calibrate.commands import cmd_profile as run
 
     return run(args)
-
-
-# ---------------------------------------------------------------------------- bench-kernel
-def cmd_bench_kernel(args: argparse.Namespace) -> int:
-    from energyprof.devices import kernel_device
-    from energyprof.errors import EnergyprofError
-    from energyprof.meters import open_meter
-    from energyprof.protocol import MeasurementProtocol
-    from energyprof.workloads import make_workload
-
-    try:
-        workload = make_workload(args.workload, size=args.size, density=args.density, dtype=args.dtype)
-    except (ValueError, RuntimeError) as exc:
-        return _fail(f"cannot set up workload {args.workload!r}: {exc}", 1)
-    try:
-        meter = open_meter(args.meter)
-    except EnergyprofError as exc:
-        return _fail(f"cannot start meter {args.meter!r}: {exc}")
-    protocol = MeasurementProtocol(min_window_s=args.min_window_s, trials=args.trials)
-    with meter:
-        device = kernel_device(meter.info, args.device, args.allow_device_mismatch)
-        try:
-            workload.setup(device)
-        except (ValueError, RuntimeError) as exc:
-            return _fail(f"cannot set up workload {args.workload!r} on {device}: {exc}", 1)
-        try:
-            result = protocol.measure(workload, meter)
-        except EnergyprofError as exc:
-            return _fail(f"measurement failed: {exc}")
-    print(json.dumps(result.to_dict()) if args.json else result.summary())
-    return 0
-
-
-# ---------------------------------------------------------------------------- demo
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cwmp.apps.demo import run
-
-    result = run(meter_spec=args.meter, device=args.device, keep_ratio=args.keep_ratio, out=args.out,
-                 progress=not args.json, say=(lambda line: print(line, file=sys.stderr)) if args.json else print,
-                 allow_device_mismatch=args.allow_device_mismatch)
-    if args.json:
-        print(json.dumps(result, default=str))
-    return 0
-
-
-# ---------------------------------------------------------------------------- validate
-def cmd_validate(args: argparse.Namespace) -> int:
-    from cwmp.apps.validate import DEFAULT_RATIOS, console_table, validate
-
-    ratios = tuple(r for part in (args.ratios or []) for r in part) or DEFAULT_RATIOS
-    result = validate(args.profile, args.meter, model=args.model, device=args.device, ratios=ratios,
-                      updates=args.updates, report=args.report, progress=not args.json,
-                      say=lambda line: print(line, file=sys.stderr), allow_device_mismatch=args.allow_device_mismatch)
-    if args.json:
-        print(json.dumps(result.summary))
-    else:
-        print(console_table(result))
-        if result.report:
-            print(f"report: {result.report}")
-    if args.max_mape is not None and result.summary["mape"] > args.max_mape:
-        print(f"energyprof: MAPE {result.summary['mape']:.2%} exceeds --max-mape {args.max_mape:.2%}", file=sys.stderr)
-        return 3
-    return 0
 
 
 # ---------------------------------------------------------------------------- logging (-v)
@@ -263,83 +125,6 @@ def setup_logging(verbosity: int) -> None:
 
 # ---------------------------------------------------------------------------- fl (federated benchmark)
 _FL_DEFAULT_ROUNDS = 30  # = cwmp.apps.federated.experiment.DEFAULT_ROUNDS (a test keeps them equal)
-
-
-def cmd_fl(args: argparse.Namespace) -> int:
-    import shlex as _shlex
-    from pathlib import Path
-
-    from calibrate.profile import ProfileError
-    from cwmp.apps.federated.data import DataError, load_dataset
-    from cwmp.apps.federated.experiment import FLConfig, Fleet, build_model_for, parse_ratios, runs_of
-    from cwmp.apps.federated.report import summarize, summary_markdown, write_outputs
-    from cwmp.errors import CostMapError
-
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-        config = FLConfig(
-            dataset=args.dataset, model=args.model, clients=args.clients, alpha=args.alpha, rounds=args.rounds,
-            local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size, ratios=parse_ratios(args.ratios),
-            sweep=() if args.sweep.strip().lower() in ("", "none") else parse_ratios(args.sweep),
-            seeds=seeds, profiles=tuple(p.strip() for p in args.profile.split(",") if p.strip()),
-            min_partition=args.min_partition,
-        )
-        dataset = load_dataset(config.dataset)
-        fleet = Fleet(config, build_model_for(config, dataset, 0))
-    except (ValueError, DataError, ProfileError, CostMapError) as exc:
-        return _fail(str(exc), 1)
-    from cwmp.apps.federated.report import OUTPUT_FILES
-    from energyprof.outputs import check_output_folder
-
-    out = check_output_folder(args.out)
-    earlier = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if earlier and not args.force:
-        return _fail(f"--out {out} already holds {', '.join(earlier)} of an earlier run; choose another --out, "
-                     "or pass --force to replace them", 1)
-    runs = len(list(runs_of(config)))
-    total = runs * config.rounds
-    if args.workers is not None and args.workers < 1:
-        return _fail(f"--workers must be at least 1, got {args.workers}", 1)
-    from cwmp.apps.federated.engine_local import default_workers
-
-    workers = args.workers if args.workers is not None else default_workers(runs)
-    command = "energyprof fl " + " ".join(_shlex.quote(str(a)) for a in (
-        "--dataset", args.dataset, "--model", args.model, "--clients", args.clients, "--alpha", args.alpha,
-        "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--ratios", args.ratios, "--sweep", args.sweep, "--seeds", args.seeds,
-        "--profile", args.profile, "--engine", args.engine))
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    label = " [SIMULATED energy]" if fleet.simulated else ""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=False,
-                  redirect_stdout=False, redirect_stderr=False) as bar:
-        task = bar.add_task(f"rounds{label}", total=total)
-
-        def progress(n: int, what: str) -> None:
-            bar.update(task, advance=n, description=f"{what}{label}")
-
-        try:
-            if args.engine == "flower":
-                try:
-                    from cwmp.apps.federated.flower_app import run_flower
-                except ImportError as exc:
-                    return _fail(f"the flower engine needs Flower: pip install 'energyprof[federated]' ({exc})", 1)
-                records = run_flower(config, progress, ray_address=args.ray_address, verbose=args.verbose)
-            else:
-                from cwmp.apps.federated.engine_local import run_local
-
-                records = run_local(config, dataset, progress, workers=workers)
-        except (ValueError, DataError, CostMapError) as exc:
-            return _fail(str(exc), 1)
-    summary = summarize(records, config, fleet.describe(), args.engine, command)
-    paths = write_outputs(records, summary, config, out, say=lambda line: print(line, file=sys.stderr))
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(summary_markdown(summary))
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
 
 
 # ---------------------------------------------------------------------------- parser
@@ -514,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="local", choices=["local", "flower"], help="local (in process) or flower (simulation on Ray)")
     p.add_argument("--workers", type=int, default=None,
                    help="local engine: processes that share the runs, one CPU each (default: one per CPU, at most one "
-                   "per run); the results do not depend on it")
+                   "per run); the results do not depend on it. The flower engine refuses it: Ray gives each simulated "
+                   "client one CPU")
     p.add_argument("--ray-address", default=None, help="flower engine: join a running Ray cluster (auto or HOST:PORT)")
     p.add_argument("--verbose", action="store_true", help="flower engine: show Flower's and Ray's logs")
     p.add_argument("--out", default="fl-results", help="output folder (default: fl-results)")

@@ -185,6 +185,17 @@ def test_fl_does_not_overwrite_an_earlier_run_without_force(tmp_path, capsys):
     assert (out / "summary.md").read_text() != "an earlier run\n"
 
 
+def test_fl_refuses_workers_with_the_flower_engine_before_any_work(tmp_path, capsys):
+    # --workers shares the local engine's runs among processes; Flower's simulation gives each
+    # client one CPU through Ray, so the option would be silently ignored there
+    out = tmp_path / "fl"
+    args = ["fl", "--model", "mlp", "--clients", "3", "--rounds", "1", "--seeds", "0", "--ratios", "5%",
+            "--engine", "flower", "--workers", "2", "--out", str(out)]
+    assert main(args) == 1
+    one_error_line(capsys, "--workers is for the local engine", "leave --workers out")
+    assert not any(out.iterdir()) if out.exists() else True
+
+
 def test_a_profile_is_written_with_the_usual_file_mode(tmp_path):
     umask = os.umask(0o022)
     try:
