@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from energyprof.counts import WorkCounts
 from energyprof.meters.sim import SimMeter
 from energyprof.protocol import MeasurementProtocol
-from energyprof.workloads import SimKernel
+from energyprof.replays import SimKernel
 
 HBM_BYTES_PER_S = 3.0e12  # an H100-like stream: half read, half written
 

@@ -19,7 +19,8 @@ from energyprof.meters.base import MeterInfo
 from energyprof.meters.sampled import PolledSource, SampledMeter, SampledOptions
 from energyprof.meters.sim import SimMeter as _SimMeter
 from energyprof.protocol import MeasurementProtocol, ProtocolError
-from energyprof.workloads import SimKernel, make_workload
+from energyprof.replays import SimKernel
+from energyprof.workloads import make_workload
 
 SimMeter = functools.partial(_SimMeter, effects="none")
 

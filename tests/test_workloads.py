@@ -18,11 +18,9 @@ from energyprof.workloads import (
     SIZES,
     WORKLOADS,
     Compensation,
-    LayerReplay,
-    RoundReplay,
-    SimKernel,
     make_workload,
 )
+from energyprof.replays import LayerReplay, RoundReplay, SimKernel
 
 N = 4096
 DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])

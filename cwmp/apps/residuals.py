@@ -54,7 +54,7 @@ def uniform_masks(module: Any, densities: tuple[float, ...], seed: int) -> list[
 def measure_layers(module: Any, masks: list[dict[str, Any]], cost_map: Any, meter: Any, protocol: Any,
                    idle: Any, dev: Any, seed: int, simulated: bool) -> list[dict[str, Any]]:
     """Each layer of each mask in ``masks`` measured on its own: one row per (mask, layer)."""
-    from energyprof.workloads import LayerReplay
+    from energyprof.replays import LayerReplay
 
     rows = []
     for m in masks:

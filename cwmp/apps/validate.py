@@ -7,7 +7,7 @@ For a device profile, a model and a meter:
    (Student t, 2 degrees of freedom) when asked or when the model's input shape is unknown;
 2. the masks the pruner really makes: Top-K at each keep ratio, and CWMP with p = 1 and p = 2 at
    the energy Top-K spends at that ratio on the same update;
-3. each mask's whole round (:class:`energyprof.workloads.RoundReplay`: the compensation every round
+3. each mask's whole round (:class:`energyprof.replays.RoundReplay`: the compensation every round
    pays on every tensor, then the masked update phase of every tensor with a kept entry, the replays
    the calibration measured) measured through the measurement protocol;
 4. prediction (profile -> cost map -> :mod:`energyprof.costmodel`, the round's floor beside the
@@ -133,7 +133,7 @@ def validate(
     from energyprof.models import load_model
     from energyprof.outputs import check_output_folder
     from energyprof.protocol import MeasurementProtocol
-    from energyprof.workloads import RoundReplay
+    from energyprof.replays import RoundReplay
 
     bad = [r for r in ratios if not 0 < r <= 1]
     if bad or not ratios:
