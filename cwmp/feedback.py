@@ -18,7 +18,7 @@ from torch import Tensor
 from cwmp.costmap import NamedTensors, named_tensors
 from cwmp.errors import FeedbackStateError
 from cwmp.parallel import extremes, in_parallel, map_largest_first
-from cwmp.sparse import SparseUpdate, _check_mask, take_kept
+from cwmp.sparse import SparseUpdate, _check_mask, take_at, take_kept
 
 __all__ = ["ErrorFeedback"]
 
@@ -145,16 +145,19 @@ class ErrorFeedback:
         self._close()
 
     def remember(
-        self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor], *, sparse: bool = False
+        self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor], *, sparse: bool = False,
+        positions: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, Tensor] | dict[str, SparseUpdate]:
         """Keep what the masks drop as the new residuals and return what they keep (what is sent):
-        dense tensors (zeros where masked), or with ``sparse`` the kept positions and values."""
+        dense tensors (zeros where masked), or with ``sparse`` the kept positions and values.
+        ``positions`` (with ``sparse``, on the CPU): per tensor the flat positions the mask keeps,
+        ascending, when the caller has them (the pruner does): the masks are then not read again."""
         if set(corrected) != set(masks):
             raise FeedbackStateError(
                 f"masks cover {sorted(masks)} but the updates are {sorted(corrected)}; give one mask per update"
             )
         if sparse:
-            return self._remember_sparse(corrected, masks)
+            return self._remember_sparse(corrected, masks, positions)
         sent = {}
         for name, update in corrected.items():
             keep = masks[name]
@@ -181,7 +184,8 @@ class ErrorFeedback:
         self._close()
         return sent
 
-    def _remember_sparse(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, SparseUpdate]:
+    def _remember_sparse(self, corrected: Mapping[str, Tensor], masks: Mapping[str, Tensor],
+                         positions: Mapping[str, np.ndarray] | None = None) -> dict[str, SparseUpdate]:
         """Gather the kept entries, then zero them in the residual: sent + residual is the
         corrected update exactly (the kept entries move, the others stay). On the CPU the layers
         are shared among the pruner's threads (``cwmp.parallel``), the largest first."""
@@ -203,12 +207,15 @@ class ErrorFeedback:
 
         def move(job: tuple[str, Tensor, Tensor]) -> list[tuple[str, SparseUpdate]]:
             name, residual, keep = job
+            if positions is not None and residual.device.type == "cpu" and residual.is_contiguous():
+                at, values = take_at(positions[name], residual, clear=True)
+                return [(name, SparseUpdate(at, values, residual.shape))]
             if residual.is_contiguous():
-                positions, values = take_kept(keep, residual, clear=True)
+                at, values = take_kept(keep, residual, clear=True)
             else:  # a residual of another layout (loaded from a checkpoint): slower, same result
-                positions, values = take_kept(keep, residual)
+                at, values = take_kept(keep, residual)
                 residual.masked_fill_(keep, 0)
-            return [(name, SparseUpdate(positions, values, residual.shape))]
+            return [(name, SparseUpdate(at, values, residual.shape))]
 
         on_cpu = all(residual.device.type == "cpu" for _, residual, _ in jobs)
         largest_first = sorted(jobs, key=lambda job: -job[1].numel())

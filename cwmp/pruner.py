@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from cwmp.candidates import Candidates, candidate_openings, gather
 from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import BudgetError, MaskInputError
 from cwmp.feedback import ErrorFeedback
@@ -120,11 +121,29 @@ class PruneResult:
 
 @dataclass(frozen=True)
 class _Priced:
-    """A flat mask over the concatenation, its kept entries per layer and its joules by layer."""
+    """A flat mask over the concatenation, its kept entries per layer and its joules by layer;
+    ``sub``: the same mask over ``candidates``' gathered entries, when it was selected there (then
+    the flat mask is made when it is first asked for: most candidates are compared and dropped)."""
 
-    mask: Tensor
+    flat: Tensor | None
     by_layer: dict[str, float]
     counts: list[int]
+    sub: Tensor | None = None
+    candidates: Candidates | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        if self.flat is None:
+            object.__setattr__(self, "flat", self.candidates.expand(self.positions()))
+        return self.flat
+
+    def positions(self) -> list | None:
+        """Per layer, the kept positions (numpy, ascending), when selected on the gathered entries."""
+        if self.sub is None:
+            return None
+        if "_positions" not in self.__dict__:
+            object.__setattr__(self, "_positions", self.candidates.positions(self.sub))
+        return self.__dict__["_positions"]
 
     @property
     def joules(self) -> float:
@@ -178,6 +197,11 @@ class Pruner:
             return self._masks(named)
 
     def _masks(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> PruneResult:
+        return self._choose(named, feedback)[0]
+
+    def _choose(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> tuple[PruneResult, "_Priced"]:
+        """The result, and the chosen selection (its kept positions, when it has them, spare
+        error feedback a pass over the masks)."""
         names = list(named)
         marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
         fixed = [self.cost_map.fixed_j(name) for name in names]
@@ -186,20 +210,27 @@ class Pruner:
         tensors = check_layers([named[name] for name in names], known)  # once, for every selection
         sizes = [t.numel() for t in tensors.flats]
         total = sum(sizes)
-        top = None
+        top = cand = None
+        setup = self.method == "cwmp" and self.rule == "setup"
+        fast = setup and self.cost_map.linear and not self.fill  # one gathering pass serves the rule
         if self.budget.keep_ratio is not None:
-            top = self._price(layers_topk_mask(tensors, _k_of(self.budget.keep_ratio, total)), named, sizes)
+            k = _k_of(self.budget.keep_ratio, total)
+            cand = gather(tensors, marginal, fixed, self.power, k=k) if fast else None
+            top = self._on(cand, named, lambda layers: layers_topk_mask(layers, k) if k <= sum(cand.sub_sizes) else None,
+                           _LayeredPool, None, 1.0)
+            if top is None:
+                top = self._price(layers_topk_mask(tensors, k), named, sizes)
             mask_budget_j = top.joules
             budget_j = floor_j + mask_budget_j
         else:
             budget_j = self.budget.joules
             mask_budget_j = _mask_budget(budget_j, floor_j)
+            cand = gather(tensors, marginal, fixed, self.power, budget_j=mask_budget_j) if fast else None
         if self.method == "topk" and top is not None:
             chosen, candidate = top, "topk"
         else:
             chosen = None
             candidate = self.method
-            setup = self.method == "cwmp" and self.rule == "setup"
             if not setup or not self.cost_map.linear:
                 chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
             if not self.cost_map.linear:
@@ -211,7 +242,7 @@ class Pruner:
                 if not setup:
                     chosen = self._within(tensors, marginal, fixed, mask_budget_j, named)
             if setup:
-                chosen, candidate = self._setup_rule(tensors, marginal, fixed, mask_budget_j, named, top)
+                chosen, candidate = self._setup_rule(tensors, marginal, fixed, mask_budget_j, named, top, cand)
             if self.skip_layers and self.method == "cwmp":
                 chosen = self._skip(tensors, marginal, fixed, mask_budget_j, named, chosen)
         mask_j = chosen.joules
@@ -227,20 +258,31 @@ class Pruner:
             mask_j=mask_j,
             floor_j=floor_j,
             candidate=candidate,
-        )
+        ), chosen
 
     # ------------------------------------------------------------------------ the set-up-aware rule
     def _setup_rule(self, tensors: Layers, marginal, fixed, budget_j: float, named,
-                    top: "_Priced | None") -> tuple["_Priced", str]:
+                    top: "_Priced | None", cand: Candidates | None = None) -> tuple["_Priced", str]:
         """The set-up-aware rule (see the module's docstring): the envelope prefix, the repairs of
         the layer it broke at, the break layer alone when the guarantee needs it, and Top-K's own
-        mask when it fits; the one that retains the most ``sum |u|**power`` (the first on ties)."""
-        opens = openings(tensors, marginal, fixed, budget_j, self.power)
+        mask when it fits; the one that retains the most ``sum |u|**power`` (the first on ties).
+        ``cand``: the gathered entries (``cwmp.candidates``), where the first selections are tried."""
+        opens = None if cand is None else candidate_openings(cand, marginal, fixed, budget_j, self.power)
+        if opens is None:
+            opens = openings(tensors, marginal, fixed, budget_j, self.power)
         caps = [o.cap for o in opens]
-        envelope = self._largest(tensors, self._within(tensors, marginal, fixed, budget_j, named, caps=caps),
-                                 opens, budget_j, named)
+
+        def prefix(rank: bool, clip) -> _Priced:
+            def select(layers):
+                return layers_budget_mask(layers, marginal, fixed, budget_j, self.power, rank_by_cost=rank, caps=clip)
+            chosen = self._on(cand, named, select, _LayeredPool, marginal if rank else None, self.power, clip)
+            if chosen is None or chosen.joules > budget_j:
+                chosen = self._within(tensors, marginal, fixed, budget_j, named, caps=clip, rank_by_cost=rank)
+            return chosen
+
+        envelope = self._largest(tensors, prefix(True, caps), opens, budget_j, named)
         if top is None:  # a budget in joules: Top-K's order at this energy
-            top = self._within(tensors, marginal, fixed, budget_j, named, rank_by_cost=False)
+            top = prefix(False, None)
         fits = top.joules <= budget_j
         values = self._retained(tensors, [envelope, top] if fits else [envelope])
         candidates = [("envelope", envelope, values[0])] + ([("topk", top, values[1])] if fits else [])
@@ -326,6 +368,13 @@ class Pruner:
         partial = [i for i, (o, k) in enumerate(zip(opens, chosen.counts)) if 0 < k < o.at_cap]
         if not partial:
             return chosen
+        if chosen.sub is not None:  # within the gathered entries: each holds its layer's largest
+            cand = chosen.candidates
+            sub, start = chosen.sub.clone(), cand.offsets()
+            for i in partial:
+                sub[start[i] : start[i + 1]] = layers_topk_mask([cand.sub.flats[i]], chosen.counts[i])
+            fixed = self._priced(cand, sub, named)
+            return fixed if fixed.joules <= budget_j else chosen
         mask = chosen.mask.clone()
         start = [0]
         for flat in tensors.flats:
@@ -338,8 +387,11 @@ class Pruner:
     def _retained(self, tensors: Layers, chosen: list, exact: bool = False) -> list[float]:
         """The retained ``sum |u|**power`` of each selection (or candidate), in one pass over the
         update; fast sums (within ``RETAINED_TOLERANCE``) unless ``exact``."""
-        masks = [c[1].mask if isinstance(c, tuple) else c.mask for c in chosen]
-        return retained(_LayeredPool(tensors, None, self.power), masks, exact=exact)
+        chosen = [c[1] if isinstance(c, tuple) else c for c in chosen]
+        cand = chosen[0].candidates if chosen else None
+        if cand is not None and all(c.sub is not None and c.candidates is cand for c in chosen):
+            return retained(_LayeredPool(cand.sub, None, self.power), [c.sub for c in chosen], exact=exact)
+        return retained(_LayeredPool(tensors, None, self.power), [c.mask for c in chosen], exact=exact)
 
     def _bound(self, tensors: Layers, envelope: "_Priced", value: float, opens: list[Opening], b: int | None,
                budget_j: float, named) -> float:
@@ -400,8 +452,9 @@ class Pruner:
     def _values(self, tensors: Layers, chosen: "_Priced") -> list[float]:
         """Per layer, the retained ``sum |u|**power`` of the kept entries (float64)."""
         out, start = [], 0
-        for flat, k in zip(tensors.flats, chosen.counts):
-            part = chosen.mask[start : start + flat.numel()]
+        flats, mask = (tensors.flats, chosen.mask) if chosen.sub is None else (chosen.candidates.sub.flats, chosen.sub)
+        for flat, k in zip(flats, chosen.counts):
+            part = mask[start : start + flat.numel()]
             start += flat.numel()
             if not k:
                 out.append(0.0)
@@ -414,6 +467,21 @@ class Pruner:
         """The mask with its per-layer counts (one pass over it) and the cost map's joules."""
         counts = layer_counts(mask, sizes)
         return _Priced(mask, self.cost_map.joules_by_layer(_views(mask, named), counts), counts)
+
+    def _priced(self, cand: Candidates, sub: Tensor, named: dict[str, Tensor]) -> "_Priced":
+        """A mask over the gathered entries, made whole and priced (a linear cost map: from counts)."""
+        counts = cand.counts(sub)
+        shapes = {name: torch.empty(t.shape, device="meta") for name, t in named.items()}  # a linear map reads counts only
+        return _Priced(None, self.cost_map.joules_by_layer(shapes, counts), counts, sub, cand)
+
+    def _on(self, cand: Candidates | None, named, select, pool, divisors, power, caps=None) -> "_Priced | None":
+        """``select`` run on the gathered entries, when there are any and its prefix is shown to
+        be the one over the whole update (``Candidates.exact_prefix`` with the selection's keys:
+        ``pool(cand.sub, divisors, power, caps)``); else None."""
+        sub = None if cand is None else select(cand.sub)
+        if sub is None or not cand.exact_prefix(pool(cand.sub, divisors, power, caps), sub):
+            return None
+        return self._priced(cand, sub, named)
 
     def _select(self, tensors: Layers, marginal, fixed, budget_j: float, named, caps=None,
                 closed: frozenset | set = frozenset(), rank_by_cost: bool | None = None,
@@ -546,11 +614,14 @@ class Pruner:
         _check_finite(named)
         corrected = feedback.compensate(named, in_place=True)
         try:
-            result = self._masks(named_tensors(corrected), feedback)
+            result, chosen = self._choose(named_tensors(corrected), feedback)
         except BaseException:
             feedback.undo(named)
             raise
-        return feedback.remember(corrected, result.masks, sparse=sparse), result
+        positions = chosen.positions() if sparse else None
+        if positions is not None:
+            positions = dict(zip(corrected, positions))
+        return feedback.remember(corrected, result.masks, sparse=sparse, positions=positions), result
 
 
 def _break_layer(opens: list[Opening], counts: list[int]) -> int | None:

@@ -369,10 +369,11 @@ def _fill_layers(pool: _LayeredPool, mask: Tensor, budget_j: float) -> None:
 
 
 # ------------------------------------------------------------- passes for the set-up-aware rule
-def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float]) -> list[tuple[Tensor, Tensor]]:
+def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: bool = False) -> list[tuple[Tensor, Tensor]]:
     """Per layer, the local indices (ascending) and scores of the entries with ``|u| >=
     thresholds[layer]`` (inf: none), in one pass over the layers concerned, shared among the
-    worker threads on the CPU; scores exactly as the selection computes them."""
+    worker threads on the CPU; scores exactly as the selection computes them. ``narrow``: int32
+    indices where a layer has fewer than 2**31 entries (the numpy pass)."""
     n_layers = len(pool.flats)
     found: list[list[Tensor]] = [[] for _ in range(n_layers)]
     scores: list[list[Tensor]] = [[] for _ in range(n_layers)]
@@ -392,7 +393,10 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float]) -> list[tup
                 np.abs(pool.numpy_flats[layer][local : local + m], out=s)
                 np.greater_equal(s, t[layer], out=p)
                 inside = np.flatnonzero(p)
-                out.append((layer, inside + local, pool.numpy_scores(s[inside], layer, in_place=True)))
+                at = inside + local
+                if narrow and pool.sizes[layer] < 2**31:
+                    at = at.astype(np.int32)
+                out.append((layer, at, pool.numpy_scores(s[inside], layer, in_place=True)))
             return out
 
         for layer, inside, s in in_parallel(run, [g for g in groups if g]):

@@ -128,8 +128,20 @@ def _best_prefix(scores: Tensor, f_entries: float, k_max: int, score_dtype: torc
     scores are at least the cap, the sum of the largest ``min(k_max, at_cap)`` scores, whether
     every affordable k was examined)."""
     dtype = np.dtype(str(score_dtype).removeprefix("torch."))
-    if _k.NUMPY_ON_CPU and scores.device.type == "cpu":
-        ordered = torch.from_numpy(-np.sort(-scores.numpy()))
+    if _k.NUMPY_ON_CPU and scores.device.type == "cpu":  # numpy throughout: a few times faster here
+        ordered = -np.sort(-scores.numpy())
+        m = min(k_max, ordered.size)
+        if m == 0:
+            return 0.0, 0.0, 0, 0.0, False
+        sums = np.cumsum(ordered[:m], dtype=np.float64)  # sequential, as torch's
+        ratios = sums / (f_entries + np.arange(1, m + 1, dtype=np.float64))
+        best = int(np.argmax(ratios))  # the first maximum, as torch's
+        ratio = float(ratios[best])
+        cap = np.array(ratio, dtype=dtype)
+        if float(cap) > ratio:
+            cap = np.nextafter(cap, dtype.type(0))
+        at_cap = int(np.count_nonzero(ordered >= cap))
+        return ratio, float(cap), at_cap, float(sums[min(m, at_cap) - 1]) if at_cap else 0.0, m == k_max
     else:
         ordered = torch.sort(scores, descending=True).values
     m = min(k_max, ordered.numel())

@@ -1,0 +1,284 @@
+"""One gathering pass for the set-up-aware rule: per layer, every entry its selections may keep.
+
+The rule (``cwmp.pruner``) makes three selections over the whole update: Top-K's mask (at a keep
+ratio its energy is the budget), each layer's open item (``cwmp.setup_rule``), and the envelope
+prefix. Each of them keeps, per layer, entries of large magnitude only. One sample of the update
+(the selections' own, shared) estimates per layer a magnitude below which none of the three is
+expected to reach, a margin of ``SIGMAS`` binomial standard deviations of the sample's ranks
+further down; one pass over the update gathers every entry at or above it (its position and
+magnitude), and the three selections then run on the gathered entries alone, a few times the kept
+entries rather than the whole update. The retained sums that compare the candidates are read from
+the gathered entries too.
+
+Nothing estimated decides a mask: each result is checked, and a check that fails sends that
+selection back to the whole update, as without this module. An entry left ungathered in layer i
+has ``|u| < floors[i]``; every key the selections order by (magnitude, score, clipped score) is
+a non-decreasing function of ``|u|`` computed with the same float operations, so such an entry's
+key is at most the key of the largest float below the floor. Then:
+
+- a prefix selection (longest prefix of the key order within a budget, ties by position) on the
+  gathered entries is the one on the whole update when the first entry it leaves out has a key
+  strictly above every ungathered entry's: everything before it in the whole order was gathered,
+  in the same order, at the same costs;
+- an open item (the best ``sum of scores / (F + k)`` over a layer's largest scores) is exact when
+  its cap is strictly above every score it was not given: past the given ones the ratio only falls,
+  and no unseen entry ties at the cap.
+
+Only the CPU's numpy pass is served (float32 or float64 layers of the score dtype, power 1 or 2:
+the keys are then computed with exactly the pass's operations), on updates of at least
+``MIN_ENTRIES`` entries of which the sample says at most ``MAX_SHARE`` are to be gathered;
+elsewhere ``gather`` returns None and the rule selects on the whole update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cwmp import kernels as _k
+from cwmp.pools import Layers, _LayeredPool, layer_counts
+from cwmp.selection import gather_at_least
+from cwmp.setup_rule import _SMALL, Opening, _best_prefix, _top_score, affordable_count
+
+__all__ = ["Candidates", "gather", "candidate_openings"]
+
+SIGMAS = 4.0  # margin past each estimated boundary, in binomial standard deviations of its sample rank
+MIN_ENTRIES = 1 << 18  # below this a selection's pass costs little: select on the whole update
+#: the most of the update worth gathering (estimated): past it the selections on the gathered
+#: entries, and holding them, cost about what they save (measured on ResNet-18: at a 10 % keep
+#: ratio about 16 % is gathered, and the pruner was no faster and used more memory)
+MAX_SHARE = 0.1
+
+
+@dataclass
+class Candidates:
+    """The gathered entries: ``sub`` holds, per layer, the magnitudes of the entries with ``|u| >=
+    floors[i]`` in position order, ``index[i]`` their positions in the layer. ``open_floors[i]``
+    (at least ``floors[i]``) is where the layer's open item is looked for."""
+
+    full: Layers
+    sub: Layers
+    index: list[np.ndarray]
+    floors: list[float]
+    open_floors: list[float]
+
+    def __post_init__(self) -> None:
+        self.sizes = [f.numel() for f in self.full.flats]
+        self.sub_sizes = [f.numel() for f in self.sub.flats]
+        self.dtype = np.dtype(str(self.full.score_dtype).removeprefix("torch."))
+
+    def complete(self, layer: int) -> bool:
+        return self.sub_sizes[layer] == self.sizes[layer]
+
+    def below(self, floor: float) -> float:
+        """The largest magnitude under ``floor`` in the layers' dtype."""
+        return float(np.nextafter(self.dtype.type(floor), self.dtype.type(0)))
+
+    def exact_prefix(self, pool: _LayeredPool, sub_mask: Tensor) -> bool:
+        """Whether ``sub_mask``, a prefix selection over ``sub`` ordered by ``pool``'s keys, is the
+        selection over the whole update (see the module's docstring)."""
+        incomplete = [i for i in range(len(self.sizes)) if not self.complete(i)]
+        if not incomplete:
+            return True
+        outside = np.array([self.below(self.floors[i]) for i in incomplete], dtype=self.dtype)
+        bound = float(pool.numpy_scores(outside, np.array(incomplete)).max())
+        first_left = -math.inf  # the key of the first entry left out: the largest left-out key
+        flags, start = sub_mask.numpy(), 0
+        for i, (size, kept) in enumerate(zip(self.sub_sizes, self.counts(sub_mask))):
+            part = flags[start : start + size]
+            start += size
+            if kept < size:  # the largest magnitude left out (magnitudes are >= 0: a kept one counts 0)
+                largest = self.sub.max_magnitudes[i] if not kept else (pool.numpy_flats[i] * ~part).max()
+                key = pool.numpy_scores(np.array([largest], dtype=self.dtype), i)
+                first_left = max(first_left, float(key[0]))
+        return first_left > bound
+
+    def positions(self, sub_mask: Tensor) -> list[np.ndarray]:
+        """Per layer, the positions (ascending, in the layer) of the entries ``sub_mask`` keeps."""
+        flags, start, out = sub_mask.numpy(), 0, []
+        for i, size in enumerate(self.sub_sizes):
+            out.append(self.index[i][flags[start : start + size]])
+            start += size
+        return out
+
+    def expand(self, positions: list[np.ndarray]) -> Tensor:
+        """The flat mask over the whole update's concatenation that keeps the entries at
+        ``positions`` (``positions()``)."""
+        out = np.zeros(sum(self.sizes), dtype=np.bool_)
+        offset = 0
+        for size, at in zip(self.sizes, positions):
+            out[offset : offset + size][at] = True
+            offset += size
+        return torch.from_numpy(out)
+
+    def counts(self, sub_mask: Tensor) -> list[int]:
+        return layer_counts(sub_mask, self.sub_sizes)
+
+    def offsets(self) -> list[int]:
+        out = [0]
+        for size in self.sub_sizes:
+            out.append(out[-1] + size)
+        return out
+
+
+def gather(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], power: float, *,
+           k: int | None = None, budget_j: float | None = None) -> Candidates | None:
+    """The candidates for the set-up-aware rule at Top-K's energy for ``k`` entries, or at a mask
+    budget of ``budget_j`` joules (one of the two); None where this module does not serve (see the
+    module's docstring) or the update is small."""
+    pool = _LayeredPool(layers, None, 1.0)  # keys: the magnitudes
+    if not pool.numpy_pass or power not in (1, 2) or pool.n < MIN_ENTRIES or (k is None) == (budget_j is None):
+        return None
+    n_layers = len(layers.flats)
+    size = max(_k.SAMPLE_MIN, min(_k.SAMPLE_MAX, int(16 * math.sqrt(pool.n))))
+    index = pool.sample_index(size, torch.Generator(device=pool.device).manual_seed(_k.SEED))
+    magnitudes = pool.sample_scores(index).double().numpy()
+    edges = torch.searchsorted(index, pool._bounds).tolist()
+    layer_of = np.repeat(np.arange(n_layers), np.diff(edges))
+    scale = pool.n / size
+    marg = np.asarray(marginal, dtype=np.float64)
+    fix = np.asarray(fixed, dtype=np.float64)
+
+    # Top-K's boundary (k entries, or the magnitude order's prefix within the budget)
+    order = np.argsort(-magnitudes)  # an estimate: ties in any order
+    by_magnitude, layer_sorted = magnitudes[order], layer_of[order]
+    if k is not None:
+        j = min(size, math.ceil(k / scale))
+        counts = np.bincount(layer_sorted[:j], minlength=n_layers) * scale
+        mask_j = float(np.sum(fix[counts > 0]) + np.sum(marg * counts))  # Top-K's joules, estimated
+        spread = 1 + SIGMAS / math.sqrt(max(j, 1))  # the estimate's relative error, a margin above it
+    else:
+        j = _fits(layer_sorted, marg, fix, scale, budget_j)
+        mask_j, spread = budget_j, 1.0
+    top_floor = _past(by_magnitude, j)
+
+    # each layer's open item, estimated: its cap and a score safely below it
+    scores = magnitudes**power / marg[layer_of]
+    caps = np.full(n_layers, np.inf)
+    open_floor = np.full(n_layers, np.inf)
+    for i in range(n_layers):
+        n_i = pool.sizes[i]
+        if not fix[i] > 0 or not n_i:
+            continue
+        k_max = affordable_count(fixed[i], marginal[i], mask_j, n_i)
+        if not k_max:
+            caps[i] = 0.0  # cannot be opened (by the estimate)
+            continue
+        s = -np.sort(-scores[edges[i] : edges[i + 1]])
+        if n_i <= _SMALL or s.size < 8:
+            open_floor[i] = 0.0  # the whole layer
+            continue
+        local_scale = n_i / s.size
+        ranks = np.arange(1, s.size + 1, dtype=np.float64) * local_scale
+        estimate = np.cumsum(s) * local_scale / (fix[i] / marg[i] + ranks)
+        estimate[ranks > max(k_max, local_scale)] = -np.inf
+        best = int(np.argmax(estimate))
+        caps[i] = estimate[best]
+        at = max(0, best + math.ceil(SIGMAS * math.sqrt(best + 1)) + 2)
+        open_floor[i] = (s[at] * marg[i]) ** (1.0 / power) if at < s.size else 0.0
+
+    # the envelope prefix: clipped scores, within Top-K's (estimated) joules
+    clipped = np.minimum(scores, caps[layer_of])
+    order = np.argsort(-clipped)
+    by_clipped = clipped[order]
+    boundary = _past(by_clipped, _fits(layer_of[order], marg, fix, scale, mask_j * spread))
+    envelope_floor = np.where(caps > boundary, (boundary * marg) ** (1.0 / power), np.inf)
+
+    dtype = np.dtype(str(layers.score_dtype).removeprefix("torch."))
+    floors = [_down(min(top_floor, envelope_floor[i], open_floor[i]) * (1 - 1e-6), dtype) for i in range(n_layers)]
+    expected = sum(np.count_nonzero(magnitudes[edges[i] : edges[i + 1]] >= floors[i]) for i in range(n_layers))
+    if expected * scale > MAX_SHARE * pool.n:
+        return None
+    found = gather_at_least(pool, floors, narrow=True)
+    index_parts = [i_.numpy() for i_, _ in found]
+    flats = [s_ for _, s_ in found]
+    largest = [m if f.numel() else 0.0 for f, m in zip(flats, layers.max_magnitudes)]  # the largest is always gathered
+    sub = Layers(flats, largest, layers.score_dtype, layers.device)
+    open_floors = [max(f, _down(o * (1 - 1e-6), dtype)) if o < math.inf else f for f, o in zip(floors, open_floor)]
+    return Candidates(layers, sub, index_parts, floors, open_floors)
+
+
+def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Sequence[float], budget_j: float,
+                       power: float) -> list[Opening] | None:
+    """Every layer's open item (as ``cwmp.setup_rule.openings`` finds it) from the gathered
+    entries; None when one of them cannot be shown exact from them."""
+    pool = _LayeredPool(cand.sub, marginal, power)
+    whole = _LayeredPool(cand.full, marginal, power)
+    out: list[Opening | None] = []
+    retry = [math.inf] * len(cand.sizes)  # layers to gather again, from this magnitude
+    for i, n_i in enumerate(cand.sizes):
+        k_max = affordable_count(fixed[i], marginal[i], budget_j, n_i)
+        if not k_max:
+            out.append(Opening(0, 0.0, 0.0, 0, 0.0))
+        elif fixed[i] == 0:
+            out.append(Opening(k_max, _top_score(whole, cand.full, i), math.inf, 0, 0.0))
+        else:
+            magnitudes, floor = pool.numpy_flats[i], cand.open_floors[i]
+            picked = magnitudes[magnitudes >= floor] if floor > cand.floors[i] else magnitudes
+            found = _opening(pool.numpy_scores(picked, i), picked.size < n_i, floor, pool, cand, i, k_max,
+                             fixed[i] / marginal[i], marginal[i])
+            if found is None and picked.size:  # r* is at least the ratio found: gather down to it
+                ratio = _best_prefix(torch.from_numpy(pool.numpy_scores(picked, i)), fixed[i] / marginal[i], k_max,
+                                     cand.full.score_dtype)[0]
+                retry[i] = _down((ratio * marginal[i]) ** (1.0 / power) * (1 - 1e-5), cand.dtype)
+            elif found is None:
+                retry[i] = 0.0
+            out.append(found)
+    if any(t < math.inf for t in retry):
+        for i, (_, magnitudes) in enumerate(gather_at_least(_LayeredPool(cand.full, None, 1.0), retry)):
+            if retry[i] < math.inf:
+                k_max = affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i])
+                out[i] = _opening(pool.numpy_scores(magnitudes.numpy(), i), magnitudes.numel() < cand.sizes[i],
+                                  retry[i], pool, cand, i, k_max, fixed[i] / marginal[i], marginal[i])
+                if out[i] is None:
+                    return None
+    return out
+
+
+def _opening(scores: np.ndarray, partial: bool, floor: float, pool: _LayeredPool, cand: Candidates, i: int,
+             k_max: int, f_entries: float, marginal: float) -> Opening | None:
+    """Layer ``i``'s open item from the scores of its entries of magnitude at least ``floor``
+    (``partial``: not all of them); None when the entries left out may change it."""
+    ratio, cap, at_cap, score_sum, _ = _best_prefix(torch.from_numpy(scores), f_entries, k_max, cand.full.score_dtype)
+    if partial:  # entries it did not see score at most this
+        unseen = pool.numpy_scores(np.array([cand.below(floor)], dtype=cand.dtype), i)
+        if not (at_cap and cap > float(unseen[0])):
+            return None
+    return Opening(k_max, ratio, cap, min(k_max, at_cap), score_sum * marginal, at_cap)
+
+
+def _fits(layer_sorted: np.ndarray, marg: np.ndarray, fix: np.ndarray, scale: float, budget_j: float) -> int:
+    """How many of the sample's points, in their order, fit in ``budget_j``, each standing for
+    ``scale`` entries of its layer, a layer's first point also paying its set-up."""
+    if not layer_sorted.size:
+        return 0
+    step = marg[layer_sorted] * scale
+    where = np.full(marg.size, -1)
+    where[layer_sorted[::-1]] = np.arange(layer_sorted.size - 1, -1, -1)  # the last write is a layer's first point
+    where = where[where >= 0]
+    step[where] += fix[layer_sorted[where]]
+    return int(np.searchsorted(np.cumsum(step), budget_j, side="right"))
+
+
+def _past(descending: np.ndarray, j: int) -> float:
+    """The key a margin of ``SIGMAS`` binomial standard deviations past sample rank ``j`` (0: the
+    margin runs past the sample, take everything)."""
+    size = descending.size
+    margin = math.ceil(SIGMAS * math.sqrt(max(j, 1) * max(0.0, 1 - j / size))) + 2
+    at = max(0, j + margin)
+    return float(descending[at]) if at < size else 0.0
+
+
+def _down(value: float, dtype: np.dtype) -> float:
+    """``value`` in ``dtype``, rounded down (a floor never above the magnitude it stands for)."""
+    if not value < math.inf:
+        return math.inf
+    v = dtype.type(value)
+    if float(v) > value:
+        v = np.nextafter(v, dtype.type(0))
+    return float(v)

@@ -1,0 +1,195 @@
+"""The set-up-aware rule's gathering pass (``cwmp.candidates``): the selections made on the gathered
+entries are the selections on the whole update, whatever the sample estimated.
+
+Each test runs the pruner twice on one update: as shipped (the gathering pass) and with the pass
+switched off (``cwmp.pruner.gather`` returning None: every selection on the whole update, the rule
+as it was before the pass). Masks, candidate, joules and what error feedback sends must be the same.
+A spy checks that the gathered path was really taken (or, with the estimates forced to miss, that
+its checks refused it), so that no test passes by never reaching the code it is about.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cwmp.candidates as candidates
+import cwmp.pruner as pruner_module
+from cwmp import Budget, CostMap, ErrorFeedback, LayerPrice, Pruner
+from cwmp.masks import check_layers
+from cwmp.setup_rule import openings
+
+SHAPES = [(64, 300), (64,), (128, 200), (128,), (500, 60), (30000,), (40, 40), (10,)]
+
+
+def problem(seed: int, fixed_share: float = 1000.0):
+    """An update of layers of different sizes and scales, and a linear cost map whose layers cost
+    differently per entry, each with a set-up of ``fixed_share`` entries' worth."""
+    g = torch.Generator().manual_seed(seed)
+    update, prices = {}, {}
+    for i, shape in enumerate(SHAPES):
+        scale = 2.0 ** float(torch.empty(()).uniform_(-3, 3, generator=g))
+        values = torch.randn(shape, generator=g) * scale
+        if i % 3 == 0:  # heavy tails in some layers
+            values = values * torch.rand(shape, generator=g).pow(-0.5)
+        update[f"layer{i}"] = values
+        per_entry = 1e-9 * (0.5 + 0.25 * (i % 5))
+        prices[f"layer{i}"] = LayerPrice(per_entry, "predicted", fixed_j=fixed_share * per_entry * (i % 4 != 3),
+                                         compensation_j=1e-6)
+    return update, CostMap(prices, simulated=True)
+
+
+@pytest.fixture
+def small_updates_gathered(monkeypatch):
+    """Serve updates this small (the shipped threshold is 2**18 entries) and count what happens."""
+    monkeypatch.setattr(candidates, "MIN_ENTRIES", 1 << 12)
+    monkeypatch.setattr(candidates, "MAX_SHARE", 1.0)
+    seen = {"gathered": 0, "exact": 0, "refused": 0}
+    gather, exact = candidates.gather, candidates.Candidates.exact_prefix
+
+    def counting_gather(*args, **kwargs):
+        out = gather(*args, **kwargs)
+        seen["gathered"] += out is not None
+        return out
+
+    def counting_exact(self, pool, sub):
+        out = exact(self, pool, sub)
+        seen["exact" if out else "refused"] += 1
+        return out
+
+    monkeypatch.setattr(pruner_module, "gather", counting_gather)
+    monkeypatch.setattr(candidates.Candidates, "exact_prefix", counting_exact)
+    return seen
+
+
+def whole_update(monkeypatch):
+    monkeypatch.setattr(pruner_module, "gather", lambda *a, **k: None)
+
+
+def run_both(monkeypatch, update, costs, budget, power, sparse=False):
+    """(as shipped, on the whole update) results of one masks() call, or of two compress() calls."""
+    results = []
+    for switch_off in (False, True):
+        if switch_off:
+            whole_update(monkeypatch)
+        pruner = Pruner(costs, budget, method="cwmp", power=power)
+        if sparse:
+            feedback = ErrorFeedback()
+            pruner.compress({n: u.clone() for n, u in update.items()}, feedback)
+            corrected = {n: u + feedback.residuals[n] for n, u in update.items()}
+            sent, result = pruner.compress({n: u.clone() for n, u in update.items()}, feedback, sparse=True)
+            results.append((result, sent, feedback.residuals, corrected))
+        else:
+            results.append(pruner.masks(update))
+    return results
+
+
+def same(a, b) -> bool:
+    return (a.candidate == b.candidate and a.predicted_j == b.predicted_j and a.budget_j == b.budget_j
+            and all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ratio", [0.003, 0.01, 0.05])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_masks_on_the_gathered_entries_are_the_masks_on_the_whole_update(monkeypatch, small_updates_gathered,
+                                                                         seed, ratio, power):
+    update, costs = problem(seed)
+    shipped, whole = run_both(monkeypatch, update, costs, Budget.topk_keep_ratio(ratio), power)
+    seen = small_updates_gathered  # Top-K and the envelope were both selected there, and checked
+    assert seen["gathered"] == 1 and seen["exact"] >= 1 and seen["exact"] + seen["refused"] >= 2
+    assert same(shipped, whole)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("share", [0.002, 0.02])
+def test_a_budget_in_joules_too(monkeypatch, small_updates_gathered, seed, share):
+    update, costs = problem(seed)
+    budget = costs.floor_j(list(update)) + share * sum(costs.marginal_j(n) * u.numel() for n, u in update.items())
+    shipped, whole = run_both(monkeypatch, update, costs, Budget.of_joules(budget), 1.0)
+    seen = small_updates_gathered  # Top-K and the envelope were both selected there, and checked
+    assert seen["gathered"] == 1 and seen["exact"] >= 1 and seen["exact"] + seen["refused"] >= 2
+    assert same(shipped, whole)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_estimates_that_miss_are_caught_and_the_whole_update_decides(monkeypatch, small_updates_gathered, seed):
+    """Margins pulled far inside the estimates: the gathered entries miss part of what the
+    selections keep. The checks must refuse them, and the masks are still the exact ones."""
+    monkeypatch.setattr(candidates, "SIGMAS", -40.0)
+    update, costs = problem(seed)
+    shipped, whole = run_both(monkeypatch, update, costs, Budget.topk_keep_ratio(0.02), 1.0)
+    assert small_updates_gathered["gathered"] == 1 and small_updates_gathered["refused"] >= 1
+    assert same(shipped, whole)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("ratio", [0.01, 0.05])
+def test_error_feedback_sends_the_same_from_the_gathered_positions(monkeypatch, small_updates_gathered, seed, ratio):
+    update, costs = problem(seed)
+    (shipped, sent, residuals, corrected), (whole, sent_w, residuals_w, _) = run_both(
+        monkeypatch, update, costs, Budget.topk_keep_ratio(ratio), 1.0, sparse=True)
+    assert small_updates_gathered["gathered"] >= 1
+    assert same(shipped, whole)
+    for name in update:
+        assert sent[name].indices.dtype == sent_w[name].indices.dtype == torch.int32
+        assert torch.equal(sent[name].indices, sent_w[name].indices)
+        assert torch.equal(sent[name].values, sent_w[name].values)
+        assert torch.equal(residuals[name], residuals_w[name])
+        assert torch.equal(sent[name].to_dense() + residuals[name], corrected[name])
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sigmas", [4.0, -40.0])
+def test_open_items_from_the_gathered_entries_are_the_layers_open_items(monkeypatch, seed, sigmas):
+    """Against ``setup_rule.openings`` on the whole update, field by field; with the estimates
+    forced to miss, the layers are gathered again down to the ratio found (or the answer is None)."""
+    monkeypatch.setattr(candidates, "MIN_ENTRIES", 1 << 12)
+    monkeypatch.setattr(candidates, "MAX_SHARE", 1.0)
+    monkeypatch.setattr(candidates, "SIGMAS", sigmas)
+    update, costs = problem(seed, fixed_share=5000.0)
+    names = list(update)
+    layers = check_layers([update[n] for n in names])
+    marginal, fixed = [costs.marginal_j(n) for n in names], [costs.fixed_j(n) for n in names]
+    n = sum(f.numel() for f in layers.flats)
+    cand = candidates.gather(layers, marginal, fixed, 1.0, k=int(0.01 * n))
+    assert cand is not None
+    budget = 0.01 * sum(m * f.numel() for m, f in zip(marginal, layers.flats)) + sum(fixed)
+    found = candidates.candidate_openings(cand, marginal, fixed, budget, 1.0)
+    expected = openings(check_layers([update[n] for n in names]), marginal, fixed, budget, 1.0)
+    assert found is not None or sigmas < 0
+    if found is not None:
+        for got, want in zip(found, expected):
+            assert got.affordable == want.affordable and got.cap == want.cap and got.count == want.count
+            assert got.at_cap == want.at_cap
+            assert math.isclose(got.ratio, want.ratio, rel_tol=1e-12)
+            assert math.isclose(got.value, want.value, rel_tol=1e-9)
+
+
+def test_the_gathered_entries_are_every_entry_at_or_above_each_floor(monkeypatch):
+    monkeypatch.setattr(candidates, "MIN_ENTRIES", 1 << 12)
+    monkeypatch.setattr(candidates, "MAX_SHARE", 1.0)
+    update, costs = problem(7)
+    names = list(update)
+    layers = check_layers([update[n] for n in names])
+    n = sum(f.numel() for f in layers.flats)
+    cand = candidates.gather(layers, [costs.marginal_j(x) for x in names], [costs.fixed_j(x) for x in names], 1.0,
+                             k=int(0.01 * n))
+    for i, flat in enumerate(layers.flats):
+        expected = np.flatnonzero(flat.abs().numpy() >= cand.floors[i])
+        assert np.array_equal(cand.index[i], expected)
+        assert np.array_equal(cand.sub.flats[i].numpy(), flat.abs().numpy()[expected])
+        assert cand.open_floors[i] >= cand.floors[i]
+
+
+def test_small_or_unserved_updates_are_not_gathered():
+    update, costs = problem(0)
+    names = list(update)
+    layers = check_layers([update[n] for n in names])
+    args = (layers, [costs.marginal_j(x) for x in names], [costs.fixed_j(x) for x in names])
+    assert candidates.gather(*args, 1.0, k=100) is None  # 90 k entries: below MIN_ENTRIES
+    half = check_layers([update[n].half() for n in names])
+    assert candidates.gather(half, *args[1:], 1.0, k=100) is None
