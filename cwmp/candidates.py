@@ -41,8 +41,9 @@ import torch
 from torch import Tensor
 
 from cwmp import kernels as _k
+from cwmp.parallel import map_largest_first
 from cwmp.pools import Layers, _LayeredPool, layer_counts
-from cwmp.selection import gather_at_least
+from cwmp.selection import _magnitude_thresholds, gather_at_least
 from cwmp.setup_rule import _SMALL, Opening, _best_prefix, _top_score, affordable_count
 
 __all__ = ["Candidates", "gather", "candidate_openings"]
@@ -52,7 +53,7 @@ MIN_ENTRIES = 1 << 18  # below this a selection's pass costs little: select on t
 #: the most of the update worth gathering (estimated): past it the selections on the gathered
 #: entries, and holding them, cost about what they save (measured on ResNet-18: at a 10 % keep
 #: ratio about 16 % is gathered, and the pruner was no faster and used more memory)
-MAX_SHARE = 0.1
+MAX_SHARE = 0.25
 
 
 @dataclass
@@ -87,33 +88,32 @@ class Candidates:
             return True
         outside = np.array([self.below(self.floors[i]) for i in incomplete], dtype=self.dtype)
         bound = float(pool.numpy_scores(outside, np.array(incomplete)).max())
-        first_left = -math.inf  # the key of the first entry left out: the largest left-out key
-        flags, start = sub_mask.numpy(), 0
-        for i, (size, kept) in enumerate(zip(self.sub_sizes, self.counts(sub_mask))):
-            part = flags[start : start + size]
-            start += size
-            if kept < size:  # the largest magnitude left out (magnitudes are >= 0: a kept one counts 0)
-                largest = self.sub.max_magnitudes[i] if not kept else (pool.numpy_flats[i] * ~part).max()
-                key = pool.numpy_scores(np.array([largest], dtype=self.dtype), i)
-                first_left = max(first_left, float(key[0]))
-        return first_left > bound
+        # the first entry left out has the largest left-out key; it is above the bound exactly when
+        # more gathered entries than were kept have keys above it (the kept ones all do, if it does)
+        above = _magnitude_thresholds(pool, bound, strict=True)  # per layer: key > bound from here up
+        flats = pool.numpy_flats
+        counts = map_largest_first(lambda i: int(np.count_nonzero(flats[i] >= above[i])), range(len(flats)),
+                                   self.sub_sizes)
+        return sum(counts) > int(np.count_nonzero(sub_mask.numpy()))
 
     def positions(self, sub_mask: Tensor) -> list[np.ndarray]:
         """Per layer, the positions (ascending, in the layer) of the entries ``sub_mask`` keeps."""
-        flags, start, out = sub_mask.numpy(), 0, []
-        for i, size in enumerate(self.sub_sizes):
-            out.append(self.index[i][flags[start : start + size]])
-            start += size
-        return out
+        flags, starts = sub_mask.numpy(), self.offsets()
+        return map_largest_first(lambda i: self.index[i][flags[starts[i] : starts[i + 1]]], range(len(self.sizes)),
+                                 self.sub_sizes)
 
     def expand(self, positions: list[np.ndarray]) -> Tensor:
         """The flat mask over the whole update's concatenation that keeps the entries at
         ``positions`` (``positions()``)."""
         out = np.zeros(sum(self.sizes), dtype=np.bool_)
-        offset = 0
-        for size, at in zip(self.sizes, positions):
-            out[offset : offset + size][at] = True
-            offset += size
+        starts = [0]
+        for size in self.sizes:
+            starts.append(starts[-1] + size)
+
+        def mark(i: int) -> None:
+            out[starts[i] : starts[i + 1]][positions[i]] = True
+
+        map_largest_first(mark, range(len(self.sizes)), [p.size for p in positions])
         return torch.from_numpy(out)
 
     def counts(self, sub_mask: Tensor) -> list[int]:

@@ -30,7 +30,7 @@ from torch import Tensor
 from cwmp import kernels as _k
 from cwmp.costs import _LayerCosts
 from cwmp.kernels import count_up_to, next_float
-from cwmp.parallel import in_parallel
+from cwmp.parallel import in_parallel, map_largest_first
 from cwmp.pools import _GatheredPool, _LayeredPool, _Pool, _UpdatePool, layer_counts
 
 @dataclass
@@ -399,7 +399,20 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: boo
                 out.append((layer, at, pool.numpy_scores(s[inside], layer, in_place=True)))
             return out
 
+        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_layers)]
         for layer, inside, s in in_parallel(run, [g for g in groups if g]):
+            parts[layer].append((inside, s))
+
+        def join(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+            if len(pieces) == 1:
+                return pieces.pop()
+            out = np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+            pieces.clear()  # the chunks' parts go as soon as their layer is joined
+            return out
+
+        filled = [i for i in range(n_layers) if parts[i]]  # the layers' copies, on the worker threads too
+        joined = map_largest_first(join, [parts[i] for i in filled], [pool.sizes[i] for i in filled])
+        for layer, (inside, s) in zip(filled, joined):
             found[layer].append(torch.from_numpy(inside))
             scores[layer].append(torch.from_numpy(s))
     else:

@@ -131,16 +131,18 @@ def take_kept(
 
 
 def take_at(positions: np.ndarray, tensor: Tensor, *, clear: bool = False) -> tuple[Tensor, Tensor]:
-    """``take_kept`` when the kept flat positions (ascending, numpy) are known: the positions as
+    """``take_kept`` when the kept flat positions (ascending, numpy) are known, for a float32 or
+    float64 tensor (numpy's dtypes): the positions as
     ``take_kept`` gives them (int32 where the tensor allows) and the values of the contiguous CPU
     ``tensor`` there, which ``clear`` then sets to zero."""
     flat = tensor.detach().view(-1)
-    index = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
-    values = flat.index_select(0, index)
-    if clear:
-        flat.index_fill_(0, index, 0)
     narrow = np.int32 if flat.numel() <= _INT32_MAX else np.int64
-    return torch.from_numpy(np.ascontiguousarray(positions, dtype=narrow)), values
+    at = np.ascontiguousarray(positions, dtype=narrow)
+    data = flat.numpy()  # numpy indexes with int32 positions: no int64 copy of them
+    values = torch.from_numpy(data[at])
+    if clear:
+        data[at] = 0
+    return torch.from_numpy(at), values
 
 
 _INT32_MAX = torch.iinfo(torch.int32).max
