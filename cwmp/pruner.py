@@ -199,9 +199,9 @@ class Pruner:
     def _masks(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> PruneResult:
         return self._choose(named, feedback)[0]
 
-    def _choose(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> tuple[PruneResult, "_Priced"]:
-        """The result, and the chosen selection (its kept positions, when it has them, spare
-        error feedback a pass over the masks)."""
+    def _choose(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> tuple[PruneResult, list | None]:
+        """The result, and per tensor the kept positions when the chosen selection has them (they
+        spare error feedback a pass over the masks); the gathered entries are freed on return."""
         names = list(named)
         marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
         fixed = [self.cost_map.fixed_j(name) for name in names]
@@ -258,7 +258,7 @@ class Pruner:
             mask_j=mask_j,
             floor_j=floor_j,
             candidate=candidate,
-        ), chosen
+        ), chosen.positions()
 
     # ------------------------------------------------------------------------ the set-up-aware rule
     def _setup_rule(self, tensors: Layers, marginal, fixed, budget_j: float, named,
@@ -406,7 +406,7 @@ class Pruner:
             top = max((m**self.power for m in tensors.max_magnitudes), default=0.0)
             return value + min(left * per_joule, top)
         name = list(named)[b]
-        kept_b = self._values(tensors, envelope)[b] if envelope.counts[b] else 0.0
+        kept_b = self._values(tensors, envelope, only=b)[b] if envelope.counts[b] else 0.0
         return value - kept_b + (left + envelope.by_layer[name]) * opens[b].ratio
 
     def _skip(self, tensors: Layers, marginal, fixed, budget_j: float, named, chosen: "_Priced") -> "_Priced":
@@ -449,14 +449,15 @@ class Pruner:
                 break  # no candidate helped: stop
         return chosen
 
-    def _values(self, tensors: Layers, chosen: "_Priced") -> list[float]:
-        """Per layer, the retained ``sum |u|**power`` of the kept entries (float64)."""
+    def _values(self, tensors: Layers, chosen: "_Priced", only: int | None = None) -> list[float]:
+        """Per layer, the retained ``sum |u|**power`` of the kept entries (float64); with ``only``,
+        of that layer alone (the others 0)."""
         out, start = [], 0
         flats, mask = (tensors.flats, chosen.mask) if chosen.sub is None else (chosen.candidates.sub.flats, chosen.sub)
-        for flat, k in zip(flats, chosen.counts):
+        for i, (flat, k) in enumerate(zip(flats, chosen.counts)):
             part = mask[start : start + flat.numel()]
             start += flat.numel()
-            if not k:
+            if not k or (only is not None and i != only):
                 out.append(0.0)
                 continue
             kept = flat[part].to(torch.float64).abs_()
@@ -614,13 +615,11 @@ class Pruner:
         _check_finite(named)
         corrected = feedback.compensate(named, in_place=True)
         try:
-            result, chosen = self._choose(named_tensors(corrected), feedback)
+            result, positions = self._choose(named_tensors(corrected), feedback)
         except BaseException:
             feedback.undo(named)
             raise
-        positions = chosen.positions() if sparse else None
-        if positions is not None:
-            positions = dict(zip(corrected, positions))
+        positions = dict(zip(corrected, positions)) if sparse and positions is not None else None
         return feedback.remember(corrected, result.masks, sparse=sparse, positions=positions), result
 
 
