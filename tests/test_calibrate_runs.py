@@ -21,6 +21,7 @@ from calibrate.runfiles import RunLock, RunLocked
 from energyprof.errors import MeterFailure
 from energyprof.models import ModelError, build_model
 from energyprof.protocol import MeasurementProtocol
+from tests.sigint import sigint_default
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "sim:preset=rpi4,seed=5"
@@ -207,7 +208,7 @@ def test_a_second_concurrent_calibration_is_refused_and_sigint_exits_130(tmp_pat
     args = ["calibrate", "--meter", "sim:preset=rpi4,clock=real,seed=1", "--model", "mlp", "--quick", "--out",
             str(out), "--no-progress"]
     a = subprocess.Popen([sys.executable, "-m", "energyprof", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 300
         while not (csv.exists() and csv.read_text().count("\n") >= 2):

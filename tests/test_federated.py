@@ -28,6 +28,7 @@ from cwmp.apps.federated.experiment import (
     wire_bytes,
 )
 from cwmp.costmap import CostMap
+from tests.sigint import sigint_default
 from energyprof.cli import _FL_DEFAULT_ROUNDS, main
 
 TINY = dict(model="mlp", clients=3, rounds=2, seeds=(0, 1), ratios=(0.05,), lr=0.1, sweep=())
@@ -261,7 +262,8 @@ def test_ctrl_c_stops_the_workers_at_once_and_exits_130(tmp_path):
 
     cmd = [sys.executable, "-m", "energyprof", "fl", "--model", "mlp", "--clients", "3", "--rounds", "500",
            "--seeds", "0,1", "--ratios", "5%", "--sweep", "none", "--workers", "2", "--out", str(tmp_path / "o")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)  # as in a terminal, whatever the runner inherited
     children: set[int] = set()
     deadline = time.monotonic() + 120
     while len(children) < 2 and time.monotonic() < deadline and proc.poll() is None:  # the workers are up

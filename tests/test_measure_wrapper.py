@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.sigint import sigint_default
+
 ROOT = Path(__file__).resolve().parent.parent
 METER = "sim:preset=rpi4,noise_w=0"
 
 
 def start(*args: str, **kw) -> subprocess.Popen:
+    kw.setdefault("preexec_fn", sigint_default)  # as in a terminal, whatever the test runner inherited
     return subprocess.Popen([sys.executable, "-m", "energyprof", "measure", "--meter", METER, *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -151,6 +154,7 @@ def test_ctrl_c_from_the_terminal_reaches_the_command_once(tmp_path):
     master, slave = os.openpty()
 
     def controlling_terminal():
+        sigint_default()
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
