@@ -221,11 +221,9 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
         else:
             magnitudes, floor = pool.numpy_flats[i], cand.open_floors[i]
             picked = magnitudes[magnitudes >= floor] if floor > cand.floors[i] else magnitudes
-            found = _opening(pool.numpy_scores(picked, i), picked.size < n_i, floor, pool, cand, i, k_max,
-                             fixed[i] / marginal[i], marginal[i])
+            found, ratio = _opening(pool.numpy_scores(picked, i), picked.size < n_i, floor, pool, cand, i, k_max,
+                                    fixed[i] / marginal[i], marginal[i])
             if found is None and picked.size:  # r* is at least the ratio found: gather down to it
-                ratio = _best_prefix(torch.from_numpy(pool.numpy_scores(picked, i)), fixed[i] / marginal[i], k_max,
-                                     cand.full.score_dtype)[0]
                 retry[i] = _down((ratio * marginal[i]) ** (1.0 / power) * (1 - 1e-5), cand.dtype)
             elif found is None:
                 retry[i] = 0.0
@@ -235,22 +233,23 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
             if retry[i] < math.inf:
                 k_max = affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i])
                 out[i] = _opening(pool.numpy_scores(magnitudes.numpy(), i), magnitudes.numel() < cand.sizes[i],
-                                  retry[i], pool, cand, i, k_max, fixed[i] / marginal[i], marginal[i])
+                                  retry[i], pool, cand, i, k_max, fixed[i] / marginal[i], marginal[i])[0]
                 if out[i] is None:
                     return None
     return out
 
 
 def _opening(scores: np.ndarray, partial: bool, floor: float, pool: _LayeredPool, cand: Candidates, i: int,
-             k_max: int, f_entries: float, marginal: float) -> Opening | None:
+             k_max: int, f_entries: float, marginal: float) -> tuple[Opening | None, float]:
     """Layer ``i``'s open item from the scores of its entries of magnitude at least ``floor``
-    (``partial``: not all of them); None when the entries left out may change it."""
+    (``partial``: not all of them), None when the entries left out may change it; and the ratio
+    found (r* is at least this)."""
     ratio, cap, at_cap, score_sum, _ = _best_prefix(torch.from_numpy(scores), f_entries, k_max, cand.full.score_dtype)
     if partial:  # entries it did not see score at most this
         unseen = pool.numpy_scores(np.array([cand.below(floor)], dtype=cand.dtype), i)
         if not (at_cap and cap > float(unseen[0])):
-            return None
-    return Opening(k_max, ratio, cap, min(k_max, at_cap), score_sum * marginal, at_cap)
+            return None, ratio
+    return Opening(k_max, ratio, cap, min(k_max, at_cap), score_sum * marginal, at_cap), ratio
 
 
 def _fits(layer_sorted: np.ndarray, marg: np.ndarray, fix: np.ndarray, scale: float, budget_j: float) -> int:
