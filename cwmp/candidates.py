@@ -100,8 +100,9 @@ class Candidates:
     def positions(self, sub_mask: Tensor) -> list[np.ndarray]:
         """Per layer, the positions (ascending, in the layer) of the entries ``sub_mask`` keeps."""
         flags, starts = sub_mask.numpy(), self.offsets()
-        return map_largest_first(lambda i: self.index[i][flags[starts[i] : starts[i + 1]]], range(len(self.sizes)),
-                                 self.sub_sizes)
+        # np.compress, not boolean indexing: a few times faster on an irregular mask (numpy 2.4)
+        return map_largest_first(lambda i: np.compress(flags[starts[i] : starts[i + 1]], self.index[i]),
+                                 range(len(self.sizes)), self.sub_sizes)
 
     def expand(self, positions: list[np.ndarray]) -> Tensor:
         """The flat mask over the whole update's concatenation that keeps the entries at
@@ -220,7 +221,7 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
             out.append(Opening(k_max, _top_score(whole, cand.full, i), math.inf, 0, 0.0))
         else:
             magnitudes, floor = pool.numpy_flats[i], cand.open_floors[i]
-            picked = magnitudes[magnitudes >= floor] if floor > cand.floors[i] else magnitudes
+            picked = np.compress(magnitudes >= floor, magnitudes) if floor > cand.floors[i] else magnitudes
             found, ratio = _opening(pool.numpy_scores(picked, i), picked.size < n_i, floor, pool, cand, i, k_max,
                                     fixed[i] / marginal[i], marginal[i])
             if found is None and picked.size:  # r* is at least the ratio found: gather down to it

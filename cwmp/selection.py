@@ -423,7 +423,9 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: boo
             scores[layer].append(pool.scores_at(inside + pool.offsets[layer]))
     out = []
     for layer in range(n_layers):
-        if found[layer]:
+        if len(found[layer]) == 1:  # no copy
+            out.append((found[layer][0], scores[layer][0]))
+        elif found[layer]:
             out.append((torch.cat(found[layer]), torch.cat(scores[layer])))
         else:
             empty = torch.empty(0, dtype=torch.int64, device=pool.device)

