@@ -17,6 +17,8 @@ def test_demo_runs_the_real_chain_and_keeps_the_budget(tmp_path):
     profile = load_profile(result["profile"])  # a fitted profile, written where the demo says
     assert profile.simulated and "mlp" in profile.models and result["simulated"]
     assert Path(result["report"], "SIMULATED-summary.md").exists()
+    report_line = next(line for line in text.splitlines() if line.startswith("report:"))
+    assert "(SIMULATED-summary.md, CSV, plots)" in report_line  # the file that is there, by its name
     assert result["validation"]["mape"] < 0.05
     # equal predicted energy: the budget is Top-K's whole round (the floor every round pays plus Top-K's
     # masks); CWMP's round spends no more, and both pay the same floor
@@ -26,3 +28,10 @@ def test_demo_runs_the_real_chain_and_keeps_the_budget(tmp_path):
     for method in ("topk", "cwmp"):
         assert result[method]["predicted_j"] == pytest.approx(result[method]["floor_j"] + result[method]["mask_j"])
     assert all("SIMULATED" in line for line in lines if " J" in line and ("kept" in line or "MAPE" in line))
+
+
+def test_two_demos_started_in_one_second_get_two_folders(tmp_path):
+    from cwmp.apps.demo import _new_folder
+
+    first, second = _new_folder(tmp_path / "out", "demo-x"), _new_folder(tmp_path / "out", "demo-x")
+    assert first != second and first.is_dir() and second.is_dir() and second.name == "demo-x-2"

@@ -45,7 +45,7 @@ def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: fl
     """``device`` None: the kernels run where the meter looks (:func:`energyprof.devices.kernel_device`,
     which calibrate and validate call with the same arguments)."""
     from calibrate.calibration import calibrate
-    from cwmp.apps.validate import console_table, model_updates, validate
+    from cwmp.apps.validate import console_table, model_updates, report_prefix, validate
     from energyprof.models import build_model
     from energyprof.outputs import check_output_folder
 
@@ -53,7 +53,7 @@ def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: fl
         raise ValueError(f"keep ratio {keep_ratio:g} is not a fraction in (0, 1]; 10 % is 0.1")
     check_output_folder(out)
     spec = _pick_meter(meter_spec, say)
-    folder = Path(out) / f"demo-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder = _new_folder(Path(out), f"demo-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     profile_path = folder / "profile.yaml"
     where = f" --device {device}" if device else ""
     say(f"\n[1/3] energyprof calibrate --meter {spec} --model {MODEL} --quick{where} --out {profile_path}")
@@ -83,6 +83,21 @@ def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: fl
         say(f"  {method:<5} kept {res.kept:>7} entries, a round of {parts.total_j:.4e} J: the floor "
             f"{parts.floor_j:.4e} J (compensation, whatever is kept) + the mask's {parts.mask_j:.4e} J; "
             f"{kept_sq / total_sq:.1%} of the update's squared norm{tag}")
-    say(f"\nprofile:  {profile_path}\nreport:   {result.report}  (summary.md, CSV, plots)")
+    prefix = report_prefix(profile.simulated)
+    say(f"\nprofile:  {profile_path}\nreport:   {result.report}  ({prefix}summary.md, CSV, plots)")
     return {"meter": spec, "simulated": profile.simulated, "profile": str(profile_path),
             "report": str(result.report), "validation": result.summary, "update": how, **results}
+
+
+def _new_folder(parent: Path, name: str) -> Path:
+    """``parent/name``, made here and by no other run: two demos started in the same second get
+    ``name`` and ``name-2`` (mkdir is atomic), never one folder."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent} already holds {name} and 998 more like it; give another --out")

@@ -268,13 +268,18 @@ def console_table(result: ValidationResult) -> str:
     return "\n".join(lines)
 
 
+def report_prefix(simulated: bool) -> str:
+    """What the report's file names start with: ``SIMULATED-`` for simulated figures."""
+    return "SIMULATED-" if simulated else ""
+
+
 def write_report(result: ValidationResult, folder: Path, profile: Any, say: Callable[[str], None] | None = None) -> Path:
     """The CSV and the summaries (Markdown, JSON) first, then the plots: a plot that fails (no
     matplotlib, a backend error) loses nothing; it is said on ``say`` (raised when ``say`` is None,
     after the rest is written) and the summary then links no image."""
     folder.mkdir(parents=True, exist_ok=True)
     t, s = result.table, result.summary
-    prefix = "SIMULATED-" if s["simulated"] else ""
+    prefix = report_prefix(s["simulated"])
     t.to_csv(folder / f"{prefix}validation.csv", index=False)
     if len(result.layers):
         result.layers.to_csv(folder / f"{prefix}layers.csv", index=False)
@@ -300,7 +305,7 @@ def _write_plots(result: ValidationResult, folder: Path, profile: Any) -> tuple[
 
     t, s = result.table, result.summary
     tag = " [SIMULATED]" if s["simulated"] else ""
-    prefix = "SIMULATED-" if s["simulated"] else ""
+    prefix = report_prefix(s["simulated"])
     fig, ax = plt.subplots(figsize=(6, 5.5))
     lo = float(min(t.predicted_j.min(), t.measured_j.min())) * 0.7
     hi = float(max(t.predicted_j.max(), t.measured_j.max())) * 1.4
