@@ -287,7 +287,7 @@ def _drift_corrected(table: pd.DataFrame, references: pd.DataFrame) -> tuple[pd.
 
 
 def _no_meter_message(spec: str, exc: Exception) -> str:
-    return (f"cannot open meter {spec!r}: {exc}\nTo calibrate without hardware, calibrate the simulator "
+    return (f"cannot open meter {spec!r}: {exc}; to calibrate without hardware, calibrate the simulator "
             "(labelled simulated everywhere): energyprof calibrate --meter sim:preset=desktop-cpu ...")
 
 

@@ -128,8 +128,17 @@ _FL_DEFAULT_ROUNDS = 30  # = cwmp.apps.federated.experiment.DEFAULT_ROUNDS (a te
 
 
 # ---------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument said in one line (argparse prints its usage block first): the
+    problem and where the options are listed. Exit status 2, as argparse's. The subcommands' parsers
+    are of this class too (``add_subparsers`` makes them of the parent's class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="energyprof",
         description="Measure joules on real hardware, calibrate per-layer update costs, prune with CWMP.",
     )

@@ -83,6 +83,7 @@ def test_bad_arguments_are_refused_by_the_parser(capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert text in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1 and f"energyprof {args[0]} --help" in err, err  # no usage block
 
 
 def test_a_users_model_whose_factory_raises_is_one_line(capsys):

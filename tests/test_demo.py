@@ -35,3 +35,12 @@ def test_two_demos_started_in_one_second_get_two_folders(tmp_path):
 
     first, second = _new_folder(tmp_path / "out", "demo-x"), _new_folder(tmp_path / "out", "demo-x")
     assert first != second and first.is_dir() and second.is_dir() and second.name == "demo-x-2"
+
+
+def test_a_meter_that_does_not_open_leaves_no_demo_folder(tmp_path):
+    from energyprof.errors import EnergyprofError
+
+    with pytest.raises(EnergyprofError, match="cannot open meter 'bogus'.*; to calibrate without hardware") as exc:
+        run(meter_spec="bogus", out=tmp_path, progress=False, say=lambda line: None)
+    assert "\n" not in str(exc.value)  # one line: the problem and the fix
+    assert not list(tmp_path.iterdir())

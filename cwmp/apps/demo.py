@@ -57,8 +57,13 @@ def run(meter_spec: str | None = None, device: str | None = None, keep_ratio: fl
     profile_path = folder / "profile.yaml"
     where = f" --device {device}" if device else ""
     say(f"\n[1/3] energyprof calibrate --meter {spec} --model {MODEL} --quick{where} --out {profile_path}")
-    profile = calibrate(spec, models=[MODEL], out=profile_path, device=device, quick=True, progress=progress,
-                        say=say, allow_device_mismatch=allow_device_mismatch)
+    try:
+        profile = calibrate(spec, models=[MODEL], out=profile_path, device=device, quick=True, progress=progress,
+                            say=say, allow_device_mismatch=allow_device_mismatch)
+    except BaseException:
+        if not any(folder.iterdir()):  # a meter that did not open: no empty folder is left behind
+            folder.rmdir()
+        raise
     tag = "  [SIMULATED]" if profile.simulated else ""
     say(profile.summary())
     say(f"\n[2/3] energyprof validate --profile {profile_path} --meter {spec} --model {MODEL} "
