@@ -216,6 +216,18 @@ class CostMap:
                 counts = torch.stack(counts).tolist()
         return {name: self.layer_joules(name, masks[name], kept=int(k)) for name, k in zip(names, counts)}
 
+    def joules_of_counts(self, kept: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+        """``joules_by_layer`` from counts alone, for a linear map (no line or density term: where
+        the kept entries lie does not matter): ``kept[name]`` is (kept entries, the tensor's entries)."""
+        if not self.linear:
+            raise ValueError("this cost map prices lines or density: give the masks (joules_by_layer)")
+        out = {}
+        for name, (k, n) in kept.items():
+            price = self.price(name)
+            out[name] = layer_joules(price.fixed_j, price.joules_per_update, price.joules_per_line, int(k), 0,
+                                     price.joules_per_update_density, int(n))
+        return out
+
     def mask_joules(self, masks: Mapping[str, Tensor]) -> float:
         """What the masks add to the round: their layers' update phases (the floor aside)."""
         return math.fsum(self.joules_by_layer(masks).values())

@@ -23,7 +23,7 @@ can be compared at equal energy. Top-K's mask is found by the same sort-free sel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -118,7 +118,7 @@ class PruneResult:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Priced:
     """A flat mask over the concatenation, its kept entries per layer and its joules by layer;
     ``sub``: the same mask over ``candidates``' gathered entries, when it was selected there (then
@@ -129,20 +129,21 @@ class _Priced:
     counts: list[int]
     sub: Tensor | None = None
     candidates: Candidates | None = None
+    kept_positions: list | None = field(default=None, repr=False)  # positions(), once found
 
     @property
     def mask(self) -> Tensor:
         if self.flat is None:
-            object.__setattr__(self, "flat", self.candidates.expand(self.positions()))
+            self.flat = self.candidates.expand(self.positions())
         return self.flat
 
     def positions(self) -> list | None:
         """Per layer, the kept positions (numpy, ascending), when selected on the gathered entries."""
         if self.sub is None:
             return None
-        if "_positions" not in self.__dict__:
-            object.__setattr__(self, "_positions", self.candidates.positions(self.sub))
-        return self.__dict__["_positions"]
+        if self.kept_positions is None:
+            self.kept_positions = self.candidates.positions(self.sub)
+        return self.kept_positions
 
     @property
     def joules(self) -> float:
@@ -307,8 +308,8 @@ class Pruner(SetupSearch):
     def _priced(self, cand: Candidates, sub: Tensor, named: dict[str, Tensor]) -> "_Priced":
         """A mask over the gathered entries, made whole and priced (a linear cost map: from counts)."""
         counts = cand.counts(sub)
-        shapes = {name: torch.empty(t.shape, device="meta") for name, t in named.items()}  # a linear map reads counts only
-        return _Priced(None, self.cost_map.joules_by_layer(shapes, counts), counts, sub, cand)
+        kept = {name: (k, t.numel()) for (name, t), k in zip(named.items(), counts)}
+        return _Priced(None, self.cost_map.joules_of_counts(kept), counts, sub, cand)
 
     def _on(self, cand: Candidates | None, named, select, pool, divisors, power, caps=None) -> "_Priced | None":
         """``select`` run on the gathered entries, when there are any and its prefix is shown to

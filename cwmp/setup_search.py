@@ -139,7 +139,7 @@ class SetupSearch:
             return chosen
         if chosen.sub is not None:  # within the gathered entries: each holds its layer's largest
             cand = chosen.candidates
-            sub, start = chosen.sub.clone(), cand.offsets()
+            sub, start = chosen.sub.clone(), cand.sub_starts
             for i in partial:
                 sub[start[i] : start[i + 1]] = layers_topk_mask([cand.sub.flats[i]], chosen.counts[i])
             fixed = self._priced(cand, sub, named)

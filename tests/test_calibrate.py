@@ -8,7 +8,6 @@ fails validation naming the field and line, a second run without --force leaves 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import yaml
 
 from calibrate.calibration import CalibrationError, build_plan, calibrate
 from calibrate.profile import ProfileError, load_profile
-from energyprof.costmodel import layer_costs_from_global, lines_touched
+from energyprof.costmodel import lines_touched
 from energyprof.meters.sim import PRESETS
 from energyprof.models import build_model
 from energyprof.workloads import Compensation, UpdatePhase, scatter_layout

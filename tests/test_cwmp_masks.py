@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 import cwmp.costs as cwmp_costs
-import cwmp.masks as masks
 import cwmp.pools as pools
 from cwmp import cwmp_mask, cwmp_scores, magnitude_budget_mask, topk_mask
 from cwmp.errors import MaskInputError

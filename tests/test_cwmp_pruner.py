@@ -288,3 +288,20 @@ def test_the_greedy_walk_does_not_crawl_past_a_layer_it_cannot_open(monkeypatch)
     both = torch.cat([updates["a"].abs(), updates["b"].abs()])
     assert torch.equal(torch.cat([result.masks["a"], result.masks["b"]]), both >= torch.topk(both, 2000).values.min())
     assert splits["n"] < 50, splits["n"]  # 4 here; 223 with the estimate that charged C
+
+
+def test_joules_of_counts_is_joules_by_layer_for_a_linear_map_and_refuses_lines():
+    """The pruner prices selections on the gathered entries from their counts (``joules_of_counts``):
+    the same figures as pricing the masks, for a linear map; a map with a line term needs the masks."""
+    prices = {"a": LayerPrice(2e-9, "measured", fixed_j=3e-6), "b": LayerPrice(5e-9, "predicted"),
+              "c": LayerPrice(1e-9, "measured", fixed_j=1e-7)}
+    linear = CostMap(prices, simulated=True)
+    g = torch.Generator().manual_seed(0)
+    masks = {"a": torch.rand(37, 5, generator=g) < 0.3, "b": torch.rand(11, generator=g) < 0.5,
+             "c": torch.zeros(8, dtype=torch.bool)}
+    kept = {n: (int(m.sum()), m.numel()) for n, m in masks.items()}
+    assert linear.joules_of_counts(kept) == linear.joules_by_layer(masks)
+    assert linear.joules_of_counts(kept)["c"] == 0.0  # a layer that keeps nothing costs nothing
+    lines = CostMap({"a": LayerPrice(2e-9, "measured", joules_per_line=1e-9)}, simulated=True)
+    with pytest.raises(ValueError, match="give the masks"):
+        lines.joules_of_counts({"a": kept["a"]})

@@ -14,7 +14,6 @@ from cwmp.apps.federated.data import load_dataset
 from cwmp.apps.federated.engine_local import run_local
 from cwmp.apps.federated.experiment import (
     DEFAULT_ROUNDS,
-    Arm,
     FLConfig,
     Fleet,
     arms_of,

@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibrate.profile import DeviceProfile
 from tests.mask_tuning import TUNINGS, tuning
 from tests.profile_helpers import layer_entry, profile_with_layers
 from cwmp import Budget, CostMap, CostMapError, ErrorFeedback, FeedbackStateError, LayerPrice, MaskInputError, Pruner

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from energyprof.counts import WorkCounts
 from energyprof.errors import MeterSpecError
 from energyprof.meters import open_meter
-from energyprof.meters.sim import PRESETS, SimMeter
+from energyprof.meters.sim import SimMeter
 
 BIG = WorkCounts(bytes_written=10**9, bytes_read=10**9, flops=10**10, working_set_bytes=10**9)
 

@@ -371,7 +371,7 @@ def _summary_markdown(result: ValidationResult, profile: Any, images: tuple[tupl
         f"- Meter: `{s['meter']}`, kernels on {s['device']}; updates: {s['updates']}",
         f"- Profile: {profile.name} ({'SIMULATED' if profile.simulated else 'measured'}), device {p.device}, "
         f"meter {p.meter.backend} ({p.meter.scope}), created {p.created.isoformat()}, energyprof {p.toolkit_version}",
-        f"- Layers predicted from global coefficients rather than measured: "
+        "- Layers predicted from global coefficients rather than measured: "
         + (", ".join(f"`{n}`" for n in s["predicted_layers"]) or "none")
         + " (cost map); layers marked predicted in the profile's table: "
         + (", ".join(f"`{layer.name}`" for layer in profile.models[s['model']].layers if layer.method == 'predicted')
