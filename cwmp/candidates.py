@@ -46,7 +46,7 @@ from cwmp.pools import Layers, _LayeredPool, layer_counts
 from cwmp.selection import _magnitude_thresholds, gather_at_least
 from cwmp.setup_rule import _SMALL, Opening, _best_prefix, _top_score, affordable_count
 
-__all__ = ["Candidates", "gather", "candidate_openings"]
+__all__ = ["Candidates", "Floors", "candidate_openings", "estimate", "gather", "gather_from"]
 
 SIGMAS = 4.0  # margin past each estimated boundary, in binomial standard deviations of its sample rank
 MIN_ENTRIES = 1 << 18  # below this a selection's pass costs little: select on the whole update
@@ -123,11 +123,40 @@ class Candidates:
 
 
 
+@dataclass(frozen=True)
+class Floors:
+    """Per layer, where the gathering pass starts (``floors``) and where the open item is looked
+    for (at least the floor; inf: the layer has none), estimated from the sample (``estimate``)."""
+
+    floors: list[float]
+    open_floors: list[float]
+
+
 def gather(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], power: float, *,
            k: int | None = None, budget_j: float | None = None) -> Candidates | None:
     """The candidates for the set-up-aware rule at Top-K's energy for ``k`` entries, or at a mask
     budget of ``budget_j`` joules (one of the two); None where this module does not serve (see the
     module's docstring) or the update is small."""
+    floors = estimate(layers, marginal, fixed, power, k=k, budget_j=budget_j)
+    return None if floors is None else gather_from(layers, floors)
+
+
+def gather_from(layers: Layers, floors: Floors) -> Candidates:
+    """The gathering pass from floors that ``estimate`` gave for these layers."""
+    found = gather_at_least(_LayeredPool(layers, None, 1.0), floors.floors, narrow=True)
+    index_parts = [i_.numpy() for i_, _ in found]
+    flats = [s_ for _, s_ in found]
+    largest = [m if f.numel() else 0.0 for f, m in zip(flats, layers.max_magnitudes)]  # the largest is always gathered
+    sub = Layers(flats, largest, layers.score_dtype, layers.device)
+    return Candidates(layers, sub, index_parts, floors.floors, floors.open_floors)
+
+
+def estimate(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], power: float, *,
+             k: int | None = None, budget_j: float | None = None) -> Floors | None:
+    """The floors of the gathering pass, from one sample of the update (shared with the
+    selections: ``layers.samples``); None where this module does not serve or more than
+    ``MAX_SHARE`` of the update would be gathered. Reads neither ``layers.max_magnitudes`` nor
+    anything the layers' checks decide (``cwmp.pools.check_layers_beside`` runs it meanwhile)."""
     pool = _LayeredPool(layers, None, 1.0)  # keys: the magnitudes
     if not pool.numpy_pass or power not in (1, 2) or pool.n < MIN_ENTRIES or (k is None) == (budget_j is None):
         return None
@@ -191,13 +220,8 @@ def gather(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], po
     expected = sum(np.count_nonzero(magnitudes[edges[i] : edges[i + 1]] >= floors[i]) for i in range(n_layers))
     if expected * scale > MAX_SHARE * pool.n:
         return None
-    found = gather_at_least(pool, floors, narrow=True)
-    index_parts = [i_.numpy() for i_, _ in found]
-    flats = [s_ for _, s_ in found]
-    largest = [m if f.numel() else 0.0 for f, m in zip(flats, layers.max_magnitudes)]  # the largest is always gathered
-    sub = Layers(flats, largest, layers.score_dtype, layers.device)
     open_floors = [max(f, _down(o * (1 - 1e-6), dtype)) if o < math.inf else f for f, o in zip(floors, open_floor)]
-    return Candidates(layers, sub, index_parts, floors, open_floors)
+    return Floors(floors, open_floors)
 
 
 def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Sequence[float], budget_j: float,

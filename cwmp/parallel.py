@@ -48,12 +48,16 @@ def workers() -> int:
     return max(1, min(MAX_WORKERS, torch.get_num_threads() if outer is None else outer))
 
 
-def in_parallel(run: Callable[[G], list[R]], groups: Sequence[G]) -> list[R]:
+def in_parallel(run: Callable[[G], list[R]], groups: Sequence[G], first: Callable[[], None] | None = None) -> list[R]:
     """``run`` on each group, by up to ``workers()`` threads that take the groups in turn (the
     calling thread is one of them); the results of all groups concatenated, in group order. An
-    exception in any group is raised here, after every thread has stopped."""
-    threads = min(workers(), len(groups))
-    if threads <= 1:
+    exception in any group is raised here, after every thread has stopped. ``first``: work for the
+    calling thread before it takes groups (the helper threads start on the groups meanwhile): a
+    serial step that does not depend on the groups hides behind them."""
+    helpers_wanted = min(workers(), len(groups) + (first is not None)) - 1
+    if helpers_wanted <= 0:
+        if first is not None:
+            first()
         return [r for group in groups for r in run(group)]
     results: list[list[R] | None] = [None] * len(groups)
     turns = iter(range(len(groups)))
@@ -72,8 +76,14 @@ def in_parallel(run: Callable[[G], list[R]], groups: Sequence[G]) -> list[R]:
                 failed.set()
                 raise
 
-    helpers = [_executor().submit(work) for _ in range(threads - 1)]
+    helpers = [_executor().submit(work) for _ in range(helpers_wanted)]
     try:
+        try:
+            if first is not None:
+                first()
+        except BaseException:
+            failed.set()
+            raise
         work()
     finally:
         errors = [helper.exception() for helper in helpers]  # waits for every helper
@@ -108,11 +118,12 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
         return _EXECUTOR[1]
 
 
-def map_largest_first(fn: Callable[[G], R], items: Sequence[G], sizes: Sequence[int]) -> list[R]:
+def map_largest_first(fn: Callable[[G], R], items: Sequence[G], sizes: Sequence[int],
+                      first: Callable[[], None] | None = None) -> list[R]:
     """``[fn(item) for item in items]``, the items shared among the threads largest first (so that
-    the last one taken is small); results in the items' order."""
+    the last one taken is small); results in the items' order. ``first``: as ``in_parallel``'s."""
     order = sorted(range(len(items)), key=lambda i: -sizes[i])
-    done = in_parallel(lambda i: [(i, fn(items[i]))], order)
+    done = in_parallel(lambda i: [(i, fn(items[i]))], order, first)
     results: list = [None] * len(items)
     for i, result in done:
         results[i] = result

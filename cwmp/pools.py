@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from cwmp.errors import MaskInputError
 from cwmp.kernels import chunks
 from cwmp.parallel import extremes as tensor_extremes
 from cwmp.parallel import map_largest_first, workers
+
+T = TypeVar("T")
 
 def _check_update(update: Tensor) -> float:
     """Reject what cannot give a correct mask; return max |update| (0 for an empty update)."""
@@ -163,6 +166,41 @@ def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] 
     for all of them (their min and max are reduced on their device and fetched together).
     ``known[i]``, where given, is tensor i's (min, max), just computed by the caller (error
     feedback's in-place compensation reduces each residual while it is still in cache)."""
+    flats, score_dtype, device = _flat_views(tensors)
+    known = [None] * len(flats) if known is None else list(known)
+    if len(known) != len(flats):
+        raise AssertionError("one known (min, max) or None per tensor")
+    filled = [f for f, k in zip(flats, known) if f.numel() and k is None]
+    return Layers(flats, _largest(flats, known, _extremes(filled, device)), score_dtype, device)
+
+
+def check_layers_beside(tensors: Sequence[Tensor], alongside: Callable[[Layers], T]) -> tuple[Layers, T | None]:
+    """``check_layers``, with ``alongside(layers)`` run on the calling thread while worker threads
+    reduce the tensors' min and max on the CPU (a serial step hidden behind that pass). It sees the
+    flat views before they are checked, without ``max_magnitudes`` (filled in after), and must not
+    change anything: an update the checks refuse is refused with their error whatever it returned;
+    an exception of its own is raised after the checks passed."""
+    flats, score_dtype, device = _flat_views(tensors)
+    layers = Layers(flats, [], score_dtype, device)
+    found: list = []
+    failure: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            found.append(alongside(layers))
+        except Exception as exc:  # the checks' own error goes first
+            failure.append(exc)
+
+    filled = [f for f in flats if f.numel()]
+    extremes = _extremes(filled, device, first)
+    layers.max_magnitudes = _largest(flats, [None] * len(flats), extremes)
+    if failure:
+        raise failure[0]
+    return layers, found[0]
+
+
+def _flat_views(tensors: Sequence[Tensor]) -> tuple[list[Tensor], torch.dtype, torch.device]:
+    """The tensors' flat views, their score dtype and their one device (types and devices checked)."""
     flats: list[Tensor] = []
     devices = set()
     for i, t in enumerate(tensors):
@@ -180,16 +218,22 @@ def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] 
         score_dtype = torch.promote_types(score_dtype, f.dtype)
     if isinstance(tensors, Layers):
         raise AssertionError("already checked")
-    known = [None] * len(flats) if known is None else list(known)
-    if len(known) != len(flats):
-        raise AssertionError("one known (min, max) or None per tensor")
-    filled = [f for f, k in zip(flats, known) if f.numel() and k is None]
-    if filled and device.type == "cpu":  # on the caller's threads
-        extremes = map_largest_first(tensor_extremes, filled, [f.numel() for f in filled])
-    else:  # one host round trip for all tensors
-        extremes = (
-            torch.stack([torch.stack(torch.aminmax(f)).to(torch.float64) for f in filled]).tolist() if filled else []
-        )
+    return flats, score_dtype, device
+
+
+def _extremes(filled: list[Tensor], device: torch.device, first: Callable[[], None] | None = None) -> list:
+    """(min, max) of each tensor: on the CPU on the caller's threads (``first`` on the calling
+    thread meanwhile, see ``in_parallel``), elsewhere with one host round trip for all."""
+    if device.type == "cpu":
+        return map_largest_first(tensor_extremes, filled, [f.numel() for f in filled], first)
+    if first is not None:
+        first()
+    return torch.stack([torch.stack(torch.aminmax(f)).to(torch.float64) for f in filled]).tolist() if filled else []
+
+
+def _largest(flats: list[Tensor], known: list, extremes: list) -> list[float]:
+    """Each tensor's largest magnitude from its (min, max) (``known`` where given, else the next of
+    ``extremes``); a NaN or infinite entry is refused here, naming the tensor."""
     max_magnitudes, it = [], iter(extremes)
     for i, f in enumerate(flats):
         if not f.numel():
@@ -202,7 +246,7 @@ def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] 
             except MaskInputError as exc:
                 raise MaskInputError(f"tensor {i}: {exc}") from None
         max_magnitudes.append(max(-low, high))
-    return Layers(flats, max_magnitudes, score_dtype, device)
+    return max_magnitudes
 
 
 class _LayeredPool(_Pool):

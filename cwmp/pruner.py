@@ -29,11 +29,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from cwmp.candidates import Candidates, gather
+from cwmp.candidates import Candidates, estimate, gather_from
 from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import BudgetError, MaskInputError
 from cwmp.feedback import ErrorFeedback
 from cwmp.masks import Layers, check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
+from cwmp.pools import check_layers_beside
 from cwmp.parallel import map_largest_first
 from cwmp.pools import _LayeredPool
 from cwmp.setup_search import SetupSearch
@@ -207,15 +208,37 @@ class Pruner(SetupSearch):
         fixed = [self.cost_map.fixed_j(name) for name in names]
         floor_j = self.cost_map.floor_j(names)
         known = None if feedback is None else [feedback.extremes_of(named[name]) for name in names]
-        tensors = check_layers([named[name] for name in names], known)  # once, for every selection
-        sizes = [t.numel() for t in tensors.flats]
-        total = sum(sizes)
         top = cand = None
         setup = self.method == "cwmp" and self.rule == "setup"
         fast = setup and self.cost_map.linear and not self.fill  # one gathering pass serves the rule
+        early: list = []  # the gathering pass's floors, estimated while the checks reduce the tensors
+        if fast and known is None:
+            def ahead(layers: Layers) -> None:
+                try:
+                    if self.budget.keep_ratio is not None:
+                        k = _k_of(self.budget.keep_ratio, sum(f.numel() for f in layers.flats))
+                        early.append(estimate(layers, marginal, fixed, self.power, k=k))
+                    else:
+                        early.append(estimate(layers, marginal, fixed, self.power,
+                                              budget_j=_mask_budget(self.budget.joules, floor_j)))
+                except Exception:  # a head start only: the steps below meet the problem again and say it
+                    pass
+
+            tensors, _ = check_layers_beside([named[name] for name in names], ahead)
+        else:
+            tensors = check_layers([named[name] for name in names], known)  # once, for every selection
+        sizes = [t.numel() for t in tensors.flats]
+        total = sum(sizes)
+
+        def candidates(**budget) -> Candidates | None:
+            if not fast:
+                return None
+            floors = early[0] if early else estimate(tensors, marginal, fixed, self.power, **budget)
+            return None if floors is None else gather_from(tensors, floors)
+
         if self.budget.keep_ratio is not None:
             k = _k_of(self.budget.keep_ratio, total)
-            cand = gather(tensors, marginal, fixed, self.power, k=k) if fast else None
+            cand = candidates(k=k)
             top = self._on(cand, named, lambda layers: layers_topk_mask(layers, k) if k <= sum(cand.sub_sizes) else None,
                            _LayeredPool, None, 1.0)
             if top is None:
@@ -225,7 +248,7 @@ class Pruner(SetupSearch):
         else:
             budget_j = self.budget.joules
             mask_budget_j = _mask_budget(budget_j, floor_j)
-            cand = gather(tensors, marginal, fixed, self.power, budget_j=mask_budget_j) if fast else None
+            cand = candidates(budget_j=mask_budget_j)
         if self.method == "topk" and top is not None:
             chosen, candidate = top, "topk"
         else:

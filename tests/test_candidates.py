@@ -2,7 +2,7 @@
 entries are the selections on the whole update, whatever the sample estimated.
 
 Each test runs the pruner twice on one update: as shipped (the gathering pass) and with the pass
-switched off (``cwmp.pruner.gather`` returning None: every selection on the whole update, the rule
+switched off (``cwmp.pruner.estimate`` returning None: every selection on the whole update, the rule
 as it was before the pass). Masks, candidate, joules and what error feedback sends must be the same.
 A spy checks that the gathered path was really taken (or, with the estimates forced to miss, that
 its checks refused it), so that no test passes by never reaching the code it is about.
@@ -18,7 +18,7 @@ import torch
 
 import cwmp.candidates as candidates
 import cwmp.pruner as pruner_module
-from cwmp import Budget, CostMap, ErrorFeedback, LayerPrice, Pruner
+from cwmp import Budget, BudgetError, CostMap, ErrorFeedback, LayerPrice, MaskInputError, Pruner
 from cwmp.masks import check_layers
 from cwmp.setup_rule import openings
 
@@ -48,11 +48,11 @@ def small_updates_gathered(monkeypatch):
     monkeypatch.setattr(candidates, "MIN_ENTRIES", 1 << 12)
     monkeypatch.setattr(candidates, "MAX_SHARE", 1.0)
     seen = {"gathered": 0, "exact": 0, "refused": 0}
-    gather, exact = candidates.gather, candidates.Candidates.exact_prefix
+    gather, exact = candidates.gather_from, candidates.Candidates.exact_prefix
 
     def counting_gather(*args, **kwargs):
         out = gather(*args, **kwargs)
-        seen["gathered"] += out is not None
+        seen["gathered"] += 1
         return out
 
     def counting_exact(self, pool, sub):
@@ -60,13 +60,13 @@ def small_updates_gathered(monkeypatch):
         seen["exact" if out else "refused"] += 1
         return out
 
-    monkeypatch.setattr(pruner_module, "gather", counting_gather)
+    monkeypatch.setattr(pruner_module, "gather_from", counting_gather)
     monkeypatch.setattr(candidates.Candidates, "exact_prefix", counting_exact)
     return seen
 
 
 def whole_update(monkeypatch):
-    monkeypatch.setattr(pruner_module, "gather", lambda *a, **k: None)
+    monkeypatch.setattr(pruner_module, "estimate", lambda *a, **k: None)
 
 
 def run_both(monkeypatch, update, costs, budget, power, sparse=False):
@@ -193,3 +193,67 @@ def test_small_or_unserved_updates_are_not_gathered():
     assert candidates.gather(*args, 1.0, k=100) is None  # 90 k entries: below MIN_ENTRIES
     half = check_layers([update[n].half() for n in names])
     assert candidates.gather(half, *args[1:], 1.0, k=100) is None
+
+
+# ------------------------------------------------------------------ the estimate beside the checks
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [(0, 7), (5, 29_999)])
+def test_a_bad_entry_is_refused_by_the_checks_whatever_the_estimate_made_of_it(monkeypatch, small_updates_gathered,
+                                                                               bad, where):
+    """The floors are estimated while the checks reduce the update (``check_layers_beside``): the
+    estimate sees the entries before they are checked. A NaN or infinite entry is still refused
+    with the checks' own message, the one the pruner gives with the pass off, and nothing is
+    gathered from it."""
+    update, costs = problem(0)
+    layer, at = where
+    update[f"layer{layer}"].view(-1)[at] = bad
+    messages = []
+    for switch_off in (False, True):
+        if switch_off:
+            whole_update(monkeypatch)
+        with pytest.raises(MaskInputError) as refused:
+            Pruner(costs, Budget.topk_keep_ratio(0.01), method="cwmp").masks(update)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"tensor {layer}: update has 1 NaN or infinite entries (first at flat index {at})")
+    assert small_updates_gathered["gathered"] == 0
+
+
+def test_the_estimate_runs_beside_the_checks_and_its_floors_are_used(monkeypatch, small_updates_gathered):
+    """The pruner's first estimate runs inside ``check_layers_beside`` (before ``max_magnitudes``
+    exist), and its floors are the ones gathered from: no second estimate is made."""
+    update, costs = problem(1)
+    calls = []
+    real = candidates.estimate
+
+    def spying(layers, *args, **kwargs):
+        calls.append(list(layers.max_magnitudes))  # empty: the checks have not filled them in yet
+        return real(layers, *args, **kwargs)
+
+    monkeypatch.setattr(pruner_module, "estimate", spying)
+    Pruner(costs, Budget.topk_keep_ratio(0.01), method="cwmp").masks(update)
+    assert calls == [[]] and small_updates_gathered["gathered"] == 1
+
+
+def test_a_budget_below_the_floor_is_the_budget_error_with_the_estimate_beside_the_checks(small_updates_gathered):
+    update, costs = problem(2)
+    floor = costs.floor_j(list(update))
+    with pytest.raises(BudgetError, match="below the .* every round pays"):
+        Pruner(costs, Budget.of_joules(floor / 2), method="cwmp").masks(update)
+
+
+def test_check_layers_beside_gives_the_checks_error_first_and_its_own_after():
+    from cwmp.pools import check_layers_beside
+
+    good = [torch.randn(5000), torch.randn(300)]
+    layers, found = check_layers_beside(good, lambda ls: [f.numel() for f in ls.flats])
+    assert found == [5000, 300] and layers.max_magnitudes == check_layers(good).max_magnitudes
+
+    def broken(ls):
+        raise RuntimeError("the step beside failed")
+
+    with pytest.raises(RuntimeError, match="the step beside failed"):
+        check_layers_beside(good, broken)
+    bad = [torch.randn(5000), torch.tensor([1.0, math.nan])]
+    with pytest.raises(MaskInputError, match="tensor 1: update has 1 NaN"):
+        check_layers_beside(bad, broken)  # the checks' error, not the step's
