@@ -26,6 +26,7 @@ from cwmp.parallel import map_largest_first, workers
 
 T = TypeVar("T")
 
+
 def _check_update(update: Tensor) -> float:
     """Reject what cannot give a correct mask; return max |update| (0 for an empty update)."""
     if not isinstance(update, Tensor):

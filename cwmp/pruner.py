@@ -34,9 +34,8 @@ from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import BudgetError, MaskInputError
 from cwmp.feedback import ErrorFeedback
 from cwmp.masks import Layers, check_layers, layer_counts, layers_budget_mask, layers_topk_mask, single_threaded
-from cwmp.pools import check_layers_beside
 from cwmp.parallel import map_largest_first
-from cwmp.pools import _LayeredPool
+from cwmp.pools import _LayeredPool, check_layers_beside
 from cwmp.setup_search import SetupSearch
 from cwmp.sparse import SparseUpdate
 
