@@ -122,7 +122,6 @@ class Candidates:
         return layer_counts(sub_mask, self.sub_sizes)
 
 
-
 @dataclass(frozen=True)
 class Floors:
     """Per layer, where the gathering pass starts (``floors``) and where the open item is looked
