@@ -70,6 +70,56 @@ def test_in_parallel_uses_the_callers_thread_count(two_threads):
     assert torch.get_num_threads() == 2
 
 
+def test_in_parallel_runs_first_on_the_callers_thread_while_the_helpers_take_groups(two_threads):
+    """``first`` (a serial step hidden behind a pass: the pruner's estimate beside the checks) runs
+    once, on the calling thread, before that thread takes groups; the helper starts on the groups
+    meanwhile; the results are the groups' in order. With one thread, ``first`` runs before all."""
+    caller = threading.get_ident()
+    events = []
+    lock = threading.Lock()
+    helper_started = threading.Event()
+
+    def run(group):
+        with lock:
+            events.append(("group", group))
+        if threading.get_ident() != caller:
+            helper_started.set()  # after its group is recorded
+        return [group]
+
+    def first():
+        assert threading.get_ident() == caller
+        helper_started.wait(5.0)  # the helper takes groups while the caller is busy here
+        with lock:
+            events.append(("first", None))
+
+    assert parallel.in_parallel(run, list(range(30)), first) == list(range(30))
+    assert events.count(("first", None)) == 1 and sorted(g for k, g in events if k == "group") == list(range(30))
+    assert helper_started.is_set() and events.index(("first", None)) > 0  # groups ran before first ended
+    torch.set_num_threads(1)
+    events.clear()
+    assert parallel.in_parallel(run, [1, 2], first=lambda: events.append(("first", None))) == [1, 2]
+    assert events == [("first", None), ("group", 1), ("group", 2)]
+
+
+def test_in_parallel_raises_what_first_raised_after_the_helpers_stopped(two_threads):
+    running = []
+
+    def run(group):
+        running.append(group)
+        threading.Event().wait(0.001)
+        return [group]
+
+    def first():
+        threading.Event().wait(0.005)
+        raise KeyError("the step beside failed")
+
+    with pytest.raises(KeyError, match="the step beside failed"):
+        parallel.in_parallel(run, list(range(200)), first)
+    settled = len(running)
+    threading.Event().wait(0.02)
+    assert len(running) == settled  # the helper had stopped: nothing runs after the call returned
+
+
 def test_in_parallel_raises_what_a_group_raised_after_every_thread_stopped(two_threads):
     running = []
 
