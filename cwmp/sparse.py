@@ -139,8 +139,8 @@ def take_at(positions: np.ndarray, tensor: Tensor, *, clear: bool = False) -> tu
     narrow = np.int32 if flat.numel() <= _INT32_MAX else np.int64
     at = np.ascontiguousarray(positions, dtype=narrow)
     data = flat.numpy()
-    # numpy converts int32 positions to intp on every indexing: once here, for both (measured: a
-    # third faster than indexing twice with int32); a transient copy of one layer's positions
+    # numpy converts int32 positions to intp on every indexing: once here, for both (measured:
+    # `remember` on ResNet-18 at 10 %, 6.4 to 5.4 ms); a transient copy of one layer's positions
     index = at.astype(np.intp) if clear and at.dtype != np.intp else at
     values = torch.from_numpy(data[index])
     if clear:
