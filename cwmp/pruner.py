@@ -210,20 +210,19 @@ class Pruner(SetupSearch):
         top = cand = None
         setup = self.method == "cwmp" and self.rule == "setup"
         fast = setup and self.cost_map.linear and not self.fill  # one gathering pass serves the rule
-        early: list = []  # the gathering pass's floors, estimated while the checks reduce the tensors
+        early: tuple = ()  # (the gathering pass's floors,) when estimated while the checks reduce the tensors
         if fast and known is None:
-            def ahead(layers: Layers) -> None:
+            def ahead(layers: Layers) -> tuple:
                 try:
                     if self.budget.keep_ratio is not None:
                         k = _k_of(self.budget.keep_ratio, sum(f.numel() for f in layers.flats))
-                        early.append(estimate(layers, marginal, fixed, self.power, k=k))
-                    else:
-                        early.append(estimate(layers, marginal, fixed, self.power,
-                                              budget_j=_mask_budget(self.budget.joules, floor_j)))
+                        return (estimate(layers, marginal, fixed, self.power, k=k),)
+                    budget_j = _mask_budget(self.budget.joules, floor_j)
+                    return (estimate(layers, marginal, fixed, self.power, budget_j=budget_j),)
                 except Exception:  # a head start only: the steps below meet the problem again and say it
-                    pass
+                    return ()
 
-            tensors, _ = check_layers_beside([named[name] for name in names], ahead)
+            tensors, early = check_layers_beside([named[name] for name in names], ahead)
         else:
             tensors = check_layers([named[name] for name in names], known)  # once, for every selection
         sizes = [t.numel() for t in tensors.flats]
