@@ -46,7 +46,7 @@ from cwmp.pools import Layers, _LayeredPool, layer_counts
 from cwmp.selection import _magnitude_thresholds, gather_at_least
 from cwmp.setup_rule import _SMALL, Opening, _best_prefix, _top_score, affordable_count
 
-__all__ = ["Candidates", "Floors", "candidate_openings", "estimate", "gather", "gather_from"]
+__all__ = ["Candidates", "Floors", "candidate_openings", "estimate", "expand", "gather", "gather_from"]
 
 SIGMAS = 4.0  # margin past each estimated boundary, in binomial standard deviations of its sample rank
 MIN_ENTRIES = 1 << 18  # below this a selection's pass costs little: select on the whole update
@@ -109,14 +109,7 @@ class Candidates:
     def expand(self, positions: list[np.ndarray]) -> Tensor:
         """The flat mask over the whole update's concatenation that keeps the entries at
         ``positions`` (``positions()``)."""
-        out = np.zeros(self.starts[-1], dtype=np.bool_)
-        starts = self.starts
-
-        def mark(i: int) -> None:
-            out[starts[i] : starts[i + 1]][positions[i]] = True
-
-        map_largest_first(mark, range(len(self.sizes)), [p.size for p in positions])
-        return torch.from_numpy(out)
+        return expand(positions, self.starts)
 
     def counts(self, sub_mask: Tensor) -> list[int]:
         return layer_counts(sub_mask, self.sub_sizes)
@@ -269,6 +262,19 @@ def _opening(scores: np.ndarray, partial: bool, floor: float, pool: _LayeredPool
         if not (at_cap and cap > float(unseen[0])):
             return None, ratio
     return Opening(k_max, ratio, cap, min(k_max, at_cap), score_sum * marginal, at_cap), ratio
+
+
+def expand(positions: Sequence[np.ndarray], starts: Sequence[int]) -> Tensor:
+    """The flat bool mask over the layers' concatenation (layer i at ``starts[i]`` up to
+    ``starts[i + 1]``) that keeps the entries at ``positions[i]`` of each layer, the layers shared
+    among the worker threads."""
+    out = np.zeros(starts[-1], dtype=np.bool_)
+
+    def mark(i: int) -> None:
+        out[starts[i] : starts[i + 1]][positions[i]] = True
+
+    map_largest_first(mark, range(len(positions)), [p.size for p in positions])
+    return torch.from_numpy(out)
 
 
 def _fits(layer_sorted: np.ndarray, marg: np.ndarray, fix: np.ndarray, scale: float, budget_j: float) -> int:

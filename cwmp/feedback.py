@@ -189,27 +189,33 @@ class ErrorFeedback:
         """Gather the kept entries, then zero them in the residual: sent + residual is the
         corrected update exactly (the kept entries move, the others stay). On the CPU the layers
         are shared among the pruner's threads (``cwmp.parallel``), the largest first."""
-        for name, update in corrected.items():  # check everything before changing anything
-            _check_mask(update, masks[name])
+        targets = {name: self._target(name, update) for name, update in corrected.items()}
+        # where the kept positions are given they are used and the mask is not read (a mask made
+        # when first read, ``cwmp.pruner.LazyMasks``, is then never made); elsewhere the mask is
+        # read and checked, everything before changing anything
+        known = {name for name, (residual, _) in targets.items()
+                 if positions is not None and name in positions and residual.device.type == "cpu"
+                 and residual.is_contiguous()}
+        keeps = {}
+        for name, update in corrected.items():
+            if name not in known:
+                keeps[name] = masks[name]
+                _check_mask(update, keeps[name])
         jobs = []
         for name, update in corrected.items():
-            if self._open.get(name) is update:  # the residual holds the update: move the kept entries out
-                residual = update
-            else:  # the residual is written anew; ``update`` may be the caller's tensor, never written to
-                residual = self.residuals.get(name)
-                if residual is not None and residual.shape == update.shape and residual.dtype == update.dtype \
-                        and residual.device == update.device and residual is not update:
-                    residual.copy_(update)  # reuse the buffer
-                else:
-                    residual = update.clone(memory_format=torch.contiguous_format)
-                    self.residuals[name] = residual
-            jobs.append((name, residual, masks[name]))
+            residual, fresh = targets[name]
+            if fresh:  # the residual is written anew; ``update`` may be the caller's tensor, never written to
+                self.residuals[name] = residual
+            elif residual is not update:
+                residual.copy_(update)  # reuse the buffer
+            jobs.append((name, residual))
 
-        def move(job: tuple[str, Tensor, Tensor]) -> list[tuple[str, SparseUpdate]]:
-            name, residual, keep = job
-            if positions is not None and residual.device.type == "cpu" and residual.is_contiguous():
+        def move(job: tuple[str, Tensor]) -> list[tuple[str, SparseUpdate]]:
+            name, residual = job
+            if name in known:
                 at, values = take_at(positions[name], residual, clear=True)
                 return [(name, SparseUpdate(at, values, residual.shape))]
+            keep = keeps[name]
             if residual.is_contiguous():
                 at, values = take_kept(keep, residual, clear=True)
             else:  # a residual of another layout (loaded from a checkpoint): slower, same result
@@ -217,11 +223,22 @@ class ErrorFeedback:
                 residual.masked_fill_(keep, 0)
             return [(name, SparseUpdate(at, values, residual.shape))]
 
-        on_cpu = all(residual.device.type == "cpu" for _, residual, _ in jobs)
+        on_cpu = all(residual.device.type == "cpu" for _, residual in jobs)
         largest_first = sorted(jobs, key=lambda job: -job[1].numel())
         moved = dict(in_parallel(move, largest_first) if on_cpu else [pair for job in jobs for pair in move(job)])
         self._close()
         return {name: moved[name] for name in corrected}
+
+    def _target(self, name: str, update: Tensor) -> tuple[Tensor, bool]:
+        """Where ``_remember_sparse`` moves the kept entries out of: the residual holding the update,
+        the held residual's buffer (reused), or a fresh copy of the update (True: not held yet)."""
+        if self._open.get(name) is update:
+            return update, False
+        residual = self.residuals.get(name)
+        if residual is not None and residual.shape == update.shape and residual.dtype == update.dtype \
+                and residual.device == update.device and residual is not update:
+            return residual, False
+        return update.clone(memory_format=torch.contiguous_format), True
 
     def _close(self) -> None:
         self._open.clear()

@@ -289,7 +289,7 @@ def _sparsify(msg, reply, context, sent_global, config, cost_map_for, default_bu
         else:
             sparse[f"dense/{name}"] = local_record[name]
             bytes_sent += local[name].numel() * local[name].element_size()
-    counts = {name: int(torch.count_nonzero(result.masks[name])) for name in names}
+    counts = {name: int(sent[name].indices.numel()) for name in names}  # kept per layer (the masks are not made)
     metrics = MetricRecord(dict(metrics))
     metrics.update(energy_metrics(*round_parts(result, cmap, names), result, bytes_sent))
     out = RecordDict({key: record for key, record in content.items() if key not in (arrays_key, metrics_key)})

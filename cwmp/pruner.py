@@ -23,13 +23,14 @@ can be compared at equal energy. Top-K's mask is found by the same sort-free sel
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from cwmp.candidates import Candidates, estimate, gather_from
+from cwmp.candidates import Candidates, estimate, expand, gather_from
 from cwmp.costmap import CostMap, NamedTensors, named_tensors
 from cwmp.errors import BudgetError, MaskInputError
 from cwmp.feedback import ErrorFeedback
@@ -39,7 +40,7 @@ from cwmp.pools import _LayeredPool, check_layers_beside
 from cwmp.setup_search import SetupSearch
 from cwmp.sparse import SparseUpdate
 
-__all__ = ["METHODS", "RULES", "Budget", "PruneResult", "Pruner"]
+__all__ = ["METHODS", "RULES", "Budget", "LazyMasks", "PruneResult", "Pruner"]
 
 METHODS = ("cwmp", "topk")
 #: CWMP's selection rules: ``setup`` (the default) decides per layer whether its set-up is worth
@@ -94,7 +95,7 @@ class PruneResult:
     """
 
     method: str
-    masks: dict[str, Tensor]
+    masks: Mapping[str, Tensor]  # a dict, or from ``compress(sparse=True)`` made when first read
     budget_j: float
     predicted_j: float
     joules_by_layer: dict[str, float]
@@ -116,6 +117,43 @@ class PruneResult:
             f"{self.predicted_j:.6g} J (mask {self.mask_j:.6g} J + floor {self.floor_j:.6g} J) "
             f"of a {self.budget_j:.6g} J budget{label}"
         )
+
+
+class LazyMasks(Mapping):
+    """``PruneResult.masks`` of ``Pruner.compress(sparse=True)`` when the masks were chosen on the
+    gathered entries: what is sent holds the kept positions, and a client that only sends them
+    never needs a mask of the update's size. The masks (views of one flat mask, as otherwise) are
+    made from the kept positions when one is first read, then kept."""
+
+    def __init__(self, names: list[str], make: Callable[[], dict[str, Tensor]]) -> None:
+        self._names = names
+        self._make: Callable[[], dict[str, Tensor]] | None = make
+        self._masks: dict[str, Tensor] | None = None
+
+    @property
+    def made(self) -> bool:
+        return self._masks is not None
+
+    def _all(self) -> dict[str, Tensor]:
+        if self._masks is None:
+            self._masks = self._make()
+            self._make = None  # the positions it holds go with it
+        return self._masks
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __repr__(self) -> str:
+        return f"LazyMasks({self._names!r}, made={self.made})"
 
 
 @dataclass
@@ -199,9 +237,12 @@ class Pruner(SetupSearch):
     def _masks(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> PruneResult:
         return self._choose(named, feedback)[0]
 
-    def _choose(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None) -> tuple[PruneResult, list | None]:
+    def _choose(self, named: dict[str, Tensor], feedback: ErrorFeedback | None = None,
+                lazy: bool = False) -> tuple[PruneResult, list | None]:
         """The result, and per tensor the kept positions when the chosen selection has them (they
-        spare error feedback a pass over the masks); the gathered entries are freed on return."""
+        spare error feedback a pass over the masks); the gathered entries are freed on return.
+        ``lazy``: with those positions, the result's masks are made when first read
+        (``LazyMasks``)."""
         names = list(named)
         marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
         fixed = [self.cost_map.fixed_j(name) for name in names]
@@ -267,9 +308,16 @@ class Pruner(SetupSearch):
             if self.skip_layers and self.method == "cwmp":
                 chosen = self._skip(tensors, marginal, fixed, mask_budget_j, named, chosen)
         mask_j = chosen.joules
+        positions = chosen.positions()
+        if lazy and positions is not None and chosen.flat is None:
+            starts, shapes = chosen.candidates.starts, {name: t.shape for name, t in named.items()}
+            kept = [p.copy() for p in positions]  # what is sent may share the positions' memory
+            masks: Mapping[str, Tensor] = LazyMasks(names, lambda: _views(expand(kept, starts), shapes))
+        else:
+            masks = _views(chosen.mask, named)
         return PruneResult(
             method=self.method,
-            masks=_views(chosen.mask, named),
+            masks=masks,
             budget_j=budget_j,
             predicted_j=floor_j + mask_j,
             joules_by_layer=chosen.by_layer,
@@ -279,7 +327,7 @@ class Pruner(SetupSearch):
             mask_j=mask_j,
             floor_j=floor_j,
             candidate=candidate,
-        ), chosen.positions()
+        ), positions
 
     def _skip(self, tensors: Layers, marginal, fixed, budget_j: float, named, chosen: "_Priced") -> "_Priced":
         """The layer-skipping rule: try closing layers, one at a time, at most ``skip_layers``
@@ -472,7 +520,7 @@ class Pruner(SetupSearch):
         _check_finite(named)
         corrected = feedback.compensate(named, in_place=True)
         try:
-            result, positions = self._choose(named_tensors(corrected), feedback)
+            result, positions = self._choose(named_tensors(corrected), feedback, lazy=sparse)
         except BaseException:
             feedback.undo(named)
             raise
@@ -503,10 +551,12 @@ def _device_of(tensors: list[Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _views(mask: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Per-tensor views of a flat mask over the concatenation (no copy)."""
-    parts = torch.split(mask, [t.numel() for t in like.values()]) if like else ()
-    return {name: part.view(t.shape) for (name, t), part in zip(like.items(), parts)}
+def _views(mask: Tensor, like: Mapping[str, Tensor | torch.Size]) -> dict[str, Tensor]:
+    """Per-tensor views of a flat mask over the concatenation (no copy), shaped as ``like``'s
+    tensors (or shapes)."""
+    shapes = {name: t if isinstance(t, torch.Size) else t.shape for name, t in like.items()}
+    parts = torch.split(mask, [shape.numel() for shape in shapes.values()]) if shapes else ()
+    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}
 
 
 def _check_finite(named: dict[str, Tensor]) -> None:

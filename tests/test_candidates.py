@@ -20,6 +20,7 @@ import cwmp.candidates as candidates
 import cwmp.pruner as pruner_module
 from cwmp import Budget, BudgetError, CostMap, ErrorFeedback, LayerPrice, MaskInputError, Pruner
 from cwmp.masks import check_layers
+from cwmp.pruner import LazyMasks
 from cwmp.setup_rule import openings
 
 SHAPES = [(64, 300), (64,), (128, 200), (128,), (500, 60), (30000,), (40, 40), (10,)]
@@ -140,6 +141,33 @@ def test_error_feedback_sends_the_same_from_the_gathered_positions(monkeypatch, 
         assert torch.equal(sent[name].values, sent_w[name].values)
         assert torch.equal(residuals[name], residuals_w[name])
         assert torch.equal(sent[name].to_dense() + residuals[name], corrected[name])
+
+
+def test_the_sparse_steps_masks_are_made_from_the_kept_positions_only_when_read(monkeypatch, small_updates_gathered):
+    update, costs = problem(2)  # the envelope wins, selected on the gathered entries
+    made = []
+    real_expand = pruner_module.expand
+    monkeypatch.setattr(pruner_module, "expand", lambda *a: made.append(1) or real_expand(*a))
+    pruner = Pruner(costs, Budget.topk_keep_ratio(0.05), method="cwmp")
+    sparse_fb, dense_fb = ErrorFeedback(), ErrorFeedback()
+    for feedback in (sparse_fb, dense_fb):
+        pruner.compress({n: u.clone() for n, u in update.items()}, feedback)
+    sent, result = pruner.compress({n: u.clone() for n, u in update.items()}, sparse_fb, sparse=True)
+    assert small_updates_gathered["gathered"] == 3 and result.candidate == "envelope"
+    assert isinstance(result.masks, LazyMasks) and not result.masks.made and not made  # what is sent needs none
+    assert list(result.masks) == list(update) and len(result.masks) == len(update) and "layer0" in result.masks
+    kept = {n: s.indices.clone() for n, s in sent.items()}
+    for s in sent.values():
+        s.indices.add_(1)  # what is sent may be changed by its receiver: the masks do not follow
+    masks = dict(result.masks)
+    assert result.masks.made and len(made) == 1 and result.masks["layer0"] is masks["layer0"]  # made once, kept
+    dense, dense_result = pruner.compress({n: u.clone() for n, u in update.items()}, dense_fb)
+    assert isinstance(dense_result.masks, dict)
+    for name, mask in masks.items():
+        assert mask.shape == update[name].shape and mask.dtype == torch.bool
+        assert torch.equal(torch.nonzero(mask.reshape(-1)).squeeze(1), kept[name].long())
+        assert torch.equal(mask, dense_result.masks[name])
+        assert torch.equal(dense[name], torch.where(mask, dense[name], 0))
 
 
 @pytest.mark.parametrize("seed", range(4))
