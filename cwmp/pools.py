@@ -158,7 +158,9 @@ class Layers:
     score_dtype: torch.dtype
     device: torch.device
     #: the sample's positions and magnitudes by sample size, shared by the selections over these
-    #: tensors (Top-K's energy, then CWMP's masks): the seed is fixed, so the positions are the same
+    #: tensors (Top-K's energy, then CWMP's masks): the seed is fixed, so the positions are the same.
+    #: [positions, magnitudes, where the layers are]: for the numpy pools one array of magnitudes
+    #: and each point's layer, else one tensor per layer and the layers' bounds
     samples: dict[int, list] = field(default_factory=dict)
 
 
@@ -381,7 +383,17 @@ class _LayeredPool(_Pool):
         cached = self.samples.get(index.numel())
         if cached is None or cached[0] is not index:
             return self.scores_at(index)
-        if cached[1] is None:
+        if self.numpy_pass:  # the magnitudes in one array, all layers scored by one numpy call each
+            if not isinstance(cached[1], np.ndarray):
+                at = index.numpy()
+                bounds = np.searchsorted(at, self.offsets).tolist()
+                magnitudes = np.empty(at.size, dtype=self.numpy_dtype)
+                for layer, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                    if b > a:
+                        np.abs(self.numpy_flats[layer][at[a:b] - self.offsets[layer]], out=magnitudes[a:b])
+                cached[1], cached[2] = magnitudes, np.repeat(np.arange(len(self.flats)), np.diff(bounds))
+            return torch.from_numpy(self.numpy_scores(cached[1], cached[2]))
+        if cached[1] is None or isinstance(cached[1], np.ndarray):
             bounds = torch.searchsorted(index, self._bounds).tolist()
             parts = [self.flats[layer][index[a:b] - self.offsets[layer]].to(self.score_dtype).abs_()
                      for layer, (a, b) in enumerate(zip(bounds, bounds[1:]))]

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from tests.mask_tuning import TUNINGS, tuning
 from tests.profile_helpers import layer_entry, profile_with_layers
 from cwmp import Budget, CostMap, CostMapError, ErrorFeedback, FeedbackStateError, LayerPrice, MaskInputError, Pruner
-from cwmp.masks import cwmp_scores, layers_budget_mask, layers_topk_mask
+from cwmp.masks import check_layers, cwmp_scores, layers_budget_mask, layers_topk_mask
+from cwmp.pools import _LayeredPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -483,3 +484,20 @@ def test_the_skip_layers_benchmark_runs_and_is_never_worse(capsys):
     assert bench.main(["--model", "cnn", "--keep", "0.01", "0.1", "--skips", "2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")][1:]
     assert [row[1] for row in rows] == ["Top-K", "greedy", "skip", "setup", "Top-K", "greedy", "skip", "setup"]
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_a_sample_read_once_scores_as_the_pass_does_for_every_pool_over_the_layers(power):
+    """The sample's magnitudes are read once per Layers and shared: a numpy pool scores them in one
+    array, a torch pool (power 3) per layer; both give the scores at the sample's positions."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(s, generator=g) * (i + 1) for i, s in enumerate([(300, 7), (5,), (0,), (4000,)])]
+    layers = check_layers(tensors)
+    pool = _LayeredPool(layers, [0.5, 3.0, 1.0, 7.0], power, caps=[math.inf, 0.2, 1.0, 2.0])
+    other = _LayeredPool(layers, None, 3.0)
+    assert pool.numpy_pass and not other.numpy_pass
+    index = pool.sample_index(1500, torch.Generator().manual_seed(0))
+    assert other.sample_index(1500, torch.Generator().manual_seed(1)) is index  # shared by size
+    for first, second in ((pool, other), (other, pool)):
+        for p in (first, second):
+            assert torch.equal(p.sample_scores(index), p.scores_at(index))
