@@ -163,17 +163,17 @@ def estimate(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
     fix = np.asarray(fixed, dtype=np.float64)
 
     # Top-K's boundary (k entries, or the magnitude order's prefix within the budget)
-    order = np.argsort(-magnitudes)  # an estimate: ties in any order
-    by_magnitude, layer_sorted = magnitudes[order], layer_of[order]
     if k is not None:
         j = min(size, math.ceil(k / scale))
-        counts = np.bincount(layer_sorted[:j], minlength=n_layers) * scale
+        order = _largest_first(magnitudes, _margin_end(j, size) + 1)  # an estimate: ties in any order
+        counts = np.bincount(layer_of[order[:j]], minlength=n_layers) * scale
         mask_j = float(np.sum(fix[counts > 0]) + np.sum(marg * counts))  # Top-K's joules, estimated
         spread = 1 + SIGMAS / math.sqrt(max(j, 1))  # the estimate's relative error, a margin above it
     else:
-        j = _fits(layer_sorted, marg, fix, scale, budget_j)
+        order = _largest_first(magnitudes, _paid_end(budget_j, marg, scale, size) + 1)
+        j = _fits(layer_of[order], marg, fix, scale, budget_j)
         mask_j, spread = budget_j, 1.0
-    top_floor = _past(by_magnitude, j)
+    top_floor = _past(magnitudes[order], j, size)
 
     # each layer's open item, estimated: its cap and a score safely below it
     scores = magnitudes**power / marg[layer_of]
@@ -187,10 +187,10 @@ def estimate(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
         if not k_max:
             caps[i] = 0.0  # cannot be opened (by the estimate)
             continue
-        s = -np.sort(-scores[edges[i] : edges[i + 1]])
-        if n_i <= _SMALL or s.size < 8:
+        if n_i <= _SMALL or edges[i + 1] - edges[i] < 8:
             open_floor[i] = 0.0  # the whole layer
             continue
+        s = -np.sort(-scores[edges[i] : edges[i + 1]])
         local_scale = n_i / s.size
         ranks = np.arange(1, s.size + 1, dtype=np.float64) * local_scale
         estimate = np.cumsum(s) * local_scale / (fix[i] / marg[i] + ranks)
@@ -202,9 +202,8 @@ def estimate(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
 
     # the envelope prefix: clipped scores, within Top-K's (estimated) joules
     clipped = np.minimum(scores, caps[layer_of])
-    order = np.argsort(-clipped)
-    by_clipped = clipped[order]
-    boundary = _past(by_clipped, _fits(layer_of[order], marg, fix, scale, mask_j * spread))
+    order = _largest_first(clipped, _paid_end(mask_j * spread, marg, scale, size) + 1)
+    boundary = _past(clipped[order], _fits(layer_of[order], marg, fix, scale, mask_j * spread), size)
     envelope_floor = np.where(caps > boundary, (boundary * marg) ** (1.0 / power), np.inf)
 
     dtype = np.dtype(str(layers.score_dtype).removeprefix("torch."))
@@ -290,13 +289,39 @@ def _fits(layer_sorted: np.ndarray, marg: np.ndarray, fix: np.ndarray, scale: fl
     return int(np.searchsorted(np.cumsum(step), budget_j, side="right"))
 
 
-def _past(descending: np.ndarray, j: int) -> float:
-    """The key a margin of ``SIGMAS`` binomial standard deviations past sample rank ``j`` (0: the
-    margin runs past the sample, take everything)."""
-    size = descending.size
-    margin = math.ceil(SIGMAS * math.sqrt(max(j, 1) * max(0.0, 1 - j / size))) + 2
-    at = max(0, j + margin)
+def _past(descending: np.ndarray, j: int, size: int) -> float:
+    """The key a margin of ``SIGMAS`` binomial standard deviations past rank ``j`` of a sample of
+    ``size`` points (0: the margin runs past the sample, take everything); ``descending``: the
+    sample's largest keys in order, at least up to ``_margin_end(j, size)``."""
+    at = _margin_end(j, size)
     return float(descending[at]) if at < size else 0.0
+
+
+def _margin_end(j: int, size: int) -> int:
+    """The sample rank ``_past`` reads for rank ``j``."""
+    return max(0, j + math.ceil(SIGMAS * math.sqrt(max(j, 1) * max(0.0, 1 - j / size))) + 2)
+
+
+def _paid_end(budget_j: float, marg: np.ndarray, scale: float, size: int) -> int:
+    """A sample rank at least ``_margin_end`` of what ``_fits`` can find within ``budget_j``: each
+    point costs at least the least marginal cost times ``scale``, so at most ``budget_j`` over that
+    many fit (``size`` when the costs do not bound it)."""
+    cheapest = float(marg.min()) * scale if marg.size else 0.0
+    if not cheapest > 0 or not budget_j < cheapest * size:
+        return size
+    j = max(1, int(budget_j / cheapest) + 1)
+    return j + max(0, math.ceil(SIGMAS * math.sqrt(j))) + 2  # at least _margin_end(j', size) for any j' <= j
+
+
+def _largest_first(keys: np.ndarray, count: int) -> np.ndarray:
+    """The positions of the ``count`` largest keys, largest first, ties in any order (an estimate
+    needs no more): a partition, then a sort of those alone."""
+    if count >= keys.size:
+        return np.argsort(-keys)
+    if count <= 0:
+        return np.zeros(0, dtype=np.intp)
+    top = np.argpartition(-keys, count - 1)[:count]
+    return top[np.argsort(-keys[top])]
 
 
 def _down(value: float, dtype: np.dtype) -> float:

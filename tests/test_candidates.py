@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import cwmp.candidates as candidates
@@ -285,3 +287,34 @@ def test_check_layers_beside_gives_the_checks_error_first_and_its_own_after():
     bad = [torch.randn(5000), torch.tensor([1.0, math.nan])]
     with pytest.raises(MaskInputError, match="tensor 1: update has 1 NaN"):
         check_layers_beside(bad, broken)  # the checks' error, not the step's
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 3000), share=st.floats(0.0, 1.5),
+       sigmas=st.sampled_from([4.0, 0.0, -40.0]))
+def test_the_estimates_partial_sorts_read_what_a_full_sort_would(seed, size, share, sigmas):
+    """The estimate sorts only the sample's largest keys, as many as the budget can pay for and the
+    margin reads (each point costs at least the cheapest marginal cost): the prefix that fits and
+    the key past it are those of the full sort."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(candidates, "SIGMAS", sigmas)
+        partial_sorts_read_what_a_full_sort_would(seed, size, share)
+
+
+def partial_sorts_read_what_a_full_sort_would(seed: int, size: int, share: float) -> None:
+    rng = np.random.default_rng(seed)
+    n_layers = int(rng.integers(1, 8))
+    keys = rng.permutation(size).astype(np.float64)  # distinct: the order is the full sort's exactly
+    layer_of = rng.integers(0, n_layers, size)
+    marg = rng.uniform(0.1, 3.0, n_layers)
+    fix = rng.uniform(0.0, 50.0, n_layers) * (rng.random(n_layers) < 0.7)
+    scale = float(rng.uniform(1.0, 20.0))
+    budget = share * float(np.sum(marg[layer_of])) * scale
+    full = np.argsort(-keys)
+    j = candidates._fits(layer_of[full], marg, fix, scale, budget)
+    end = candidates._paid_end(budget, marg, scale, size)
+    assert end >= size or candidates._margin_end(j, size) <= end
+    order = candidates._largest_first(keys, end + 1)
+    assert np.array_equal(order, full[: end + 1])
+    assert candidates._fits(layer_of[order], marg, fix, scale, budget) == j
+    assert candidates._past(keys[order], j, size) == candidates._past(keys[full], j, size)
