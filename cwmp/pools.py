@@ -385,13 +385,7 @@ class _LayeredPool(_Pool):
             return self.scores_at(index)
         if self.numpy_pass:  # the magnitudes in one array, all layers scored by one numpy call each
             if not isinstance(cached[1], np.ndarray):
-                at = index.numpy()
-                bounds = np.searchsorted(at, self.offsets).tolist()
-                magnitudes = np.empty(at.size, dtype=self.numpy_dtype)
-                for layer, (a, b) in enumerate(zip(bounds, bounds[1:])):
-                    if b > a:
-                        np.abs(self.numpy_flats[layer][at[a:b] - self.offsets[layer]], out=magnitudes[a:b])
-                cached[1], cached[2] = magnitudes, np.repeat(np.arange(len(self.flats)), np.diff(bounds))
+                self.read_sample(index)
             return torch.from_numpy(self.numpy_scores(cached[1], cached[2]))
         if cached[1] is None or isinstance(cached[1], np.ndarray):
             bounds = torch.searchsorted(index, self._bounds).tolist()
@@ -401,6 +395,17 @@ class _LayeredPool(_Pool):
         parts = [self._capped(_score(part, self._divisor(layer), self.power), layer)
                  for layer, part in enumerate(cached[1]) if part.numel()]
         return torch.cat(parts) if parts else torch.empty(0, dtype=self.score_dtype, device=self.device)
+
+    def read_sample(self, index: Tensor) -> None:
+        """Read the magnitudes at the positions ``sample_index`` gave (a numpy pool) into the
+        shared cache, with each point's layer."""
+        at = index.numpy()
+        bounds = np.searchsorted(at, self.offsets).tolist()
+        magnitudes = np.empty(at.size, dtype=self.numpy_dtype)
+        for layer, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            if b > a:
+                np.abs(self.numpy_flats[layer][at[a:b] - self.offsets[layer]], out=magnitudes[a:b])
+        self.samples[index.numel()][1:] = [magnitudes, np.repeat(np.arange(len(self.flats)), np.diff(bounds))]
 
     def sample_index(self, size: int, generator: torch.Generator) -> Tensor:
         cached = self.samples.get(size)
