@@ -68,6 +68,9 @@ class Candidates:
     index: list[np.ndarray]
     floors: list[float]
     open_floors: list[float]
+    #: per layer, the gathered magnitudes at or above its open floor where that is above the floor
+    #: (picked out by the gathering pass), else None
+    opened: list[np.ndarray | None] | None = None
 
     def __post_init__(self) -> None:
         self.sizes = [f.numel() for f in self.full.flats]
@@ -134,13 +137,17 @@ def gather(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], po
 
 
 def gather_from(layers: Layers, floors: Floors) -> Candidates:
-    """The gathering pass from floors that ``estimate`` gave for these layers."""
-    found = gather_at_least(_LayeredPool(layers, None, 1.0), floors.floors, narrow=True)
-    index_parts = [i_.numpy() for i_, _ in found]
-    flats = [s_ for _, s_ in found]
+    """The gathering pass from floors that ``estimate`` gave for these layers; where a layer's open
+    item is looked for above its floor, the magnitudes there are picked out in the same pass."""
+    higher = [o if o > f else math.inf for f, o in zip(floors.floors, floors.open_floors)]
+    found = gather_at_least(_LayeredPool(layers, None, 1.0), floors.floors, narrow=True, above=higher)
+    index_parts = [i_.numpy() for i_, _, _ in found]
+    flats = [s_ for _, s_, _ in found]
     largest = [m if f.numel() else 0.0 for f, m in zip(flats, layers.max_magnitudes)]  # the largest is always gathered
     sub = Layers(flats, largest, layers.score_dtype, layers.device)
-    return Candidates(layers, sub, index_parts, floors.floors, floors.open_floors)
+    empty = np.zeros(0, dtype=np.dtype(str(layers.score_dtype).removeprefix("torch.")))
+    opened = [None if h == math.inf else (p if p is not None else empty) for h, (_, _, p) in zip(higher, found)]
+    return Candidates(layers, sub, index_parts, floors.floors, floors.open_floors, opened)
 
 
 def estimate(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], power: float, *,
@@ -220,7 +227,7 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
     """Every layer's open item (as ``cwmp.setup_rule.openings`` finds it) from the gathered
     entries; None when one of them cannot be shown exact from them."""
     pool = _LayeredPool(cand.sub, marginal, power)
-    whole = _LayeredPool(cand.full, marginal, power)
+    whole = None
     out: list[Opening | None] = []
     retry = [math.inf] * len(cand.sizes)  # layers to gather again, from this magnitude
     for i, n_i in enumerate(cand.sizes):
@@ -228,10 +235,14 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
         if not k_max:
             out.append(Opening(0, 0.0, 0.0, 0, 0.0))
         elif fixed[i] == 0:
+            whole = _LayeredPool(cand.full, marginal, power) if whole is None else whole
             out.append(Opening(k_max, _top_score(whole, cand.full, i), math.inf, 0, 0.0))
         else:
             magnitudes, floor = pool.numpy_flats[i], cand.open_floors[i]
-            picked = np.compress(magnitudes >= floor, magnitudes) if floor > cand.floors[i] else magnitudes
+            picked = magnitudes
+            if floor > cand.floors[i]:
+                picked = cand.opened[i] if cand.opened is not None and cand.opened[i] is not None \
+                    else np.compress(magnitudes >= floor, magnitudes)
             found, ratio = _opening(pool.numpy_scores(picked, i), picked.size < n_i, floor, pool, cand, i, k_max,
                                     fixed[i] / marginal[i], marginal[i])
             if found is None and picked.size:  # r* is at least the ratio found: gather down to it

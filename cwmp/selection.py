@@ -369,17 +369,22 @@ def _fill_layers(pool: _LayeredPool, mask: Tensor, budget_j: float) -> None:
 
 
 # ------------------------------------------------------------- passes for the set-up-aware rule
-def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: bool = False) -> list[tuple[Tensor, Tensor]]:
+def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: bool = False,
+                    above: Sequence[float] | None = None) -> list[tuple[Tensor, Tensor]]:
     """Per layer, the local indices (ascending) and scores of the entries with ``|u| >=
     thresholds[layer]`` (inf: none), in one pass over the layers concerned, shared among the
     worker threads on the CPU; scores exactly as the selection computes them. ``narrow``: int32
-    indices where a layer has fewer than 2**31 entries (the numpy pass)."""
+    indices where a layer has fewer than 2**31 entries (the numpy pass). ``above`` (the numpy
+    pass): per layer a higher threshold (inf: none); the scores of the gathered entries with
+    ``|u| >= above[layer]`` are then also picked out while in cache, a third item per layer (a
+    numpy array, or None where ``above`` is inf)."""
     n_layers = len(pool.flats)
     found: list[list[Tensor]] = [[] for _ in range(n_layers)]
     scores: list[list[Tensor]] = [[] for _ in range(n_layers)]
     wanted = [i for i in range(n_layers) if thresholds[i] < math.inf and pool.sizes[i]]
     if pool.numpy_pass:
         t = np.asarray(thresholds, dtype=np.float64)
+        higher = None if above is None else np.asarray(above, dtype=np.float64)
         width = max((stop - start for start, stop, _, _ in pool.chunk_info), default=0)
         groups = [[c for c in group if t[c[2]] < math.inf] for group in pool.chunk_groups()]
 
@@ -396,25 +401,32 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: boo
                 at = inside + local
                 if narrow and pool.sizes[layer] < 2**31:
                     at = at.astype(np.int32)
-                out.append((layer, at, pool.numpy_scores(s[inside], layer, in_place=True)))
+                magnitudes = s[inside]
+                high = None
+                if higher is not None and higher[layer] < math.inf:
+                    high = magnitudes >= higher[layer]
+                scored = pool.numpy_scores(magnitudes, layer, in_place=True)
+                out.append((layer, at, scored, None if high is None else np.compress(high, scored)))
             return out
 
-        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_layers)]
-        for layer, inside, s in in_parallel(run, [g for g in groups if g]):
-            parts[layer].append((inside, s))
+        parts: list[list[tuple]] = [[] for _ in range(n_layers)]
+        for layer, *piece in in_parallel(run, [g for g in groups if g]):
+            parts[layer].append(piece)
 
-        def join(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        def join(pieces: list[tuple]) -> tuple:
             if len(pieces) == 1:
                 return pieces.pop()
-            out = np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+            out = tuple(None if p[0] is None else np.concatenate(p) for p in zip(*pieces))
             pieces.clear()  # the chunks' parts go as soon as their layer is joined
             return out
 
         filled = [i for i in range(n_layers) if parts[i]]  # the layers' copies, on the worker threads too
         joined = map_largest_first(join, [parts[i] for i in filled], [pool.sizes[i] for i in filled])
-        for layer, (inside, s) in zip(filled, joined):
+        picked: list[np.ndarray | None] = [None] * n_layers
+        for layer, (inside, s, high) in zip(filled, joined):
             found[layer].append(torch.from_numpy(inside))
             scores[layer].append(torch.from_numpy(s))
+            picked[layer] = high
     else:
         for layer in wanted:
             flat = pool.flats[layer]
@@ -430,6 +442,10 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: boo
         else:
             empty = torch.empty(0, dtype=torch.int64, device=pool.device)
             out.append((empty, torch.empty(0, dtype=pool.score_dtype, device=pool.device)))
+    if above is not None:
+        if not pool.numpy_pass:
+            raise AssertionError("above: the numpy pass only")
+        return [pair + (high,) for pair, high in zip(out, picked)]
     return out
 
 

@@ -213,6 +213,12 @@ def test_the_gathered_entries_are_every_entry_at_or_above_each_floor(monkeypatch
         assert np.array_equal(cand.index[i], expected)
         assert np.array_equal(cand.sub.flats[i].numpy(), flat.abs().numpy()[expected])
         assert cand.open_floors[i] >= cand.floors[i]
+        magnitudes = flat.abs().numpy()  # where the open item is looked for above the floor: picked out too
+        if cand.open_floors[i] > cand.floors[i]:
+            assert np.array_equal(cand.opened[i], magnitudes[magnitudes >= cand.open_floors[i]])
+        else:
+            assert cand.opened[i] is None
+    assert any(o is not None and 0 < o.size < f.numel() for o, f in zip(cand.opened, layers.flats))
 
 
 def test_small_or_unserved_updates_are_not_gathered():
