@@ -44,7 +44,7 @@ from cwmp import kernels as _k
 from cwmp.parallel import map_largest_first
 from cwmp.pools import Layers, _LayeredPool, layer_counts
 from cwmp.selection import _magnitude_thresholds, gather_at_least
-from cwmp.setup_rule import _SMALL, Opening, _best_prefix, _top_score, affordable_count
+from cwmp.setup_rule import _SMALL, Opening, _best_prefix, _best_prefixes, _top_score, affordable_count
 
 __all__ = ["Candidates", "Floors", "candidate_openings", "estimate", "expand", "gather", "gather_from"]
 
@@ -229,7 +229,7 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
     pool = _LayeredPool(cand.sub, marginal, power)
     whole = None
     out: list[Opening | None] = []
-    retry = [math.inf] * len(cand.sizes)  # layers to gather again, from this magnitude
+    looked: list[tuple[int, np.ndarray, float]] = []  # (layer, the scores it is looked for in, from where)
     for i, n_i in enumerate(cand.sizes):
         k_max = affordable_count(fixed[i], marginal[i], budget_j, n_i)
         if not k_max:
@@ -243,13 +243,24 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
             if floor > cand.floors[i]:
                 picked = cand.opened[i] if cand.opened is not None and cand.opened[i] is not None \
                     else np.compress(magnitudes >= floor, magnitudes)
-            found, ratio = _opening(pool.numpy_scores(picked, i), picked.size < n_i, floor, pool, cand, i, k_max,
-                                    fixed[i] / marginal[i], marginal[i])
-            if found is None and picked.size:  # r* is at least the ratio found: gather down to it
-                retry[i] = _down((ratio * marginal[i]) ** (1.0 / power) * (1 - 1e-5), cand.dtype)
-            elif found is None:
-                retry[i] = 0.0
-            out.append(found)
+            looked.append((i, pool.numpy_scores(picked, i), floor))
+            out.append(None)
+    # the small layers' best prefixes in a few numpy calls, the others one by one
+    small = [job for job in looked if job[1].size <= _SMALL]
+    found = dict(zip([i for i, _, _ in small], _best_prefixes(
+        [s_ for _, s_, _ in small], [fixed[i] / marginal[i] for i, _, _ in small],
+        [affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i]) for i, _, _ in small], cand.full.score_dtype)))
+    retry = [math.inf] * len(cand.sizes)  # layers to gather again, from this magnitude
+    for i, scores, floor in looked:
+        k_max = affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i])
+        best = found.get(i)
+        if best is None:
+            best = _best_prefix(torch.from_numpy(scores), fixed[i] / marginal[i], k_max, cand.full.score_dtype)
+        out[i], ratio = _open_item(best, scores.size < cand.sizes[i], floor, pool, cand, i, k_max, marginal[i])
+        if out[i] is None and scores.size:  # r* is at least the ratio found: gather down to it
+            retry[i] = _down((ratio * marginal[i]) ** (1.0 / power) * (1 - 1e-5), cand.dtype)
+        elif out[i] is None:
+            retry[i] = 0.0
     if any(t < math.inf for t in retry):
         for i, (_, magnitudes) in enumerate(gather_at_least(_LayeredPool(cand.full, None, 1.0), retry)):
             if retry[i] < math.inf:
@@ -266,7 +277,14 @@ def _opening(scores: np.ndarray, partial: bool, floor: float, pool: _LayeredPool
     """Layer ``i``'s open item from the scores of its entries of magnitude at least ``floor``
     (``partial``: not all of them), None when the entries left out may change it; and the ratio
     found (r* is at least this)."""
-    ratio, cap, at_cap, score_sum, _ = _best_prefix(torch.from_numpy(scores), f_entries, k_max, cand.full.score_dtype)
+    best = _best_prefix(torch.from_numpy(scores), f_entries, k_max, cand.full.score_dtype)
+    return _open_item(best, partial, floor, pool, cand, i, k_max, marginal)
+
+
+def _open_item(best: tuple, partial: bool, floor: float, pool: _LayeredPool, cand: Candidates, i: int,
+               k_max: int, marginal: float) -> tuple[Opening | None, float]:
+    """``_opening`` from the best prefix (``_best_prefix``'s result) of those scores."""
+    ratio, cap, at_cap, score_sum, _ = best
     if partial:  # entries it did not see score at most this
         unseen = pool.numpy_scores(np.array([cand.below(floor)], dtype=cand.dtype), i)
         if not (at_cap and cap > float(unseen[0])):

@@ -93,6 +93,46 @@ def test_open_items_are_the_best_prefix_ratio(power, force_retry, name):
         assert o.count >= k_star and o.count == min(k_max, int((scores >= o.cap).sum()))
 
 
+def numpy_best_prefix(scores: np.ndarray, f_entries: float, k_max: int, dtype) -> tuple:
+    """The best prefix the plain way (numpy's sort and sequential cumsum), as _best_prefix defines it."""
+    ordered = -np.sort(-scores)
+    m = min(k_max, ordered.size)
+    if m == 0:
+        return 0.0, 0.0, 0, 0.0, False
+    sums = np.cumsum(ordered[:m], dtype=np.float64)
+    ratios = sums / (f_entries + np.arange(1, m + 1, dtype=np.float64))
+    best = int(np.argmax(ratios))
+    cap = np.array(ratios[best], dtype=dtype)
+    if float(cap) > ratios[best]:
+        cap = np.nextafter(cap, dtype.type(0))
+    at_cap = int(np.count_nonzero(ordered >= cap))
+    return float(ratios[best]), float(cap), at_cap, float(sums[min(m, at_cap) - 1]) if at_cap else 0.0, m == k_max
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 12), double=st.booleans(), ties=st.booleans())
+def test_best_prefixes_of_many_layers_at_once_are_each_layers_to_the_bit(seed, layers, double, ties):
+    """Small layers' open items are found as rows of one array (``_best_prefixes``), large ones one
+    by one (``_best_prefix``, with torch's sequential cumsum): both are numpy's plain computation,
+    bit for bit, with ties, padding, k_max below the size and empty layers."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(np.float64 if double else np.float32)
+    scores, f_entries, k_max = [], [], []
+    for _ in range(layers):
+        n = int(rng.choice([0, 1, 2, 7, 64, 100, 512, 513, 3000]))
+        values = np.abs(rng.standard_normal(n)) * float(rng.uniform(0.01, 100))
+        if ties:
+            values = np.round(values, 1)
+        scores.append(values.astype(dtype))
+        f_entries.append(float(rng.uniform(0, 2 * n + 1)))
+        k_max.append(int(rng.integers(1, n + 2)))
+    score_dtype = torch.float64 if double else torch.float32
+    expected = [numpy_best_prefix(s, f, k, dtype) for s, f, k in zip(scores, f_entries, k_max)]
+    assert setup_rule._best_prefixes(scores, f_entries, k_max, score_dtype) == expected
+    assert [setup_rule._best_prefix(torch.from_numpy(s), f, k, score_dtype)
+            for s, f, k in zip(scores, f_entries, k_max)] == expected
+
+
 def test_a_layer_the_budget_cannot_open_is_capped_at_zero_and_one_without_set_up_is_not_capped():
     tensors = [torch.ones(10), torch.ones(10)]
     opens = setup_rule.openings(check_layers(tensors), [1.0, 1.0], [100.0, 0.0], 50.0, 1.0)
