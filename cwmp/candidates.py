@@ -261,14 +261,22 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
             retry[i] = _down((ratio * marginal[i]) ** (1.0 / power) * (1 - 1e-5), cand.dtype)
         elif out[i] is None:
             retry[i] = 0.0
-    if any(t < math.inf for t in retry):
-        for i, (_, magnitudes) in enumerate(gather_at_least(_LayeredPool(cand.full, None, 1.0), retry)):
-            if retry[i] < math.inf:
-                k_max = affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i])
-                out[i] = _opening(pool.numpy_scores(magnitudes.numpy(), i), magnitudes.numel() < cand.sizes[i],
-                                  retry[i], pool, cand, i, k_max, fixed[i] / marginal[i], marginal[i])[0]
-                if out[i] is None:
-                    return None
+    # where the open floor was set too high: look again from lower down, in the gathered entries
+    # when they reach that low, else in one pass over the layers concerned
+    lower = [t if t < cand.floors[i] else math.inf for i, t in enumerate(retry)]
+    passed = gather_at_least(_LayeredPool(cand.full, None, 1.0), lower) if any(t < math.inf for t in lower) else None
+    for i, t in enumerate(retry):
+        if t < math.inf:
+            if lower[i] < math.inf:
+                magnitudes = passed[i][1].numpy()
+            else:
+                gathered = pool.numpy_flats[i]
+                magnitudes = np.compress(gathered >= t, gathered)
+            k_max = affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i])
+            out[i] = _opening(pool.numpy_scores(magnitudes, i), magnitudes.size < cand.sizes[i], t, pool, cand, i,
+                              k_max, fixed[i] / marginal[i], marginal[i])[0]
+            if out[i] is None:
+                return None
     return out
 
 

@@ -324,3 +324,39 @@ def partial_sorts_read_what_a_full_sort_would(seed: int, size: int, share: float
     assert np.array_equal(order, full[: end + 1])
     assert candidates._fits(layer_of[order], marg, fix, scale, budget) == j
     assert candidates._past(keys[order], j, size) == candidates._past(keys[full], j, size)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_open_floor_set_too_high_is_looked_below_again_in_the_gathered_entries(monkeypatch, seed):
+    """Open floors raised past part of each open item (the gathered entries still reach lower): the
+    open items come out exact, looked for again in the gathered entries, with no pass over the
+    update for a layer the gathered entries reach down to."""
+    monkeypatch.setattr(candidates, "MIN_ENTRIES", 1 << 12)
+    monkeypatch.setattr(candidates, "MAX_SHARE", 1.0)
+    update, costs = problem(seed, fixed_share=5000.0)
+    names = list(update)
+    layers = check_layers([update[n] for n in names])
+    marginal, fixed = [costs.marginal_j(n) for n in names], [costs.fixed_j(n) for n in names]
+    n = sum(f.numel() for f in layers.flats)
+    budget = 0.01 * sum(m * f.numel() for m, f in zip(marginal, layers.flats)) + sum(fixed)
+    expected = openings(check_layers([update[n] for n in names]), marginal, fixed, budget, 1.0)
+    cand = candidates.gather(layers, marginal, fixed, 1.0, k=int(0.01 * n))
+    raised = []
+    for i, (flat, want) in enumerate(zip(cand.sub.flats, expected)):
+        gathered = np.sort(flat.numpy())[::-1]
+        if fixed[i] > 0 and want.count > 20 and gathered.size > want.count:
+            floor = float(gathered[int(0.95 * want.count)])  # a twentieth of the open item left out
+            cand.open_floors[i] = floor
+            cand.opened[i] = flat.numpy()[flat.numpy() >= floor]
+            raised.append(i)
+    assert raised
+    passes = []
+    real_gather = candidates.gather_at_least
+    monkeypatch.setattr(candidates, "gather_at_least", lambda pool, low, *a, **k: passes.append(list(low)) or
+                        real_gather(pool, low, *a, **k))
+    found = candidates.candidate_openings(cand, marginal, fixed, budget, 1.0)
+    for got, want in zip(found, expected):
+        assert got.affordable == want.affordable and got.cap == want.cap and got.count == want.count
+        assert got.at_cap == want.at_cap and math.isclose(got.ratio, want.ratio, rel_tol=1e-12)
+    again = [i for i in raised if not passes or passes[0][i] == math.inf]  # not in a pass: in the gathered entries
+    assert again
