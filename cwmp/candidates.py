@@ -144,7 +144,7 @@ def gather_from(layers: Layers, floors: Floors) -> Candidates:
     index_parts = [i_.numpy() for i_, _, _ in found]
     flats = [s_ for _, s_, _ in found]
     largest = [m if f.numel() else 0.0 for f, m in zip(flats, layers.max_magnitudes)]  # the largest is always gathered
-    sub = Layers(flats, largest, layers.score_dtype, layers.device)
+    sub = Layers(flats, largest, layers.score_dtype, layers.device, nonnegative=True)
     empty = np.zeros(0, dtype=np.dtype(str(layers.score_dtype).removeprefix("torch.")))
     opened = [None if h == math.inf else (p if p is not None else empty) for h, (_, _, p) in zip(higher, found)]
     return Candidates(layers, sub, index_parts, floors.floors, floors.open_floors, opened)

@@ -162,6 +162,9 @@ class Layers:
     #: [positions, magnitudes, where the layers are]: for the numpy pools one array of magnitudes
     #: and each point's layer, else one tensor per layer and the layers' bounds
     samples: dict[int, list] = field(default_factory=dict)
+    #: every entry is >= +0 (magnitudes gathered by ``cwmp.candidates``): the passes compare them
+    #: as they are, with no absolute value taken first
+    nonnegative: bool = False
 
 
 def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] | None] | None = None) -> Layers:
@@ -265,6 +268,7 @@ class _LayeredPool(_Pool):
         self, layers: Layers, divisors: Sequence[float] | None, power: float, caps: Sequence[float] | None = None
     ) -> None:
         self.flats, self.power, self.samples = layers.flats, power, layers.samples
+        self.nonnegative = layers.nonnegative
         self.device, self.score_dtype = layers.device, layers.score_dtype
         self.sizes = [f.numel() for f in self.flats]
         self.offsets = [0]

@@ -403,7 +403,8 @@ class Pruner(SetupSearch):
             return self._price(mask, named, sizes)
         keep = [i for i in range(len(sizes)) if i not in closed]
         sub = Layers([tensors.flats[i] for i in keep], [tensors.max_magnitudes[i] for i in keep],
-                     tensors.score_dtype, tensors.device)
+                     tensors.score_dtype, tensors.device,
+                     nonnegative=tensors.nonnegative)
         part = layers_budget_mask(sub, [marginal[i] for i in keep], [fixed[i] for i in keep], budget_j, self.power,
                                   rank_by_cost=rank, fill=fill,
                                   caps=None if caps is None else [caps[i] for i in keep])

@@ -117,13 +117,15 @@ def _split_layers_numpy(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
         out = []
         for start, stop, layer, local in group:
             m = stop - start
-            s, a, b = buffer[:m], above[start:stop], between[:m]
-            np.abs(pool.numpy_flats[layer][local : local + m], out=s)
+            a, b = above[start:stop], between[:m]
+            s = pool.numpy_flats[layer][local : local + m]
+            if not pool.nonnegative:
+                s = np.abs(s, out=buffer[:m])
             np.greater_equal(s, t_hi[layer], out=a)
             np.greater_equal(s, t_lo[layer], out=b)
             b ^= a
             inside = np.flatnonzero(b)
-            scores = pool.numpy_scores(s[inside], layer, in_place=True)
+            scores = pool.numpy_scores(s[inside], layer, in_place=True)  # s[inside]: a copy
             inside += start
             out.append((layer, np.count_nonzero(a), inside, scores))
         return out
