@@ -86,9 +86,10 @@ class Candidates:
         """The largest magnitude under ``floor`` in the layers' dtype."""
         return float(np.nextafter(self.dtype.type(floor), self.dtype.type(0)))
 
-    def exact_prefix(self, pool: _LayeredPool, sub_mask: Tensor) -> bool:
+    def exact_prefix(self, pool: _LayeredPool, sub_mask: Tensor, witness: Sequence[tuple[float, int]] = ()) -> bool:
         """Whether ``sub_mask``, a prefix selection over ``sub`` ordered by ``pool``'s keys, is the
-        selection over the whole update (see the module's docstring)."""
+        selection over the whole update (see the module's docstring). ``witness``: the selection's
+        ``(key, count)`` (``cwmp.masks.layers_topk_mask``), which spares the count when it decides."""
         incomplete = [i for i in range(len(self.sizes)) if not self.complete(i)]
         if not incomplete:
             return True
@@ -96,11 +97,14 @@ class Candidates:
         bound = float(pool.numpy_scores(outside, np.array(incomplete)).max())
         # the first entry left out has the largest left-out key; it is above the bound exactly when
         # more gathered entries than were kept have keys above it (the kept ones all do, if it does)
+        kept = int(np.count_nonzero(sub_mask.numpy()))
+        if any(key > bound and count > kept for key, count in witness):
+            return True  # more than were kept have keys >= a key above the bound
         above = _magnitude_thresholds(pool, bound, strict=True)  # per layer: key > bound from here up
         flats = pool.numpy_flats
         counts = map_largest_first(lambda i: int(np.count_nonzero(flats[i] >= above[i])), range(len(flats)),
                                    self.sub_sizes)
-        return sum(counts) > int(np.count_nonzero(sub_mask.numpy()))
+        return sum(counts) > kept
 
     def positions(self, sub_mask: Tensor) -> list[np.ndarray]:
         """Per layer, the positions (ascending, in the layer) of the entries ``sub_mask`` keeps."""

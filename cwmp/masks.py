@@ -131,6 +131,7 @@ def layers_budget_mask(
     rank_by_cost: bool = True,
     fill: bool = False,
     caps: Sequence[float] | None = None,
+    witness: list | None = None,
 ) -> Tensor:
     """One bool mask over the (virtual) concatenation of ``tensors``, flat, in their order: the
     longest prefix of the score order (``|u|**power / marginal_j[layer]`` when ``rank_by_cost``,
@@ -138,9 +139,9 @@ def layers_budget_mask(
     kept entries costing ``fixed_j[layer] + marginal_j[layer] * k``. With ``fill=True`` the budget
     left is spent on later entries that still fit, in score order (the greedy walk). ``caps``, one
     per tensor (inf: none), clip each layer's scores to at most its cap before ordering: the
-    set-up-aware rule's order (``cwmp.setup_rule``)."""
+    set-up-aware rule's order (``cwmp.setup_rule``). ``witness``: see ``layers_topk_mask``."""
     with single_threaded(_device_of(tensors)):
-        return _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill, caps)
+        return _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill, caps, witness)
 
 
 def _device_of(tensors: Sequence[Tensor]) -> torch.device | None:
@@ -150,7 +151,8 @@ def _device_of(tensors: Sequence[Tensor]) -> torch.device | None:
     return first.device if isinstance(first, Tensor) else None
 
 
-def _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill, caps=None) -> Tensor:
+def _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_cost, fill, caps=None,
+                        witness=None) -> Tensor:
     layers = tensors if isinstance(tensors, Layers) else check_layers(tensors)
     n_layers = len(layers.flats)
     if len(marginal_j) != n_layers or (fixed_j is not None and len(fixed_j) != n_layers):
@@ -177,19 +179,28 @@ def _layers_budget_mask(tensors, marginal_j, fixed_j, budget_j, power, rank_by_c
         return torch.zeros(0, dtype=torch.bool, device=pool.device)
     pool.cost = _LayerCosts(marginal, fixed, pool.offsets, top, pool.device)
     mask = _select(pool, float(budget_j), 0)
+    _witness(pool, witness)
     if fill:
         _fill_layers(pool, mask, float(budget_j))
     return mask
 
 
-def layers_topk_mask(tensors: Sequence[Tensor] | Layers, k: int) -> Tensor:
+def layers_topk_mask(tensors: Sequence[Tensor] | Layers, k: int, witness: list | None = None) -> Tensor:
     """Global Top-K over several tensors without concatenating them: one flat bool mask over their
-    concatenation keeping the ``k`` entries of largest magnitude, ties by concatenated position."""
+    concatenation keeping the ``k`` entries of largest magnitude, ties by concatenated position.
+    ``witness``, a list: the selection's first pass over the tensors appends ``(key, count)``,
+    a key (magnitude; for ``layers_budget_mask`` a score) and how many entries have a key at least
+    that large, where its numpy pass made one (a certificate for ``Candidates.exact_prefix``)."""
     with single_threaded(_device_of(tensors)):
-        return _layers_topk_mask(tensors, k)
+        return _layers_topk_mask(tensors, k, witness)
 
 
-def _layers_topk_mask(tensors: Sequence[Tensor], k: int) -> Tensor:
+def _witness(pool: _LayeredPool, witness: list | None) -> None:
+    if witness is not None and pool.first_split is not None:
+        witness.append(pool.first_split)
+
+
+def _layers_topk_mask(tensors: Sequence[Tensor], k: int, witness: list | None = None) -> Tensor:
     layers = tensors if isinstance(tensors, Layers) else check_layers(tensors)
     n = sum(f.numel() for f in layers.flats)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
@@ -198,7 +209,9 @@ def _layers_topk_mask(tensors: Sequence[Tensor], k: int) -> Tensor:
     if pool.n == 0:
         return torch.zeros(0, dtype=torch.bool, device=pool.device)
     pool.cost = _UniformCost(1.0)
-    return _select(pool, float(k), 0)
+    mask = _select(pool, float(k), 0)
+    _witness(pool, witness)
+    return mask
 
 
 def _power_over(magnitude: float, power: float, divisor: float) -> float:

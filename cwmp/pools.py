@@ -269,6 +269,8 @@ class _LayeredPool(_Pool):
     ) -> None:
         self.flats, self.power, self.samples = layers.flats, power, layers.samples
         self.nonnegative = layers.nonnegative
+        #: (key, count) of the first numpy pass over this pool: ``count`` entries have a key >= ``key``
+        self.first_split: tuple[float, int] | None = None
         self.device, self.score_dtype = layers.device, layers.score_dtype
         self.sizes = [f.numel() for f in self.flats]
         self.offsets = [0]

@@ -278,8 +278,8 @@ class Pruner(SetupSearch):
         if self.budget.keep_ratio is not None:
             k = _k_of(self.budget.keep_ratio, total)
             cand = candidates(k=k)
-            top = self._on(cand, named, lambda layers: layers_topk_mask(layers, k) if k <= sum(cand.sub_sizes) else None,
-                           _LayeredPool, None, 1.0)
+            top = self._on(cand, named, lambda layers, witness: layers_topk_mask(layers, k, witness)
+                           if k <= sum(cand.sub_sizes) else None, _LayeredPool, None, 1.0)
             if top is None:
                 top = self._price(layers_topk_mask(tensors, k), named, sizes)
             mask_budget_j = top.joules
@@ -381,11 +381,12 @@ class Pruner(SetupSearch):
         return _Priced(None, self.cost_map.joules_of_counts(kept), counts, sub, cand)
 
     def _on(self, cand: Candidates | None, named, select, pool, divisors, power, caps=None) -> "_Priced | None":
-        """``select`` run on the gathered entries, when there are any and its prefix is shown to
-        be the one over the whole update (``Candidates.exact_prefix`` with the selection's keys:
-        ``pool(cand.sub, divisors, power, caps)``); else None."""
-        sub = None if cand is None else select(cand.sub)
-        if sub is None or not cand.exact_prefix(pool(cand.sub, divisors, power, caps), sub):
+        """``select(layers, witness)`` run on the gathered entries, when there are any and its
+        prefix is shown to be the one over the whole update (``Candidates.exact_prefix`` with the
+        selection's keys, ``pool(cand.sub, divisors, power, caps)``, and its witness); else None."""
+        witness: list = []
+        sub = None if cand is None else select(cand.sub, witness)
+        if sub is None or not cand.exact_prefix(pool(cand.sub, divisors, power, caps), sub, witness):
             return None
         return self._priced(cand, sub, named)
 

@@ -144,6 +144,8 @@ def _split_layers_numpy(pool: "_LayeredPool", lo: float, hi: float) -> _Split:
     )
     between_pool = _GatheredPool(index, stored, pool.cost.gather(index))
     n_above = int(counts.sum())
+    if pool.first_split is None:
+        pool.first_split = (lo, n_above + index.numel())  # the entries with a score >= lo
     above_amount = torch.from_numpy(counts) if isinstance(pool.cost, _LayerCosts) else torch.tensor(n_above)
     upto_amount = above_amount + between_pool.cost.amount_of_all(index.numel())
     return _Split(above_t, n_above, above_amount, n_above + index.numel(), upto_amount, between_pool)

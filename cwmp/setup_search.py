@@ -42,8 +42,9 @@ class SetupSearch:
         caps = [o.cap for o in opens]
 
         def prefix(rank: bool, clip) -> _Priced:
-            def select(layers):
-                return layers_budget_mask(layers, marginal, fixed, budget_j, self.power, rank_by_cost=rank, caps=clip)
+            def select(layers, witness):
+                return layers_budget_mask(layers, marginal, fixed, budget_j, self.power, rank_by_cost=rank, caps=clip,
+                                          witness=witness)
             chosen = self._on(cand, named, select, _LayeredPool, marginal if rank else None, self.power, clip)
             if chosen is None or chosen.joules > budget_j:
                 chosen = self._within(tensors, marginal, fixed, budget_j, named, caps=clip, rank_by_cost=rank)

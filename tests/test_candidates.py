@@ -21,7 +21,8 @@ import torch
 import cwmp.candidates as candidates
 import cwmp.pruner as pruner_module
 from cwmp import Budget, BudgetError, CostMap, ErrorFeedback, LayerPrice, MaskInputError, Pruner
-from cwmp.masks import check_layers
+from cwmp.masks import check_layers, layers_budget_mask, layers_topk_mask
+from cwmp.pools import _LayeredPool
 from cwmp.pruner import LazyMasks
 from cwmp.setup_rule import openings
 
@@ -58,8 +59,8 @@ def small_updates_gathered(monkeypatch):
         seen["gathered"] += 1
         return out
 
-    def counting_exact(self, pool, sub):
-        out = exact(self, pool, sub)
+    def counting_exact(self, pool, sub, witness=()):
+        out = exact(self, pool, sub, witness)
         seen["exact" if out else "refused"] += 1
         return out
 
@@ -360,3 +361,66 @@ def test_an_open_floor_set_too_high_is_looked_below_again_in_the_gathered_entrie
         assert got.at_cap == want.at_cap and math.isclose(got.ratio, want.ratio, rel_tol=1e-12)
     again = [i for i in raised if not passes or passes[0][i] == math.inf]  # not in a pass: in the gathered entries
     assert again
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("sigmas", [4.0, -3.0, -40.0])
+def test_a_selections_witness_is_true_and_decides_as_the_count_does(monkeypatch, seed, sigmas):
+    """The first pass of a selection on the gathered entries says how many have a key at least
+    some key (``witness``); that count is true, and ``exact_prefix`` with it says what it says
+    with the full count, for prefixes that are and are not the whole update's."""
+    monkeypatch.setattr(candidates, "MIN_ENTRIES", 1 << 12)
+    monkeypatch.setattr(candidates, "MAX_SHARE", 1.0)
+    monkeypatch.setattr(candidates, "SIGMAS", sigmas)
+    update, costs = problem(seed)
+    names = list(update)
+    layers = check_layers([update[n] for n in names])
+    marginal, fixed = [costs.marginal_j(x) for x in names], [costs.fixed_j(x) for x in names]
+    n = sum(f.numel() for f in layers.flats)
+    cand = candidates.gather(layers, marginal, fixed, 2.0, k=int(0.02 * n))
+    gathered = sum(cand.sub_sizes)
+    caps = [float(np.quantile(f.numpy() ** 2 / m, 0.9)) if f.numel() else math.inf
+            for f, m in zip(cand.sub.flats, marginal)]
+    decided = 0
+    for share in (0.3, 0.8, 0.99, 1.0):
+        k = int(share * gathered)
+        budget = share * sum(m * s for m, s in zip(marginal, cand.sub_sizes)) + sum(fixed)
+        for pool, select in (
+            (_LayeredPool(cand.sub, None, 1.0), lambda w: layers_topk_mask(cand.sub, k, w)),
+            (_LayeredPool(cand.sub, marginal, 2.0, caps),
+             lambda w: layers_budget_mask(cand.sub, marginal, fixed, budget, 2.0, caps=caps, witness=w)),
+        ):
+            witness: list = []
+            mask = select(witness)
+            keys = np.concatenate([pool.numpy_scores(f.numpy(), i) for i, f in enumerate(cand.sub.flats)])
+            for key, count in witness:
+                assert count == int(np.count_nonzero(keys >= key))
+            assert cand.exact_prefix(pool, mask, witness) == cand.exact_prefix(pool, mask)
+            kept = int(np.count_nonzero(mask.numpy()))
+            decided += any(count > kept for _, count in witness)
+    assert decided
+
+
+def test_a_witness_decides_only_above_the_bound_and_past_what_was_kept(monkeypatch):
+    """The rule itself, on a prefix that is not the whole update's (the floors pulled far inside):
+    a witness decides only with a key strictly above the largest key left ungathered and a count
+    strictly above the kept entries; any other falls back to the count, which refuses."""
+    monkeypatch.setattr(candidates, "MIN_ENTRIES", 1 << 12)
+    monkeypatch.setattr(candidates, "MAX_SHARE", 1.0)
+    monkeypatch.setattr(candidates, "SIGMAS", -40.0)
+    update, costs = problem(3)
+    names = list(update)
+    layers = check_layers([update[n] for n in names])
+    marginal, fixed = [costs.marginal_j(x) for x in names], [costs.fixed_j(x) for x in names]
+    cand = candidates.gather(layers, marginal, fixed, 1.0, k=int(0.02 * sum(f.numel() for f in layers.flats)))
+    pool = _LayeredPool(cand.sub, None, 1.0)
+    mask = torch.ones(sum(cand.sub_sizes), dtype=torch.bool)  # everything gathered kept: the next is ungathered
+    assert not cand.exact_prefix(pool, mask)
+    incomplete = [i for i in range(len(cand.sizes)) if not cand.complete(i)]
+    outside = np.array([cand.below(cand.floors[i]) for i in incomplete], dtype=cand.dtype)
+    bound = float(pool.numpy_scores(outside, np.array(incomplete)).max())
+    kept = int(mask.sum())
+    above = float(np.nextafter(np.float32(bound), np.float32(np.inf)))
+    assert cand.exact_prefix(pool, mask, [(above, kept + 1)])  # what such a witness would prove
+    for claim in ([(bound, kept + 1)], [(above, kept)], [(-math.inf, kept + 1)], [(bound, kept), (above, kept)]):
+        assert not cand.exact_prefix(pool, mask, claim)
