@@ -472,6 +472,8 @@ def retained(pool: _LayeredPool, masks: Sequence[Tensor], exact: bool = False) -
         dtype = np.float64 if exact else np.float32
 
         def powered(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+            if pool.nonnegative and pool.power == 1 and values.dtype == dtype:
+                return values  # |u| as it is (the sums only read it)
             np.abs(values, out=out)
             if pool.power == 2:
                 np.multiply(out, out, out=out)
