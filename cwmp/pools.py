@@ -165,6 +165,8 @@ class Layers:
     #: every entry is >= +0 (magnitudes gathered by ``cwmp.candidates``): the passes compare them
     #: as they are, with no absolute value taken first
     nonnegative: bool = False
+    #: the pools' layout of these layers (sizes, offsets, chunks), made once: ``_Geometry``
+    geometry: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def check_layers(tensors: Sequence[Tensor], known: Sequence[tuple[float, float] | None] | None = None) -> Layers:
@@ -255,6 +257,35 @@ def _largest(flats: list[Tensor], known: list, extremes: list) -> list[float]:
     return max_magnitudes
 
 
+class _Geometry:
+    """How the pools over one ``Layers`` lay it out: sizes, offsets, chunks of ``width`` entries
+    (each within one layer), and on the CPU the layers' numpy views; the same for every pool over
+    it, so made once (``Layers.geometry``)."""
+
+    def __init__(self, layers: Layers, width: int, numpy: bool) -> None:
+        self.flats = layers.flats
+        self.sizes = [f.numel() for f in layers.flats]
+        self.offsets = [0]
+        for size in self.sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.n = self.offsets[-1]
+        self.bounds = torch.tensor(self.offsets, dtype=torch.int64, device=layers.device)
+        self.chunks: list[tuple[int, int]] = []
+        self.where: dict[int, tuple[int, int]] = {}
+        for layer, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
+            for local in range(0, size, width):
+                self.chunks.append((offset + local, offset + min(local + width, size)))
+                self.where[offset + local] = (layer, local)
+        self._numpy_views: tuple[list[np.ndarray], list[tuple[int, int, int, int]]] | None = None
+
+    def numpy_views(self) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
+        """The layers' numpy views and the chunks as (start, stop, layer, local start)."""
+        if self._numpy_views is None:
+            self._numpy_views = ([f.numpy() for f in self.flats],
+                                 [(start, stop) + self.where[start] for start, stop in self.chunks])
+        return self._numpy_views
+
+
 class _LayeredPool(_Pool):
     """The concatenation of several tensors, never made: chunks never cross a layer, and each
     layer's scores are its magnitudes (to the power) divided by the layer's one divisor, and then
@@ -272,26 +303,19 @@ class _LayeredPool(_Pool):
         #: (key, count) of the first numpy pass over this pool: ``count`` entries have a key >= ``key``
         self.first_split: tuple[float, int] | None = None
         self.device, self.score_dtype = layers.device, layers.score_dtype
-        self.sizes = [f.numel() for f in self.flats]
-        self.offsets = [0]
-        for size in self.sizes:
-            self.offsets.append(self.offsets[-1] + size)
-        self.n = self.offsets[-1]
+        self.defer_gather = not (_k.NUMPY_ON_CPU and self.device.type == "cpu")
+        self._numpy = not self.defer_gather
+        width = _k.CHUNK_CUDA if self.device.type == "cuda" else _k.CHUNK_CPU
+        geometry = layers.geometry.get((width, self._numpy))
+        if geometry is None:  # the first pool over these layers lays them out for all
+            geometry = layers.geometry[(width, self._numpy)] = _Geometry(layers, width, self._numpy)
+        self.sizes, self.offsets, self.n = geometry.sizes, geometry.offsets, geometry.n
+        self._bounds, self._chunks, self._where = geometry.bounds, geometry.chunks, geometry.where
         # a device tensor, so that CPU and CUDA both divide (CUDA multiplies by the reciprocal of a
         # Python number, which can differ in the last bit)
         self.divisors = (
             None if divisors is None else torch.tensor(list(divisors), dtype=self.score_dtype, device=self.device)
         )
-        self._bounds = torch.tensor(self.offsets, dtype=torch.int64, device=self.device)
-        width = _k.CHUNK_CUDA if self.device.type == "cuda" else _k.CHUNK_CPU
-        self._chunks: list[tuple[int, int]] = []
-        self._where: dict[int, tuple[int, int]] = {}
-        for layer, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
-            for local in range(0, size, width):
-                self._chunks.append((offset + local, offset + min(local + width, size)))
-                self._where[offset + local] = (layer, local)
-        self.defer_gather = not (_k.NUMPY_ON_CPU and self.device.type == "cpu")
-        self._numpy = not self.defer_gather
         self._divisors_np = None if self.divisors is None or not self._numpy else self.divisors.numpy()
         self.caps = None if caps is None else torch.tensor(list(caps), dtype=self.score_dtype, device=self.device)
         self._caps_np = None if self.caps is None or not self._numpy else self.caps.numpy()
@@ -301,10 +325,9 @@ class _LayeredPool(_Pool):
             and self.score_dtype in (torch.float32, torch.float64)
         )
         if self.numpy_pass:
-            self.numpy_flats = [f.numpy() for f in self.flats]
+            self.numpy_flats, self.chunk_info = geometry.numpy_views()
             self.numpy_divisors = self._divisors_np
             self.numpy_dtype = self.numpy_flats[0].dtype if self.flats else np.dtype(np.float32)
-            self.chunk_info = [(start, stop) + self._where[start] for start, stop in self._chunks]
 
     def numpy_scores(self, magnitudes: np.ndarray, layer, in_place: bool = False) -> np.ndarray:
         """Scores of magnitudes of ``layer`` (an int, or one layer per magnitude), with the very
