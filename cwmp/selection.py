@@ -390,44 +390,28 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: boo
         t = np.asarray(thresholds, dtype=np.float64)
         higher = None if above is None else np.asarray(above, dtype=np.float64)
         width = max((stop - start for start, stop, _, _ in pool.chunk_info), default=0)
-        groups = [[c for c in group if t[c[2]] < math.inf] for group in pool.chunk_groups()]
 
-        def run(group):
-            buffer = np.empty(width, dtype=pool.numpy_dtype)
-            passing = np.empty(width, dtype=np.bool_)
-            out = []
-            for start, stop, layer, local in group:
-                m = stop - start
-                s, p = buffer[:m], passing[:m]
-                np.abs(pool.numpy_flats[layer][local : local + m], out=s)
-                np.greater_equal(s, t[layer], out=p)
-                inside = np.flatnonzero(p)
-                at = inside + local
-                if narrow and pool.sizes[layer] < 2**31:
-                    at = at.astype(np.int32)
-                magnitudes = s[inside]
-                high = None
-                if higher is not None and higher[layer] < math.inf:
-                    high = magnitudes >= higher[layer]
-                scored = pool.numpy_scores(magnitudes, layer, in_place=True)
-                out.append((layer, at, scored, None if high is None else np.compress(high, scored)))
-            return out
+        def one(layer: int) -> tuple:
+            # a layer per task, its comparison chunk by chunk (the absolute values stay in cache)
+            # into one flag per entry, then one nonzero and one read of the entries found: the
+            # layer's results come out whole, with no pieces to join
+            flat = pool.numpy_flats[layer]
+            passing = np.empty(flat.size, dtype=np.bool_)
+            buffer = np.empty(min(width, flat.size), dtype=pool.numpy_dtype)
+            for local in range(0, flat.size, width):
+                piece = flat[local : local + width]
+                s = np.abs(piece, out=buffer[: piece.size])
+                np.greater_equal(s, t[layer], out=passing[local : local + piece.size])
+            inside = np.flatnonzero(passing)
+            del passing
+            magnitudes = np.abs(flat[inside])  # a copy, made absolute in place below
+            at = inside.astype(np.int32) if narrow and flat.size < 2**31 else inside
+            high = None if higher is None or not higher[layer] < math.inf else magnitudes >= higher[layer]
+            scored = pool.numpy_scores(magnitudes, layer, in_place=True)
+            return at, scored, None if high is None else np.compress(high, scored)
 
-        parts: list[list[tuple]] = [[] for _ in range(n_layers)]
-        for layer, *piece in in_parallel(run, [g for g in groups if g]):
-            parts[layer].append(piece)
-
-        def join(pieces: list[tuple]) -> tuple:
-            if len(pieces) == 1:
-                return pieces.pop()
-            out = tuple(None if p[0] is None else np.concatenate(p) for p in zip(*pieces))
-            pieces.clear()  # the chunks' parts go as soon as their layer is joined
-            return out
-
-        filled = [i for i in range(n_layers) if parts[i]]  # the layers' copies, on the worker threads too
-        joined = map_largest_first(join, [parts[i] for i in filled], [pool.sizes[i] for i in filled])
         picked: list[np.ndarray | None] = [None] * n_layers
-        for layer, (inside, s, high) in zip(filled, joined):
+        for layer, (inside, s, high) in zip(wanted, map_largest_first(one, wanted, [pool.sizes[i] for i in wanted])):
             found[layer].append(torch.from_numpy(inside))
             scores[layer].append(torch.from_numpy(s))
             picked[layer] = high
