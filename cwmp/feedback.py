@@ -23,7 +23,8 @@ from cwmp.sparse import SparseUpdate, _check_mask, take_at, take_kept
 __all__ = ["ErrorFeedback"]
 
 
-_PIECE = 1 << 16  # entries per piece of the compensation (256 KiB of float32: in the core's cache)
+_PIECE = 1 << 18  # entries per piece of the compensation (1 MiB of float32: in a core's 2 MiB L2 cache; a
+# quarter of that made 62 layers of ResNet-18 take 6.5 ms instead of 5.6, in per-piece calls)
 
 
 def _add_and_reduce(pair: tuple[Tensor, Tensor]) -> tuple[float, float] | None:

@@ -278,15 +278,18 @@ def test_a_finite_update_whose_sum_overflows_is_accepted_and_nan_is_not():
 
 
 def test_a_nan_in_a_held_residual_is_refused_whatever_piece_it_is_in():
+    import cwmp.feedback as fb
+
     feedback = ErrorFeedback()
-    residual = torch.zeros(200_000)
-    residual[150_000] = math.nan  # in a later piece than the first
+    n, at = 2 * fb._PIECE + 1000, fb._PIECE + 500  # in a later piece than the first
+    residual = torch.zeros(n)
+    residual[at] = math.nan
     feedback.load_state_dict({"residuals": {"w": residual}})
     prices = CostMap({"w": LayerPrice(1.0, "measured")}, simulated=True)
     with pytest.raises(MaskInputError, match="NaN or infinite"):
-        Pruner(prices, Budget.topk_keep_ratio(0.1)).compress({"w": torch.ones(200_000)}, feedback, sparse=True)
-    assert feedback.residuals["w"][0] == 0 and torch.isnan(feedback.residuals["w"][150_000])  # taken back
-    assert feedback.compensate({"w": torch.ones(200_000)}, in_place=True)  # not stuck half-open
+        Pruner(prices, Budget.topk_keep_ratio(0.1)).compress({"w": torch.ones(n)}, feedback, sparse=True)
+    assert feedback.residuals["w"][0] == 0 and torch.isnan(feedback.residuals["w"][at])  # taken back
+    assert feedback.compensate({"w": torch.ones(n)}, in_place=True)  # not stuck half-open
 
 
 def test_a_compensation_that_fails_takes_back_what_it_added(two_threads, monkeypatch):
