@@ -204,7 +204,7 @@ def estimate(layers: Layers, marginal: Sequence[float], fixed: Sequence[float], 
         s = -np.sort(-scores[edges[i] : edges[i + 1]])
         local_scale = n_i / s.size
         ranks = np.arange(1, s.size + 1, dtype=np.float64) * local_scale
-        estimate = np.cumsum(s) * local_scale / (fix[i] / marg[i] + ranks)
+        estimate = torch.cumsum(torch.from_numpy(s), 0).numpy() * local_scale / (fix[i] / marg[i] + ranks)
         estimate[ranks > max(k_max, local_scale)] = -np.inf
         best = int(np.argmax(estimate))
         caps[i] = estimate[best]

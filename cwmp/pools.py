@@ -440,7 +440,20 @@ class _LayeredPool(_Pool):
         cached = self.samples.get(size)
         if cached is not None:
             return cached[0]
-        index = super().sample_index(size, generator)  # ascending, for scores_at
-        index = torch.from_numpy(np.sort(index.numpy())) if self._numpy else torch.sort(index).values
+        key = (self.n, size, str(self.device), generator.initial_seed())
+        index = _POSITIONS.get(key)
+        if index is None:  # the same positions for every update of this many entries (the seed is fixed)
+            index = super().sample_index(size, generator)  # ascending, for scores_at
+            index = torch.from_numpy(np.sort(index.numpy())) if self._numpy else torch.sort(index).values
+            _POSITIONS[key] = index
+            while len(_POSITIONS) > _POSITIONS_KEPT:
+                _POSITIONS.pop(next(iter(_POSITIONS)))
         self.samples[size] = [index, None, None]
         return index
+
+
+#: sample positions by (entries, points, device, seed): the positions are a function of these alone,
+#: and a client's update has the same number of entries every round (a sample only ever decides
+#: how fast a selection runs, never what it keeps). The most recent few are kept; never written to.
+_POSITIONS: dict[tuple, Tensor] = {}
+_POSITIONS_KEPT = 8

@@ -501,3 +501,28 @@ def test_a_sample_read_once_scores_as_the_pass_does_for_every_pool_over_the_laye
     for first, second in ((pool, other), (other, pool)):
         for p in (first, second):
             assert torch.equal(p.sample_scores(index), p.scores_at(index))
+
+
+def test_sample_positions_are_drawn_once_per_size_and_each_update_reads_its_own_values():
+    """The positions depend on the number of entries, the sample's size and the seed alone: a
+    second update of the same shapes reuses them (a client's update keeps its size every round)
+    and reads its own magnitudes there; another size draws its own; a few sizes are kept."""
+    import cwmp.pools as pools
+
+    g = torch.Generator().manual_seed(4)
+    first = check_layers([torch.randn(5000, generator=g), torch.randn(300, generator=g)])
+    second = check_layers([torch.randn(5000, generator=g), torch.randn(300, generator=g)])
+    other = check_layers([torch.randn(5001, generator=g)])
+
+    def index_of(layers):
+        return _LayeredPool(layers, None, 1.0).sample_index(1000, torch.Generator().manual_seed(7))
+
+    index = index_of(first)
+    assert index_of(second) is index and index_of(other) is not index
+    assert torch.equal(index, torch.sort(torch.randint(5300, (1000,), generator=torch.Generator().manual_seed(7))).values)
+    for layers in (first, second):
+        pool = _LayeredPool(layers, None, 1.0)
+        assert torch.equal(pool.sample_scores(index), pool.scores_at(index))
+    for n in range(20):
+        index_of(check_layers([torch.ones(100 + n)]))
+    assert len(pools._POSITIONS) <= pools._POSITIONS_KEPT
