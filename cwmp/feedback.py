@@ -135,7 +135,9 @@ class ErrorFeedback:
     def extremes_of(self, corrected: Tensor) -> tuple[float, float] | None:
         """(min, max) of a tensor that the last in-place ``compensate`` returned and nothing has
         changed since (None if not known): what the pruner would otherwise reduce again."""
-        return self.open_extremes.get(id(corrected)) if any(r is corrected for r in self._open.values()) else None
+        # its keys are ids of the residuals held in ``_open``, alive until closed: no other live
+        # object has one of those ids
+        return self.open_extremes.get(id(corrected))
 
     def undo(self, updates: NamedTensors) -> None:
         """Take back an in-place ``compensate`` whose step failed (the residual is restored up to
