@@ -16,7 +16,9 @@ costs). For each keep ratio r the rows are:
 - ``ef-step``: ``pruner.compress(update, feedback, sparse=True)`` with the CWMP pruner above and a
   residual from an earlier step: compensate, mask, keep the residual, return what is sent, i.e.
   what a client puts on the wire: per layer the kept entries' positions and values
-  (``SparseUpdate``), not a dense tensor of the update's size. Its check: the masks equal the
+  (``SparseUpdate``), not a dense tensor of the update's size. Nor does it make the result's dense
+  masks: ``PruneResult.masks`` is then a ``LazyMasks``, made from the kept positions when first
+  read (the check reads them, outside the timing). Its check: the masks equal the
   reference's check (below), each layer's ``to_dense()`` plus the new residual equals the compensated
   update exactly, and the values sent are the compensated update's at the kept positions.
 
