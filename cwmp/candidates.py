@@ -108,10 +108,15 @@ class Candidates:
 
     def positions(self, sub_mask: Tensor) -> list[np.ndarray]:
         """Per layer, the positions (ascending, in the layer) of the entries ``sub_mask`` keeps."""
-        flags, starts = sub_mask.numpy(), self.sub_starts
+        return self.kept_positions(self.index, sub_mask.numpy(), self.sub_starts)
+
+    @staticmethod
+    def kept_positions(index: list[np.ndarray], flags: np.ndarray, sub_starts: list[int]) -> list[np.ndarray]:
+        """``positions`` from the gathered positions ``index``, the flags over the gathered entries
+        and where each layer's start among them."""
         # np.compress, not boolean indexing: a few times faster on an irregular mask (numpy 2.4)
-        return map_largest_first(lambda i: np.compress(flags[starts[i] : starts[i + 1]], self.index[i]),
-                                 range(len(self.sizes)), self.sub_sizes)
+        return map_largest_first(lambda i: np.compress(flags[sub_starts[i] : sub_starts[i + 1]], index[i]),
+                                 range(len(index)), [p.size for p in index])
 
     def expand(self, positions: list[np.ndarray]) -> Tensor:
         """The flat mask over the whole update's concatenation that keeps the entries at

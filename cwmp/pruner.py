@@ -310,9 +310,12 @@ class Pruner(SetupSearch):
         mask_j = chosen.joules
         positions = chosen.positions()
         if lazy and positions is not None and chosen.flat is None:
-            starts, shapes = chosen.candidates.starts, {name: t.shape for name, t in named.items()}
-            kept = [p.copy() for p in positions]  # what is sent may share the positions' memory
-            masks: Mapping[str, Tensor] = LazyMasks(names, lambda: _views(expand(kept, starts), shapes))
+            cand, sub = chosen.candidates, chosen.sub
+            # the positions are found again from the gathered positions and the selection's flags
+            # (what is sent shares the positions' memory, and its receiver may change it)
+            recipe = (Candidates.kept_positions, cand.index, sub.numpy(), cand.sub_starts, cand.starts)
+            shapes = {name: t.shape for name, t in named.items()}
+            masks: Mapping[str, Tensor] = LazyMasks(names, lambda: _views(_expand_kept(*recipe), shapes))
         else:
             masks = _views(chosen.mask, named)
         return PruneResult(
@@ -551,6 +554,10 @@ def _k_of(ratio: float, n: int) -> int:
 
 def _device_of(tensors: list[Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _expand_kept(kept_positions, index, flags, sub_starts, starts) -> Tensor:
+    return expand(kept_positions(index, flags, sub_starts), starts)
 
 
 def _views(mask: Tensor, like: Mapping[str, Tensor | torch.Size]) -> dict[str, Tensor]:

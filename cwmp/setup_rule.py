@@ -129,7 +129,7 @@ def _best_prefix(scores: Tensor, f_entries: float, k_max: int, score_dtype: torc
     every affordable k was examined)."""
     dtype = np.dtype(str(score_dtype).removeprefix("torch."))
     if _k.NUMPY_ON_CPU and scores.device.type == "cpu":  # numpy throughout: a few times faster here
-        ordered = -np.sort(-scores.numpy())
+        ordered = np.sort(scores.numpy())[::-1]  # largest first (a reversed view)
         m = min(k_max, ordered.size)
         if m == 0:
             return 0.0, 0.0, 0, 0.0, False
