@@ -8,6 +8,7 @@ or a set gathered by an earlier pass (scores stored).
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -445,9 +446,10 @@ class _LayeredPool(_Pool):
         if index is None:  # the same positions for every update of this many entries (the seed is fixed)
             index = super().sample_index(size, generator)  # ascending, for scores_at
             index = torch.from_numpy(np.sort(index.numpy())) if self._numpy else torch.sort(index).values
-            _POSITIONS[key] = index
-            while len(_POSITIONS) > _POSITIONS_KEPT:
-                _POSITIONS.pop(next(iter(_POSITIONS)))
+            with _POSITIONS_LOCK:
+                _POSITIONS[key] = index
+                while len(_POSITIONS) > _POSITIONS_KEPT:
+                    _POSITIONS.pop(next(iter(_POSITIONS)))
         self.samples[size] = [index, None, None]
         return index
 
@@ -457,3 +459,4 @@ class _LayeredPool(_Pool):
 #: how fast a selection runs, never what it keeps). The most recent few are kept; never written to.
 _POSITIONS: dict[tuple, Tensor] = {}
 _POSITIONS_KEPT = 8
+_POSITIONS_LOCK = threading.Lock()

@@ -23,6 +23,7 @@ can be compared at equal energy. Top-K's mask is found by the same sort-free sel
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Optional
@@ -123,12 +124,15 @@ class LazyMasks(Mapping):
     """``PruneResult.masks`` of ``Pruner.compress(sparse=True)`` when the masks were chosen on the
     gathered entries: what is sent holds the kept positions, and a client that only sends them
     never needs a mask of the update's size. The masks (views of one flat mask, as otherwise) are
-    made from the kept positions when one is first read, then kept."""
+    made when one is first read, from the gathered positions and the chosen selection's flags
+    (held until then: 5 bytes per gathered entry), then kept. Reading is safe from several threads;
+    a pickled ``LazyMasks`` is its masks, a plain dict."""
 
     def __init__(self, names: list[str], make: Callable[[], dict[str, Tensor]]) -> None:
         self._names = names
         self._make: Callable[[], dict[str, Tensor]] | None = make
         self._masks: dict[str, Tensor] | None = None
+        self._lock = threading.Lock()
 
     @property
     def made(self) -> bool:
@@ -136,8 +140,10 @@ class LazyMasks(Mapping):
 
     def _all(self) -> dict[str, Tensor]:
         if self._masks is None:
-            self._masks = self._make()
-            self._make = None  # the positions it holds go with it
+            with self._lock:
+                if self._masks is None:
+                    self._masks = self._make()
+                    self._make = None  # the positions and flags it holds go with it
         return self._masks
 
     def __getitem__(self, name: str) -> Tensor:
@@ -151,6 +157,9 @@ class LazyMasks(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
+
+    def __reduce__(self):
+        return dict, (dict(self._all()),)
 
     def __repr__(self) -> str:
         return f"LazyMasks({self._names!r}, made={self.made})"
@@ -242,7 +251,7 @@ class Pruner(SetupSearch):
         """The result, and per tensor the kept positions when the chosen selection has them (they
         spare error feedback a pass over the masks); the gathered entries are freed on return.
         ``lazy``: with those positions, the result's masks are made when first read
-        (``LazyMasks``)."""
+        (``LazyMasks``, which holds the gathered positions and the selection's flags till then)."""
         names = list(named)
         marginal = [self.cost_map.marginal_j(name) for name in names]  # a missing layer fails here, by name
         fixed = [self.cost_map.fixed_j(name) for name in names]

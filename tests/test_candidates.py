@@ -173,6 +173,42 @@ def test_the_sparse_steps_masks_are_made_from_the_kept_positions_only_when_read(
         assert torch.equal(dense[name], torch.where(mask, dense[name], 0))
 
 
+def test_lazy_masks_are_made_once_from_several_threads_and_pickle_as_their_masks(monkeypatch, small_updates_gathered):
+    import pickle
+    import threading
+
+    update, costs = problem(2)
+    pruner = Pruner(costs, Budget.topk_keep_ratio(0.05), method="cwmp")
+    feedback = ErrorFeedback()
+    pruner.compress({n: u.clone() for n, u in update.items()}, feedback)
+    _, result = pruner.compress({n: u.clone() for n, u in update.items()}, feedback, sparse=True)
+    assert isinstance(result.masks, LazyMasks) and not result.masks.made
+    made, real_expand = [], pruner_module.expand
+    start = threading.Barrier(4)
+
+    def slow_expand(*args):
+        made.append(1)
+        return real_expand(*args)
+
+    monkeypatch.setattr(pruner_module, "expand", slow_expand)
+    seen: list = []
+
+    def read():
+        start.wait()
+        seen.append(result.masks["layer0"])
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and all(m is seen[0] for m in seen)
+    again = pickle.loads(pickle.dumps(result))
+    assert isinstance(again.masks, dict) and list(again.masks) == list(update)
+    assert all(torch.equal(again.masks[n], result.masks[n]) for n in update)
+    assert again.kept == result.kept and again.predicted_j == result.predicted_j
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("sigmas", [4.0, -40.0])
 def test_open_items_from_the_gathered_entries_are_the_layers_open_items(monkeypatch, seed, sigmas):

@@ -137,6 +137,36 @@ def test_bad_input_leaves_the_feedback_state_as_it_was():
         feedback.remember(updates_of(2), masks, sparse=True)
 
 
+def test_remember_with_kept_positions_still_refuses_bad_masks_and_bad_positions():
+    """Given positions (as the pruner passes them), ``remember`` still checks the masks it is
+    given and the positions themselves, before anything changes."""
+    import numpy as np
+
+    feedback = ErrorFeedback()
+    feedback.load_state_dict({"residuals": {"w": torch.arange(10.0), "v": torch.ones(4)}})
+    saved = {n: r.clone() for n, r in feedback.residuals.items()}
+    update = {"w": torch.ones(10), "v": torch.ones(4)}
+    good = {"w": torch.zeros(10, dtype=torch.bool), "v": torch.zeros(4, dtype=torch.bool)}
+    good["w"][[0, 5]] = True
+    at = {"w": np.array([0, 5], dtype=np.int32), "v": np.zeros(0, dtype=np.int32)}
+    cases = [
+        ({"w": torch.zeros(3), "v": good["v"]}, at, r"bool tensor of the update's shape \(10,\)"),
+        (good, {"w": np.array([0, 10], dtype=np.int32), "v": at["v"]}, "within the update's 10 entries"),
+        (good, {"w": np.array([-1, 5]), "v": at["v"]}, "within the update's 10 entries"),
+        (good, {"w": np.array([0.0, 5.0]), "v": at["v"]}, "integer numpy array"),
+        (good, {"w": [0, 5], "v": at["v"]}, "got list"),
+    ]
+    for masks, positions, message in cases:
+        corrected = feedback.compensate(update, in_place=True)
+        with pytest.raises(MaskInputError, match=message):
+            feedback.remember(corrected, masks, sparse=True, positions=positions)
+        feedback.undo(update)
+        assert all(torch.equal(feedback.residuals[n], saved[n]) for n in saved)
+    corrected = feedback.compensate(update, in_place=True)
+    sent = feedback.remember(corrected, good, sparse=True, positions=at)
+    assert sent["w"].indices.tolist() == [0, 5] and sent["w"].values.tolist() == [1.0, 6.0]
+
+
 def test_sparse_update_sizes_and_refusals():
     s = SparseUpdate(torch.tensor([0, 5, 9]), torch.tensor([1.0, -2.0, 3.0]), (2, 5))
     assert s.numel == 10 and s.dtype == torch.float32
