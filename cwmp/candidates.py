@@ -238,7 +238,7 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
     pool = _LayeredPool(cand.sub, marginal, power)
     whole = None
     out: list[Opening | None] = []
-    looked: list[tuple[int, np.ndarray, float]] = []  # (layer, the scores it is looked for in, from where)
+    looked: list[tuple[int, np.ndarray, float, int]] = []  # (layer, the scores it is looked for in, from where, k_max)
     for i, n_i in enumerate(cand.sizes):
         k_max = affordable_count(fixed[i], marginal[i], budget_j, n_i)
         if not k_max:
@@ -252,16 +252,15 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
             if floor > cand.floors[i]:
                 picked = cand.opened[i] if cand.opened is not None and cand.opened[i] is not None \
                     else np.compress(magnitudes >= floor, magnitudes)
-            looked.append((i, pool.numpy_scores(picked, i), floor))
+            looked.append((i, pool.numpy_scores(picked, i), floor, k_max))
             out.append(None)
     # the small layers' best prefixes in a few numpy calls, the others one by one
     small = [job for job in looked if job[1].size <= _SMALL]
-    found = dict(zip([i for i, _, _ in small], _best_prefixes(
-        [s_ for _, s_, _ in small], [fixed[i] / marginal[i] for i, _, _ in small],
-        [affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i]) for i, _, _ in small], cand.full.score_dtype)))
+    found = dict(zip([i for i, _, _, _ in small], _best_prefixes(
+        [s_ for _, s_, _, _ in small], [fixed[i] / marginal[i] for i, _, _, _ in small],
+        [k for _, _, _, k in small], cand.full.score_dtype)))
     retry = [math.inf] * len(cand.sizes)  # layers to gather again, from this magnitude
-    for i, scores, floor in looked:
-        k_max = affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i])
+    for i, scores, floor, k_max in looked:
         best = found.get(i)
         if best is None:
             best = _best_prefix(torch.from_numpy(scores), fixed[i] / marginal[i], k_max, cand.full.score_dtype)
@@ -274,14 +273,14 @@ def candidate_openings(cand: Candidates, marginal: Sequence[float], fixed: Seque
     # when they reach that low, else in one pass over the layers concerned
     lower = [t if t < cand.floors[i] else math.inf for i, t in enumerate(retry)]
     passed = gather_at_least(_LayeredPool(cand.full, None, 1.0), lower) if any(t < math.inf for t in lower) else None
-    for i, t in enumerate(retry):
+    for i, _, _, k_max in looked:
+        t = retry[i]
         if t < math.inf:
             if lower[i] < math.inf:
                 magnitudes = passed[i][1].numpy()
             else:
                 gathered = pool.numpy_flats[i]
                 magnitudes = np.compress(gathered >= t, gathered)
-            k_max = affordable_count(fixed[i], marginal[i], budget_j, cand.sizes[i])
             out[i] = _opening(pool.numpy_scores(magnitudes, i), magnitudes.size < cand.sizes[i], t, pool, cand, i,
                               k_max, fixed[i] / marginal[i], marginal[i])[0]
             if out[i] is None:

@@ -383,8 +383,12 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: boo
     ``|u| >= above[layer]`` are then also picked out while in cache, a third item per layer (a
     numpy array, or None where ``above`` is inf)."""
     n_layers = len(pool.flats)
-    found: list[list[Tensor]] = [[] for _ in range(n_layers)]
-    scores: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    if above is not None and not pool.numpy_pass:
+        raise AssertionError("above: the numpy pass only")
+    empty = (torch.empty(0, dtype=torch.int64, device=pool.device),
+             torch.empty(0, dtype=pool.score_dtype, device=pool.device))
+    out: list[tuple] = [empty] * n_layers  # the layers not wanted keep nothing
+    picked: list[np.ndarray | None] = [None] * n_layers
     wanted = [i for i in range(n_layers) if thresholds[i] < math.inf and pool.sizes[i]]
     if pool.numpy_pass:
         t = np.asarray(thresholds, dtype=np.float64)
@@ -404,35 +408,21 @@ def gather_at_least(pool: _LayeredPool, thresholds: Sequence[float], narrow: boo
                 np.greater_equal(s, t[layer], out=passing[local : local + piece.size])
             inside = np.flatnonzero(passing)
             del passing
-            magnitudes = np.abs(flat[inside])  # a copy, made absolute in place below
+            magnitudes = flat[inside]  # a copy, made absolute in place
+            np.abs(magnitudes, out=magnitudes)
             at = inside.astype(np.int32) if narrow and flat.size < 2**31 else inside
             high = None if higher is None or not higher[layer] < math.inf else magnitudes >= higher[layer]
             scored = pool.numpy_scores(magnitudes, layer, in_place=True)
             return at, scored, None if high is None else np.compress(high, scored)
 
-        picked: list[np.ndarray | None] = [None] * n_layers
         for layer, (inside, s, high) in zip(wanted, map_largest_first(one, wanted, [pool.sizes[i] for i in wanted])):
-            found[layer].append(torch.from_numpy(inside))
-            scores[layer].append(torch.from_numpy(s))
+            out[layer] = (torch.from_numpy(inside), torch.from_numpy(s))
             picked[layer] = high
     else:
         for layer in wanted:
-            flat = pool.flats[layer]
-            inside = torch.nonzero(flat.abs() >= thresholds[layer]).squeeze(1)
-            found[layer].append(inside)
-            scores[layer].append(pool.scores_at(inside + pool.offsets[layer]))
-    out = []
-    for layer in range(n_layers):
-        if len(found[layer]) == 1:  # no copy
-            out.append((found[layer][0], scores[layer][0]))
-        elif found[layer]:
-            out.append((torch.cat(found[layer]), torch.cat(scores[layer])))
-        else:
-            empty = torch.empty(0, dtype=torch.int64, device=pool.device)
-            out.append((empty, torch.empty(0, dtype=pool.score_dtype, device=pool.device)))
+            inside = torch.nonzero(pool.flats[layer].abs() >= thresholds[layer]).squeeze(1)
+            out[layer] = (inside, pool.scores_at(inside + pool.offsets[layer]))
     if above is not None:
-        if not pool.numpy_pass:
-            raise AssertionError("above: the numpy pass only")
         return [pair + (high,) for pair, high in zip(out, picked)]
     return out
 
