@@ -322,7 +322,7 @@ class Pruner(SetupSearch):
             cand, sub = chosen.candidates, chosen.sub
             # the positions are found again from the gathered positions and the selection's flags
             # (what is sent shares the positions' memory, and its receiver may change it)
-            recipe = (Candidates.kept_positions, cand.index, sub.numpy(), cand.sub_starts, cand.starts)
+            recipe = (cand.index, sub.numpy(), cand.sub_starts, cand.starts)
             shapes = {name: t.shape for name, t in named.items()}
             masks: Mapping[str, Tensor] = LazyMasks(names, lambda: _views(_expand_kept(*recipe), shapes))
         else:
@@ -565,8 +565,9 @@ def _device_of(tensors: list[Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _expand_kept(kept_positions, index, flags, sub_starts, starts) -> Tensor:
-    return expand(kept_positions(index, flags, sub_starts), starts)
+def _expand_kept(index: list, flags, sub_starts: list[int], starts: list[int]) -> Tensor:
+    """The flat mask that the gathered positions ``index`` and the selection's ``flags`` keep."""
+    return expand(Candidates.kept_positions(index, flags, sub_starts), starts)
 
 
 def _views(mask: Tensor, like: Mapping[str, Tensor | torch.Size]) -> dict[str, Tensor]:
